@@ -1,0 +1,295 @@
+"""Noun vocabularies: read user noun lists, or build an object-noun list offline from WordNet.
+
+A noun list is a list of `Noun` (noun, frequency, plural, aliases). Files:
+- ``.txt``: one noun per line (blank lines and lines starting with '#' are skipped);
+- ``.json``: a list of strings or of objects {"noun", "frequency"?, "plural"?, "aliases"?}
+  (or such a list under the key "nouns");
+- ``.csv``: a header with a ``noun`` column and optional ``frequency``, ``plural``, ``aliases``
+  (aliases separated by ``;``).
+Duplicates are dropped (first one kept); the order of the file is kept.
+
+`wordnet_nouns()` reads the WordNet 3.0 database (Debian package ``wordnet-base``, installed under
+/usr/share/wordnet) with a small parser of data.noun / noun.exc, keeps the lemmas of noun synsets
+below ``physical_entity`` (objects, organisms, food, artefacts, substances, natural formations;
+not processes), and ranks them by the English word frequencies of the ``wordfreq`` package.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from functools import lru_cache
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+PHYSICAL_ENTITY = "00001930"    # physical_entity.n.01 in WordNet 3.0
+EXCLUDED_ROOTS = ("00029677",)  # process.n.06 (physical processes are not objects)
+
+
+@dataclass
+class Noun:
+    noun: str
+    frequency: float | None = None  # any monotone popularity score (wordfreq Zipf for WordNet)
+    plural: str | None = None
+    aliases: list[str] = field(default_factory=list)  # other surface forms with the same target
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v not in (None, [])}
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _noun_from_obj(obj, where: str) -> Noun:
+    if isinstance(obj, str):
+        obj = {"noun": obj}
+    if not isinstance(obj, dict) or not _clean(obj.get("noun", "")):
+        raise ValueError(f"{where}: expected a noun string or an object with a non-empty 'noun'")
+    unknown = set(obj) - {"noun", "frequency", "plural", "aliases"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} "
+                         f"(allowed: noun, frequency, plural, aliases)")
+    freq = obj.get("frequency")
+    if freq not in (None, ""):
+        try:
+            freq = float(freq)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: frequency {freq!r} is not a number") from None
+    else:
+        freq = None
+    aliases = obj.get("aliases") or []
+    if isinstance(aliases, str):
+        aliases = aliases.split(";")
+    return Noun(_clean(obj["noun"]), freq, _clean(obj.get("plural") or "") or None,
+                [a for a in map(_clean, aliases) if a])
+
+
+def load_nouns(path: str | Path) -> list[Noun]:
+    """Read a noun list (.txt, .json or .csv); raises ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"noun list {path} does not exist")
+    suffix = path.suffix.lower()
+    nouns: list[Noun] = []
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        if isinstance(data, dict):
+            data = data.get("nouns")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of nouns (or {{\"nouns\": [...]}})")
+        nouns = [_noun_from_obj(obj, f"{path} item {i}") for i, obj in enumerate(data)]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "noun" not in reader.fieldnames:
+                raise ValueError(f"{path}: CSV needs a header row with a 'noun' column")
+            nouns = [_noun_from_obj({k: v for k, v in row.items() if k and v not in (None, "")},
+                                    f"{path} line {i + 2}") for i, row in enumerate(reader)]
+    elif suffix in (".txt", ""):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = _clean(line)
+            if line and not line.startswith("#"):
+                nouns.append(Noun(line))
+    else:
+        raise ValueError(f"{path}: unknown noun list format {suffix!r} (use .txt, .json or .csv)")
+    seen, unique = set(), []
+    for n in nouns:
+        if n.noun not in seen:
+            seen.add(n.noun)
+            unique.append(n)
+    if not unique:
+        raise ValueError(f"{path}: no nouns found")
+    return unique
+
+
+def save_nouns(path: str | Path, nouns: list[Noun]) -> None:
+    """Write a noun list as .json (all fields), .csv or .txt (nouns only)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    tmp = path.with_name(path.name + ".tmp")
+    if suffix == ".json":
+        tmp.write_text(json.dumps([n.to_dict() for n in nouns], indent=0, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+    elif suffix == ".csv":
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["noun", "frequency", "plural", "aliases"])
+            for n in nouns:
+                w.writerow([n.noun, "" if n.frequency is None else n.frequency, n.plural or "",
+                            ";".join(n.aliases)])
+    else:
+        tmp.write_text("".join(n.noun + "\n" for n in nouns), encoding="utf-8")
+    tmp.replace(path)
+
+
+# --- plurals ---------------------------------------------------------------------------------
+def _plural_word(word: str, irregular: dict[str, str]) -> str:
+    low = word.lower()
+    if low in irregular:
+        return irregular[low]
+    if re.search(r"(s|x|z|ch|sh)$", low):
+        return word + "es"
+    if re.search(r"[^aeiou]y$", low):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def pluralize(noun: str, irregular: dict[str, str] | None = None) -> str:
+    """English plural of a (possibly multi-word) noun: the head word is inflected, which is the
+    word before ' of ' ('cup of tea' -> 'cups of tea') or else the last word."""
+    irregular = irregular or {}
+    words = noun.split(" ")
+    head = words.index("of") - 1 if "of" in words[1:] else len(words) - 1
+    words[head] = _plural_word(words[head], irregular)
+    return " ".join(words)
+
+
+@lru_cache(maxsize=2)
+def read_irregular_plurals(wordnet_dir: str | Path = WORDNET_DIR) -> dict[str, str]:
+    """singular -> plural from WordNet's noun.exc (which lists plural -> singular)."""
+    out: dict[str, str] = {}
+    for line in (Path(wordnet_dir) / "noun.exc").read_text(encoding="latin-1").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] != parts[1]:
+            out.setdefault(parts[1].replace("_", " "), parts[0].replace("_", " "))
+    return out
+
+
+# --- WordNet ---------------------------------------------------------------------------------
+@lru_cache(maxsize=2)  # parsing takes ~1 s; results are read-only
+def read_wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR):
+    """Parse data.noun -> (lemmas {offset: [lemma]}, hypernyms {offset: [offset]}).
+    Instance hypernyms (@i: named individuals such as cities and people) are not followed, and
+    capitalised names of people, places and groups (lexicographer files 14, 15, 18) are left out."""
+    path = Path(wordnet_dir) / "data.noun"
+    if not path.is_file():
+        raise FileNotFoundError(f"WordNet database not found at {path}: install Debian's "
+                                f"wordnet-base (apt-get install wordnet-base) or pass wordnet_dir")
+    lemmas: dict[str, list[str]] = {}
+    hypernyms: dict[str, list[str]] = {}
+    with path.open(encoding="latin-1") as f:
+        for line in f:
+            if line.startswith("  "):  # licence header
+                continue
+            fields = line.split(" | ", 1)[0].split()
+            offset, n_words = fields[0], int(fields[3], 16)
+            words = [fields[4 + 2 * i] for i in range(n_words)]
+            k = 4 + 2 * n_words
+            n_ptr = int(fields[k])
+            ptrs = [fields[k + 1 + 4 * i: k + 5 + 4 * i] for i in range(n_ptr)]
+            words = [re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in words]
+            if fields[1] in ("14", "15", "18"):  # noun.group, noun.location, noun.person
+                words = [w for w in words if not w[:1].isupper()]
+            lemmas[offset] = [w for w in words if not (len(w) > 1 and w.isupper())]  # acronyms
+            hypernyms[offset] = [p[1] for p in ptrs if p[0] == "@" and p[2] == "n"]
+    return lemmas, hypernyms
+
+
+def physical_synsets(hypernyms: dict[str, list[str]], root: str = PHYSICAL_ENTITY,
+                     excluded: tuple[str, ...] = EXCLUDED_ROOTS) -> set[str]:
+    """Synsets with `root` among their hypernym ancestors, skipping the `excluded` subtrees."""
+    children: dict[str, list[str]] = {}
+    for child, parents in hypernyms.items():
+        for p in parents:
+            children.setdefault(p, []).append(child)
+    keep, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node in keep or node in excluded:
+            continue
+        keep.add(node)
+        stack.extend(children.get(node, []))
+    return keep
+
+
+@lru_cache(maxsize=2)
+def read_sense_index(wordnet_dir: str | Path = WORDNET_DIR):
+    """-> (senses {lemma: [offset, ...]} in WordNet's sense order, tag counts
+    {lemma: {(pos, sense_number): count}}) from index.noun and cntlist.rev (SemCor tag counts)."""
+    wordnet_dir = Path(wordnet_dir)
+    senses: dict[str, list[str]] = {}
+    for line in (wordnet_dir / "index.noun").read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):
+            continue
+        f = line.split()
+        n_synsets, n_ptr = int(f[2]), int(f[3])
+        senses[f[0].replace("_", " ")] = f[6 + n_ptr: 6 + n_ptr + n_synsets]
+    counts: dict[str, dict[tuple[str, int], int]] = {}
+    cntlist = wordnet_dir / "cntlist.rev"
+    if cntlist.is_file():
+        for line in cntlist.read_text(encoding="latin-1").splitlines():
+            key, number, count = line.split()
+            lemma, rest = key.split("%", 1)
+            pos = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}[rest[0]]
+            counts.setdefault(lemma.replace("_", " "), {})[(pos, int(number))] = int(count)
+    return senses, counts
+
+
+def is_object_noun(lemma: str, senses: dict, counts: dict, physical: set[str]) -> bool:
+    """Mostly used as a noun (SemCor tag counts, 0.5 per untagged noun sense), and a physical
+    meaning is one of its first two senses or carries >= 30 % of its noun uses. This drops
+    homographs of function words ('in' = indium, 'be' = beryllium) and abstract nouns ('way')."""
+    offsets = senses.get(lemma, [])
+    parts = re.split(r"[ -]", lemma)
+    if len(lemma) < 3 and lemma not in ("ox", "ax"):  # abbreviations: 're', 'co', 'tv'
+        return False
+    if not offsets or any(p in FUNCTION_WORDS for p in parts if p not in ("of", "the", "and")) \
+            or parts[0] in FUNCTION_WORDS or parts[-1] in FUNCTION_WORDS:
+        return False
+    c = counts.get(lemma, {})
+    noun = [c.get(("n", i + 1), 0) + 0.5 for i in range(len(offsets))]
+    other = sum(v for (pos, _), v in c.items() if pos != "n")
+    if sum(noun) < other:
+        return False
+    phys = sum(w for w, o in zip(noun, offsets) if o in physical)
+    return any(o in physical for o in offsets[:2]) or phys >= 0.3 * sum(noun)
+
+
+FUNCTION_WORDS = frozenset("""a an the he she it we you they me him her us them his hers its our
+ours your yours their theirs this that these those who whom whose what which in on at by for from
+to of off out up down over under as or and but nor so if then than there here be am is are was were
+been being have has had do does did can could may might must shall should will would no not yes
+one two three four five six seven eight nine ten all any some nothing something anything everything
+how why when where don't know go make take set call read show""".split())
+
+
+def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
+                  max_nouns: int | None = None, max_words: int = 4) -> list[Noun]:
+    """Object nouns from WordNet, most frequent first.
+
+    min_zipf: wordfreq Zipf frequency threshold (1.0 keeps nearly everything wordfreq knows; 3.0
+    keeps the common nouns, like the paper's FT2 subset). Nouns are lower-cased (CLIP tokenisers
+    lower-case too); named individuals (instance synsets) are not included."""
+    try:
+        from wordfreq import zipf_frequency
+    except ImportError:
+        raise ImportError("building a WordNet vocabulary needs wordfreq: pip install wordfreq") from None
+    wordnet_dir = Path(wordnet_dir)
+    lemmas, hypernyms = read_wordnet_nouns(wordnet_dir)
+    senses, counts = read_sense_index(wordnet_dir)
+    irregular = read_irregular_plurals(wordnet_dir)
+    physical = physical_synsets(hypernyms)
+    names = set()
+    for offset in physical:
+        for lemma in lemmas[offset]:
+            lemma = lemma.lower()
+            if len(lemma.split()) <= max_words and re.fullmatch(r"[a-z][a-z' .-]*[a-z.]", lemma):
+                names.add(lemma)
+    nouns = []
+    for name in names:
+        if not is_object_noun(name, senses, counts, physical):
+            continue
+        # wordfreq estimates a phrase from its words (1/f = sum 1/f_i), which overrates phrases of
+        # common words ('after part'); one Zipf unit per extra word puts them in line.
+        freq = round(zipf_frequency(name, "en") - (len(re.split(r"[ -]", name)) - 1), 2)
+        if freq >= min_zipf and freq > 0:
+            plural = irregular.get(name) or pluralize(name, irregular)
+            nouns.append(Noun(name, freq, plural))
+    nouns.sort(key=lambda n: (-n.frequency, n.noun))
+    return nouns[:max_nouns] if max_nouns else nouns

@@ -1,0 +1,83 @@
+"""Noun lists: file formats, validation, plurals, and the offline WordNet builder."""
+import json
+from pathlib import Path
+
+import pytest
+
+from novic.train.nouns import Noun, load_nouns, pluralize, save_nouns, wordnet_nouns, WORDNET_DIR
+
+
+def test_txt_skips_comments_blanks_and_duplicates(tmp_path):
+    p = tmp_path / "n.txt"
+    p.write_text("# my nouns\ndog\n\n  red   velvet cake \ncat\ndog\n")
+    assert [n.noun for n in load_nouns(p)] == ["dog", "red velvet cake", "cat"]
+
+
+def test_json_and_csv_fields_roundtrip(tmp_path):
+    items = [{"noun": "mouse", "frequency": 4.5, "plural": "mice", "aliases": ["computer mouse"]},
+             "cat", {"noun": "sheep", "plural": "sheep"}]
+    (tmp_path / "n.json").write_text(json.dumps(items))
+    nouns = load_nouns(tmp_path / "n.json")
+    assert nouns[0] == Noun("mouse", 4.5, "mice", ["computer mouse"])
+    assert nouns[1] == Noun("cat") and nouns[2].plural == "sheep"
+    for ext in ("csv", "json"):
+        save_nouns(tmp_path / f"out.{ext}", nouns)
+        assert load_nouns(tmp_path / f"out.{ext}") == nouns
+    (tmp_path / "w.json").write_text(json.dumps({"nouns": ["a b", "c"]}))
+    assert [n.noun for n in load_nouns(tmp_path / "w.json")] == ["a b", "c"]
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("bad.csv", "word,frequency\ndog,3\n", "'noun' column"),
+    ("bad2.csv", "noun,frequency\ndog,often\n", "line 2: frequency 'often'"),
+    ("bad.json", "[\"dog\", {\"nouns\": 1}]", "item 1"),
+    ("bad2.json", "{\"dog\": 1", "invalid JSON"),
+    ("bad3.json", "[{\"noun\": \"dog\", \"colour\": \"red\"}]", "unknown field"),
+    ("empty.txt", "# nothing\n", "no nouns"),
+    ("n.xml", "<dog/>", "unknown noun list format"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        load_nouns(tmp_path / name)
+    assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pluralize():
+    irregular = {"mouse": "mice", "child": "children"}
+    cases = {"dog": "dogs", "box": "boxes", "church": "churches", "cherry": "cherries",
+             "toy": "toys", "computer mouse": "computer mice", "cup of tea": "cups of tea",
+             "child": "children", "bus": "buses"}
+    for s, p in cases.items():
+        assert pluralize(s, irregular) == p
+
+
+needs_wordnet = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
+                                   reason="wordnet-base not installed")
+
+
+@needs_wordnet
+def test_wordnet_builder_objects_ranked_with_plurals():
+    pytest.importorskip("wordfreq")
+    nouns = wordnet_nouns(min_zipf=3.0)
+    names = {n.noun: n for n in nouns}
+    assert len(nouns) >= 5000
+    for word in ["dog", "apple", "car", "chair", "book", "mountain", "pizza", "violin", "oak"]:
+        assert word in names, word
+    # Function-word homographs, abstract nouns and proper names are not objects.
+    for word in ["in", "be", "have", "way", "idea", "happiness", "paris", "eu"]:
+        assert word not in names, word
+    assert names["mouse"].plural == "mice" and names["child"].plural == "children"
+    assert names["dog"].plural == "dogs"
+    freqs = [n.frequency for n in nouns]
+    assert freqs == sorted(freqs, reverse=True) and min(freqs) >= 3.0
+    # The threshold makes nested subsets (like FT0 / FT2).
+    top = wordnet_nouns(min_zipf=4.0)
+    assert 0 < len(top) < len(nouns) and {n.noun for n in top} <= set(names)
+    assert len(wordnet_nouns(min_zipf=3.0, max_nouns=100)) == 100
+
+
+def test_wordnet_missing_dir_is_clear(tmp_path):
+    pytest.importorskip("wordfreq")
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        wordnet_nouns(tmp_path)
