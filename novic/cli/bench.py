@@ -1,15 +1,78 @@
-"""`novic-bench`: Benchmark a bundle against the original-style PyTorch pipeline."""
+"""`novic-bench`: benchmark a bundle, or compare against the original-style PyTorch pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from novic.cli._common import not_yet, run_app
+from novic.cli._common import run_app
 
-app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.", add_completion=False, no_args_is_help=False)
+app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.",
+                  add_completion=False, no_args_is_help=True)
 
 
-@app.callback(invoke_without_command=True)
-def main_command():
-    """Benchmark a bundle against the original-style PyTorch pipeline."""
-    not_yet("novic-bench", 7)
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+@app.command("run")
+def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
+                backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+                precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
+                batches: str = typer.Option("1,8,32,256", help="Batch sizes for throughput."),
+                reps: int = typer.Option(10, help="Timed repetitions per measurement (after warm-up)."),
+                threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+                json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here.")):
+    """Time one bundle on one backend: latency, throughput, encoder, decoder, step time, memory."""
+    from novic.bench.measure import run
+
+    result = run(str(bundle), backend=backend, precision=precision, batches=_ints(batches), reps=reps,
+                 threads=threads)
+    typer.echo(f"backend {result['backend']} ({result['precision']}): {result['reason']}")
+    typer.echo(f"end-to-end 1 image: p50 {result['single']['p50_ms']:.1f} ms, p90 {result['single']['p90_ms']:.1f} ms")
+    for b, m in result["throughput"].items():
+        typer.echo(f"batch {b}: {m['img_per_s']:.1f} img/s")
+    typer.echo(f"encoder: {result['encoder']['p50_ms']:.1f} ms; decoder (beam, guided): "
+               f"{result['decoder']['p50_ms']:.1f} ms")
+    steps = result["step_ms_by_position"]
+    typer.echo("step ms by position: " + " ".join(f"{s:.2f}" for s in steps))
+    typer.echo(f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+@app.command("compare")
+def compare_command(config: str = typer.Option("paper", help="paper, large or tiny (random weights)."),
+                    backend: str = typer.Option("ort-cpu", help="Our backend."),
+                    device: str = typer.Option("cpu", help="Device of the PyTorch baseline (cpu, cuda)."),
+                    precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
+                    batches: str = typer.Option("1,8", help="Batch sizes for throughput."),
+                    reps: int = typer.Option(10, help="Timed repetitions per measurement."),
+                    workdir: Path = typer.Option(Path.home() / ".cache" / "novic" / "bench",
+                                                 help="Where the random-weight models and bundles live."),
+                    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here.")):
+    """Ours vs the original-style pipeline on the same weights, in the same run: prints ratios."""
+    from rich.console import Console
+
+    from novic.bench.compare import compare
+    from novic.bench.setup import CONFIGS
+
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+    result = compare(config, str(workdir), backend=backend, device=device, precision=precision,
+                     batches=_ints(batches), reps=reps, console=Console(stderr=True))
+    typer.echo(f"config {config}: {result['note']}")
+    typer.echo(result["markdown"])
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
 
 
 def main():

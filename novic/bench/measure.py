@@ -1,0 +1,73 @@
+"""Measure our runtime on a bundle (torch-free): end-to-end latency, batched throughput,
+encoder-only latency, decoder-only search time and per-step time against position."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from novic.bench.timing import measure, peak_rss_mb
+
+
+def sample_images(n: int = 4, seed: int = 0):
+    """Decoded RGB photos in memory: scikit-image's free photos if installed, else noise."""
+    from PIL import Image
+    try:
+        from skimage import data
+        photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        photos = [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) for _ in range(4)]
+    return [Image.fromarray(photos[i % len(photos)]) for i in range(n)]
+
+
+def step_times(session, embed_dim: int, width: int, reps: int) -> list[float]:
+    """Median ms of one decoder step at each position (1 image x `width` beams, free search)."""
+    cfg = session.config
+    rng = np.random.default_rng(0)
+    embed = rng.standard_normal((1, embed_dim)).astype(np.float32)
+    dummy = np.zeros((width, 1), dtype=np.int64)
+    per_position = [[] for _ in range(cfg.max_new_tokens - 1)]
+    for _ in range(reps):
+        session.prefill(embed, 1.0, np.zeros((1, 1), dtype=np.int64))
+        beam_idx = np.zeros(width, dtype=np.int64)
+        for j in range(cfg.max_new_tokens - 1):
+            tokens = rng.integers(1, cfg.vocab_size, size=width)
+            t0 = time.perf_counter()
+            session.step(tokens, cfg.prefix_len + j, beam_idx, 1.0, dummy)
+            per_position[j].append((time.perf_counter() - t0) * 1e3)
+            beam_idx = np.arange(width, dtype=np.int64)
+    return [float(np.median(t)) for t in per_position]
+
+
+def run(bundle: str, backend: str = "auto", precision: str | None = None, batches=(1, 8, 32, 256),
+        reps: int = 10, budget_s: float = 30.0, beam_width: int = 10, threads: int | None = None,
+        sync=None) -> dict:
+    from novic.runtime.classifier import Classifier
+
+    t0 = time.perf_counter()
+    clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
+    out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
+           "load_s": time.perf_counter() - t0}
+    images = sample_images(max(batches))
+    vocab = clf.vocabulary(None)
+    opts = dict(topk=5, guided=True, beam_width=beam_width)
+
+    labels = [r.top.text if r.top else r.error for r in clf.classify(images[:4], **opts, batch_size=4)]
+    out["labels"] = labels
+    out["single"] = measure(lambda: clf.classify(images[:1], **opts, batch_size=1), reps=reps,
+                            budget_s=budget_s, sync=sync)
+    out["throughput"] = {}
+    for b in batches:
+        m = measure(lambda: clf.classify(images[:b], **opts, batch_size=b), warmup=1,
+                    reps=max(3, reps // 2), budget_s=budget_s, sync=sync)
+        out["throughput"][str(b)] = {**m, "img_per_s": b / (m["p50_ms"] / 1e3)}
+    pixels, _ = clf.preprocessor.load_batch(images[:1])
+    out["encoder"] = measure(lambda: clf.embed(pixels), reps=reps, budget_s=budget_s, sync=sync)
+    embeds = clf.embed(pixels)
+    out["decoder"] = measure(lambda: clf.decode(embeds, vocab, beam_width, 1.0, 0.0), reps=reps,
+                             budget_s=budget_s, sync=sync)
+    out["step_ms_by_position"] = step_times(clf.decoder, clf.config.embed_dim, beam_width,
+                                            reps=max(3, reps // 2))
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
