@@ -59,14 +59,15 @@ def table(result: dict) -> str:
 
 def compare(config: str, workdir: str, backend: str = "ort-cpu", device: str = "cpu",
             precision: str | None = None, batches=(1, 8), reps: int = 10, budget_s: float = 30.0,
-            threads: int | None = None, console=None) -> dict:
+            threads: int | None = None, console=None, baseline: dict | None = None) -> dict:
+    """`baseline`: a previous result's baseline side to reuse (same config, device, batches)."""
     from novic.bench.setup import CONFIGS, build
 
     paths = build(CONFIGS[config], Path(workdir) / config, console=console)
     common = dict(batches=list(batches), reps=reps, budget_s=budget_s)
     ours = run_side("ours", dict(bundle=paths["bundle"], backend=backend, precision=precision,
                                  threads=threads, **common))
-    base = run_side("baseline", dict(checkpoint=paths["checkpoint"], device=device, **common))
+    base = baseline or run_side("baseline", dict(checkpoint=paths["checkpoint"], device=device, **common))
     result = {"config": config, "note": CONFIGS[config].note, "ours": ours, "baseline": base,
               "ratios": ratios(ours, base),
               "export": json.loads(Path(paths["info"]).read_text())}

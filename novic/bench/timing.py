@@ -28,6 +28,14 @@ def measure(fn, *, warmup: int = 2, reps: int = 10, budget_s: float = 60.0, sync
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process. Linux: VmHWM (ru_maxrss survives exec, so a child
+    process would report its parent's peak); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)

@@ -4,18 +4,20 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
     """One clear line on stderr, no traceback."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
 def not_yet(what: str, issue: int) -> "NoReturn":  # noqa: F821
-    err.print(f"{what} is not implemented yet (planned in issue #{issue}).", highlight=False)
+    err.print(f"{what} is not implemented yet (planned in issue #{issue}).", highlight=False,
+              soft_wrap=True)
     raise SystemExit(2)
 
 

@@ -1,16 +1,134 @@
-"""`novic-export`: Export a checkpoint to an ONNX/TensorRT bundle."""
+"""`novic-export`: Export a checkpoint to an ONNX/TensorRT bundle.
+
+    novic-export onnx --checkpoint CKPT [--clip NAME --pretrained TAG|PATH] --out DIR [--no-fp16] [--topk 10] [--force]
+    novic-export trt DIR [--buckets 1,8,32,256]
+    novic-export check DIR [--n 200]
+
+Heavy libraries (torch, open_clip, onnx, tensorrt) are imported inside the commands, so that
+``--help`` works in a runtime-only install.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from novic.cli._common import not_yet, run_app
+from novic.cli._common import err, run_app
 
-app = typer.Typer(help="Export a checkpoint to an ONNX/TensorRT bundle.", add_completion=False, no_args_is_help=False)
+app = typer.Typer(help="Export a checkpoint to an ONNX/TensorRT bundle.", add_completion=False,
+                  no_args_is_help=True)
 
 
-@app.callback(invoke_without_command=True)
-def main_command():
-    """Export a checkpoint to an ONNX/TensorRT bundle."""
-    not_yet("novic-export", 4)
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command("onnx")
+def onnx_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="novic checkpoint (.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (default: the checkpoint's)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained",
+                                             help="open_clip pretrained tag or weights file (default: the checkpoint's)."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write fp16 graphs (for GPU backends and TensorRT)."),
+    topk: int = typer.Option(10, "--topk", min=1, help="Candidates per row returned by the decoder graphs (>= beam width)."),
+    beam_width: int = typer.Option(10, "--beam-width", min=1, help="Default beam width recorded in the bundle."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+):
+    """Checkpoint + CLIP image tower -> bundle (ONNX graphs, fp16 variants, manifest)."""
+    from rich.table import Table
+
+    from novic.export.bundle import export_bundle
+
+    result = export_bundle(checkpoint, out, clip=clip, pretrained=pretrained, fp16=fp16, topk=topk,
+                           beam_width=beam_width, overwrite=force, console=err)
+    table = Table(title=f"bundle {result['path']}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for name, size in result["artifacts"]:
+        table.add_row(name, _size(size))
+    err.print(table)
+    err.print(f"exported in {result['seconds']:.1f} s", highlight=False)
+
+
+@app.command("trt")
+def trt_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
+    buckets: str = typer.Option("1,8,32,256", "--buckets",
+                                help="Batch buckets in images; one optimization profile each."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", min=1,
+                                             help="Beams per image the decoder engines are sized for (default: the bundle's)."),
+    precision: str = typer.Option("fp16", "--precision", help="Which graphs to build from: fp16 (default) or fp32."),
+    workspace: Optional[float] = typer.Option(None, "--workspace", help="Builder workspace limit in GiB."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines that are already up to date."),
+    verbose: bool = typer.Option(False, "--verbose", help="TensorRT's verbose log."),
+):
+    """Build TensorRT engines for this GPU from the bundle's graphs and record them in the manifest
+    (an interrupted build resumes: engines already built for the same graphs are kept)."""
+    from rich.table import Table
+
+    from novic.export.tensorrt import build_engines
+    from novic.runtime.trt_plan import PlanError, normalize_buckets
+
+    try:
+        parsed = normalize_buckets(buckets)
+    except PlanError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--buckets") from None
+    result = build_engines(bundle, buckets=parsed, beam_width=beam_width, precision=precision,
+                           workspace_gib=workspace, force=force, console=err, verbose=verbose)
+    table = Table(title=f"TensorRT {result['tensorrt_version']} engines for {result['gpu']} "
+                        f"(sm_{result['compute_capability'].replace('.', '')})")
+    for col in ("engine", "size", "build"):
+        table.add_column(col)
+    for e in result["engines"]:
+        table.add_row(e["file"], _size(e["size"]), f"{e['build_seconds']:.0f} s")
+    err.print(table)
+    if result["skipped"]:
+        err.print(f"up to date, not rebuilt: {', '.join(result['skipped'])}", highlight=False)
+    err.print(f"built in {result['seconds']:.0f} s; recorded in {bundle / 'manifest.json'}", highlight=False)
+
+
+@app.command("check")
+def check_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    n: int = typer.Option(200, "--n", min=1, help="Random unit embeddings for the decoder comparison."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="The checkpoint the bundle came from (default: as recorded)."),
+    beam_width: Optional[int] = typer.Option(None, "--beam-width", min=1, help="Beam width to compare (default: the bundle's)."),
+    images: int = typer.Option(2, "--images", min=0, help="Random-noise images besides the sample photos."),
+    reference: bool = typer.Option(False, "--reference",
+                                   help="Compare with the full-recompute reference decoders (slow) instead of "
+                                        "the PyTorch decoder with KV cache."),
+):
+    """Compare the bundle's graphs with the PyTorch oracle: max errors, cosine, token agreement."""
+    from novic.export.bundle import check_bundle
+
+    result = check_bundle(bundle, n=n, checkpoint=checkpoint, beam_width=beam_width, n_images=images,
+                          reference=reference, console=err)
+    if not result["ok"]:
+        err.print("[bold red]check failed:[/] an fp32 graph disagrees with the PyTorch oracle; "
+                  "re-export with novic-export onnx", highlight=False)
+        raise typer.Exit(1)
+    err.print("check passed", highlight=False)
+
+
+def _app():
+    """Our messages contain brackets (pip install 'novic[trt]'): escape them for rich's markup."""
+    from rich.markup import escape
+
+    from novic.errors import NovicError
+
+    try:
+        app()
+    except NovicError as exc:
+        raise NovicError(escape(str(exc))) from None
 
 
 def main():
-    run_app(app)
+    err.soft_wrap = True  # an error stays one line however long it is (the terminal wraps it)
+    run_app(_app)

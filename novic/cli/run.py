@@ -1,15 +1,242 @@
-"""`novic-run`: Classify images with a bundle."""
+"""`novic-run`: Classify images with a bundle.
+
+    novic-run --bundle bundle/ photo.jpg photos/ 'shots/**/*.png'
+    novic-run --bundle bundle/ --json --topk 3 photos/ > labels.jsonl
+    cat photo.jpg | novic-run --bundle bundle/ -
+
+Inputs: files (any extension), directories (their image files; --recursive descends), glob
+patterns (quoted, `**` allowed), and '-' for one image on stdin. Output: a table (default) or JSON
+lines (--json: {"source", "labels": [{"text", "logprob", "prob"}], "error"}). Bad inputs get one
+error line each on stderr and do not stop the others; the exit code is 1 if any input failed.
+Imports are lazy so that `--help` and startup stay fast.
+"""
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # startup = from here (module import) to a loaded classifier
+
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-from novic.cli._common import not_yet, run_app
+from novic.cli._common import err, run_app
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+                  ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
+GLOB_CHARS = set("*?[")
 
 app = typer.Typer(help="Classify images with a bundle.", add_completion=False, no_args_is_help=False)
 
 
-@app.callback(invoke_without_command=True)
-def main_command():
-    """Classify images with a bundle."""
-    not_yet("novic-run", 5)
+def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[str]]:
+    """Files, directories and globs -> (inputs in order, one error line per argument that matched
+    nothing). Missing files are kept as inputs: they fail per file with a clear line."""
+    inputs, problems, seen = [], [], set()
+
+    def add(item):
+        key = os.path.abspath(item) if isinstance(item, str) else id(item)
+        if key not in seen:
+            seen.add(key)
+            inputs.append(item)
+
+    def add_dir(d: Path):
+        walker = d.rglob("*") if recursive else d.iterdir()
+        found = sorted(str(p) for p in walker if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            hint = "" if recursive else " (use --recursive for subdirectories)"
+            problems.append(f"{d}: directory has no image files{hint}")
+        for f in found:
+            add(f)
+
+    for arg in args:
+        if arg == "-":
+            add(_Stdin())
+            continue
+        p = Path(arg)
+        if p.is_dir():
+            add_dir(p)
+        elif p.exists() or not (GLOB_CHARS & set(arg)):
+            add(arg)
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            files = [m for m in matches if os.path.isfile(m)]
+            for m in matches:
+                if os.path.isdir(m):
+                    add_dir(Path(m))
+            if not matches:
+                problems.append(f"{arg}: no files match this pattern")
+            for f in files:
+                add(f)
+    return inputs, problems
+
+
+def fail(message: str, code: int = 1):
+    """One line on stderr (never wrapped), no traceback."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(code)
+
+
+class _Stdin:
+    """'-': the image bytes on standard input (read when the batch is loaded)."""
+
+    name = "<stdin>"
+
+    def read(self, *args):
+        return sys.stdin.buffer.read(*args)
+
+
+@app.command()
+def main_command(
+    images: Optional[List[str]] = typer.Argument(None, help="Image files, directories, glob patterns, or - for stdin."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
+                                          help="Bundle directory (written by novic-export onnx)."),
+    backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends: fp32, fp16, int8."),
+    topk: int = typer.Option(5, "--topk", "-k", min=1, help="Labels per image."),
+    guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line (default: the bundle's)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
+    beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature."),
+    alpha: float = typer.Option(0.0, help="Length normalisation exponent for the final ranking."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for image loading and onnxruntime."),
+    verify: str = typer.Option("cached", help="Artifact hash check: full (sha256 every start), cached "
+                               "(sha256 once, then remembered by size+mtime), size (sizes only)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subdirectories."),
+    json_lines: bool = typer.Option(False, "--json", help="Write JSON lines to stdout instead of a table."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress bar (default: on for more than one batch on a terminal)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the backend/startup line."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="NOVIC_MODEL",
+                                        help="Released model to use without --bundle (downloaded and exported "
+                                             "once into the cache; novic-import models lists them). Default: ta4."),
+):
+    """Classify images with a bundle: fine-grained noun labels with probabilities."""
+    if not images:
+        fail("no images given: pass image files, directories or glob patterns (or - for stdin)", code=2)
+    if topk > beam_width:
+        fail(f"--topk {topk} exceeds --beam-width {beam_width}: beam search keeps beam-width hypotheses; "
+             f"raise --beam-width to at least {topk}", code=2)
+    if vocab is not None and not guided:
+        fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
+
+    modes = {"full": True, "cached": "cached", "size": False}
+    if verify not in modes:
+        fail(f"--verify {verify!r}: use full, cached or size", code=2)
+    inputs, problems = expand_inputs(images, recursive)
+    for line in problems:
+        err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+    if not inputs:
+        raise SystemExit(1)
+
+    if bundle is None:  # the default released model, prepared once in the cache (novic.registry)
+        from novic.registry import default_bundle
+        bundle = default_bundle(model, console=err)
+
+    import warnings
+
+    from PIL import Image
+
+    from novic.runtime.classifier import Classifier
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the hard limit still errors
+    clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads, verify=modes[verify])
+    startup = time.perf_counter() - _T0
+    if not quiet:
+        err.print(f"novic-run: {clf.describe()} (startup {startup:.2f} s)", highlight=False, soft_wrap=True)
+    if guided:
+        summary = clf.vocabulary(vocab).skipped_summary()
+        if summary:
+            err.print(f"[yellow]warning:[/] {summary}", highlight=False, soft_wrap=True)
+
+    results_iter = clf.iter_classify(inputs, topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
+                                     temperature=temperature, alpha=alpha, batch_size=batch_size)
+    show_bar = progress if progress is not None else (len(inputs) > batch_size and err.is_terminal)
+    failed, rows = 0, []
+    t_run = time.perf_counter()
+    with _progress(show_bar, len(inputs)) as advance:
+        for result in results_iter:
+            if result.error is not None:
+                failed += 1
+                err.print(f"[bold red]error:[/] {result.error}", highlight=False, markup=True, soft_wrap=True)
+            if json_lines:
+                _write_json(result)
+            elif result.error is None:
+                rows.append(result)
+            advance()
+    elapsed = time.perf_counter() - t_run
+    if not json_lines:
+        _print_table(rows, topk)
+    if not quiet:
+        rate = len(inputs) / elapsed if elapsed > 0 else float("inf")
+        err.print(f"novic-run: {len(inputs)} image(s), {failed} failed, {elapsed:.2f} s ({rate:.1f} img/s)",
+                  highlight=False)
+    clf.close()
+    raise SystemExit(1 if failed or problems else 0)
+
+
+def _write_json(result) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _print_table(rows, topk: int) -> None:
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=topk > 1)
+    table.add_column("image", overflow="fold")
+    table.add_column("label")
+    table.add_column("prob", justify="right")
+    for r in rows:
+        table.add_row(r.source, "\n".join(l.text for l in r.labels),
+                      "\n".join(_prob(l.prob) for l in r.labels))
+    Console().print(table)
+
+
+def _prob(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+class _progress:
+    """A rich progress bar on stderr (rate and ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("classifying"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=err, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("classifying", total=self.total, rate="")
+        start, done = time.perf_counter(), [0]
+
+        def advance():
+            done[0] += 1
+            elapsed = time.perf_counter() - start
+            self.bar.update(task, advance=1, rate=f"{done[0] / elapsed:.1f} img/s" if elapsed > 0 else "")
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
 
 
 def main():

@@ -1,0 +1,294 @@
+"""``novic-export trt BUNDLE``: TensorRT engines from the bundle's fp16 graphs.
+
+TensorRT 11 Python API (docs.nvidia.com/deeplearning/tensorrt, "Migrating from TensorRT 10.x to
+11.x" and the Python API reference), used as follows:
+- Strongly typed networks: TensorRT 11 removed the precision builder flags (BuilderFlag.FP16,
+  INT8, ...: "Removed Python APIs and Replacements"); precision comes from the ONNX types, which is
+  why the bundle carries fp16 graphs (novic.export.fp16). ``NetworkDefinitionCreationFlag
+  .STRONGLY_TYPED`` is passed when the enum still has it (TensorRT 10.x needs it; 11.x ignores it:
+  "Strongly typed mode is always enabled ... retained for API compatibility").
+- ``trt.OnnxParser(network, logger).parse_from_file(path)`` (resolves external weight files next
+  to the graph), errors via ``parser.num_errors`` / ``parser.get_error(i)``.
+- One optimization profile per batch bucket (``builder.create_optimization_profile()``,
+  ``profile.set_shape(name, min, opt, max)``, ``config.add_optimization_profile``), computed by
+  ``novic.runtime.trt_plan`` (the same code the runtime uses to pick a profile and size buffers).
+- A persisted timing cache (``config.create_timing_cache(bytes)``, ``config.set_timing_cache(cache,
+  ignore_mismatch=False)``, ``cache.serialize()``) in ``engines/timing.cache``, so rebuilding
+  (other buckets, the next novic version) skips most kernel timing.
+- ``builder.build_serialized_network(network, config)`` -> engine file, checked by deserializing it
+  (``trt.Runtime(logger).deserialize_cuda_engine``) and comparing its I/O tensors and profile
+  count with the plan.
+Engines are tied to the TensorRT version and the GPU's compute capability; both are recorded in
+the manifest, and the runtime refuses engines that do not match (novic.runtime.backends.select).
+
+TensorRT is imported only here (lazily); without it, one line says how to install it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from novic.errors import NovicError
+from novic.runtime import trt_plan
+from novic.runtime.backends.select import INSTALL, probe
+from novic.runtime.bundle import MANIFEST, ROLES, Bundle, BundleError, read_manifest
+
+ENGINE_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+
+
+class TensorRTMissing(NovicError):
+    """TensorRT (or the GPU it needs) is not available."""
+
+
+class EngineBuildError(NovicError):
+    """TensorRT could not parse or build a graph."""
+
+
+def import_tensorrt():
+    """`import tensorrt` or a one-line TensorRTMissing naming the fix."""
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (missing libs)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TensorRTMissing(f"TensorRT is not installed ({detail}); install it with: {INSTALL['trt']} "
+                              "(needs an NVIDIA GPU and driver), then run novic-export trt again") from None
+    return trt
+
+
+def engine_file_name(role: str, precision: str, compute_capability: str, trt_version: str) -> str:
+    """decoder_step.fp16.sm90.trt11.4.engine"""
+    sm = compute_capability.replace(".", "")
+    return f"{role}.{precision}.sm{sm}.trt{'.'.join(trt_version.split('.')[:2])}.engine"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def plans_for_bundle(bundle: Bundle, params: trt_plan.PlanParams, precision: str = "fp16",
+                     roles=ROLES) -> dict:
+    """role -> (Artifact, GraphPlan) for the graphs the engines are built from."""
+    cfg, topk = bundle.decoder_config, bundle.graph_topk
+    image_size = trt_plan.image_size_from_preprocess(bundle.preprocess)
+    out = {}
+    for role in roles:
+        artifact = bundle.artifact(role, precision)
+        try:
+            plan = trt_plan.plan_graph(role, artifact.signature(), cfg, topk, params, image_size)
+        except trt_plan.PlanError as exc:
+            raise BundleError(f"{bundle.path / artifact.file}: {exc}") from None
+        out[role] = (artifact, plan)
+    return out
+
+
+class _Monitor:
+    """TensorRT IProgressMonitor -> a callback(text); created lazily since it subclasses a trt type."""
+
+    @staticmethod
+    def create(trt, callback):
+        base = getattr(trt, "IProgressMonitor", None)
+        if base is None or callback is None:
+            return None
+
+        class Monitor(base):
+            def __init__(self):
+                base.__init__(self)
+                self.phases = {}
+
+            def phase_start(self, parent_phase, phase_name, num_steps):
+                self.phases[phase_name] = num_steps
+                callback(f"{phase_name} (0/{num_steps})")
+
+            def step_complete(self, phase_name, step):
+                callback(f"{phase_name} ({step + 1}/{self.phases.get(phase_name, '?')})")
+                return True  # False would cancel the build
+
+            def phase_finish(self, phase_name):
+                self.phases.pop(phase_name, None)
+
+        return Monitor()
+
+
+def build_engine(trt, logger, onnx_path: Path, plan: trt_plan.GraphPlan, timing_cache: bytes | None,
+                 workspace_bytes: int | None = None, status=None) -> tuple[bytes, bytes]:
+    """Parse + build one engine; returns (serialized engine, serialized timing cache)."""
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"{onnx_path}: the TensorRT ONNX parser failed: {'; '.join(errors) or 'no detail'} "
+                               "(check tests/test_onnx_ops_allowlist.py; re-export with novic-export onnx)")
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    missing = [t.name for t in plan.inputs if t.name not in names]
+    if missing:
+        raise EngineBuildError(f"{onnx_path}: the parsed network lacks inputs {missing} (has {sorted(names)})")
+
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    cache = config.create_timing_cache(timing_cache or b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _Monitor.create(trt, status)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    dynamic = {t.name for t in plan.inputs if t.variables}   # static inputs (temperature) need no range
+    for p in plan.profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            if name in dynamic:
+                profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not build an engine (see the messages above; "
+                               "a smaller --buckets or more --workspace may help)")
+    engine_bytes = bytes(memoryview(serialized))
+    cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+
+    # Check what we got: the engine's I/O tensors and its profiles match the plan.
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise EngineBuildError(f"{onnx_path}: the built engine does not deserialize")
+    io = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    want = {t.name for t in plan.tensors}
+    if io != want:
+        raise EngineBuildError(f"{onnx_path}: engine I/O {sorted(io)} differs from the plan {sorted(want)}")
+    if engine.num_optimization_profiles != len(plan.profiles):
+        raise EngineBuildError(f"{onnx_path}: engine has {engine.num_optimization_profiles} profiles, "
+                               f"planned {len(plan.profiles)}")
+    return engine_bytes, cache_bytes
+
+
+def _up_to_date(root: Path, entry: dict | None, artifact, params, version: str, cc: str) -> bool:
+    """An engine already recorded for this source graph, plan, TensorRT and GPU (a resumed or
+    repeated build skips it)."""
+    if not entry:
+        return False
+    path = root / entry["file"]
+    return (entry.get("source_sha256") == artifact.sha256 and entry.get("plan") == params.to_dict()
+            and entry.get("tensorrt_version") == version and entry.get("compute_capability") == cc
+            and path.is_file() and path.stat().st_size == entry.get("size"))
+
+
+def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: int | None = None,
+                  precision: str = "fp16", roles=ROLES, workspace_gib: float | None = None,
+                  step_max_cands: int | None = None, force: bool = False, console=None,
+                  verbose: bool = False) -> dict:
+    """Build an engine per role from the bundle's `precision` graphs and record each in the
+    manifest as soon as it is built. Engines already recorded for the same graph, plan, TensorRT
+    and GPU are kept (an interrupted build resumes) unless `force`.
+    Returns {"engines": [entries], "skipped": [roles], "seconds": t, "gpu", "compute_capability",
+    "tensorrt_version"}."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    root = Path(bundle_dir)
+    bundle = Bundle.open(root, verify=True)
+    params = trt_plan.PlanParams(
+        buckets=trt_plan.normalize_buckets(buckets),
+        beam_width=int(beam_width or bundle.search_defaults.get("beam_width", trt_plan.DEFAULT_BEAM_WIDTH)),
+        # guided steps need the widest trie row of the bundle's nouns; at least STEP_MAX_CANDS so a
+        # user vocabulary rarely needs the chunked path (several executions per step)
+        step_max_cands=step_max_cands if step_max_cands is not None
+        else max(int(bundle.search_defaults.get("guided_max_cands") or 0),
+                 min(bundle.decoder_config.vocab_size, trt_plan.STEP_MAX_CANDS)))
+    plans = plans_for_bundle(bundle, params, precision, roles)  # fails early on a bad bundle
+    trt = import_tensorrt()
+    facts = probe()
+    if facts.compute_capability is None:
+        raise TensorRTMissing(f"no NVIDIA GPU visible ({facts.gpu_error}); TensorRT engines are built on the GPU "
+                              "that will run them")
+    cc, gpu, version = facts.compute_capability, facts.gpu_name or "", str(trt.__version__)
+    engine_dir = root / ENGINE_DIR
+    engine_dir.mkdir(exist_ok=True)
+    cache_path = engine_dir / TIMING_CACHE
+    timing = cache_path.read_bytes() if cache_path.is_file() else None
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    console.print(f"TensorRT {version} on {gpu} (sm_{cc.replace('.', '')}); buckets {list(params.buckets)} "
+                  f"images, beam width {params.beam_width}"
+                  + (f"; timing cache {cache_path.name} ({len(timing)} bytes)" if timing else ""), highlight=False)
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    entries, skipped = [], []
+    recorded = {(e.role, e.precision, e.compute_capability, e.tensorrt_version): e for e in bundle.engines}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        for role, (artifact, plan) in plans.items():
+            old = recorded.get((role, precision, cc, version))
+            old_entry = {**old.extra, "file": old.file, "size": old.size, "tensorrt_version": old.tensorrt_version,
+                         "compute_capability": old.compute_capability} if old else None
+            if not force and _up_to_date(root, old_entry, artifact, params, version, cc):
+                progress.console.print(f"{role}: {old.file} is up to date (--force rebuilds it)", highlight=False)
+                skipped.append(role)
+                continue
+            task = progress.add_task(f"{role}: parsing {artifact.file}", total=None)
+
+            def status(text, task=task, role=role):
+                progress.update(task, description=f"{role}: {text}")
+
+            t0 = time.perf_counter()
+            onnx_path = bundle.artifact_path(role, precision)
+            engine_bytes, timing = build_engine(trt, logger, onnx_path, plan, timing,
+                                                int(workspace_gib * (1 << 30)) if workspace_gib else None, status)
+            name = engine_file_name(role, precision, cc, version)
+            _write_atomic(engine_dir / name, engine_bytes)
+            _write_atomic(cache_path, timing)  # after each engine: an interrupted run keeps its timings
+            entry = {
+                "file": f"{ENGINE_DIR}/{name}", "role": role, "precision": precision,
+                "sha256": hashlib.sha256(engine_bytes).hexdigest(), "size": len(engine_bytes),
+                "source": artifact.file, "source_sha256": artifact.sha256,
+                "tensorrt_version": version, "compute_capability": cc,
+                "device_name": gpu, "plan": params.to_dict(),
+                "profiles": [p.to_dict() for p in plan.profiles],
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.perf_counter() - t0, 1)}
+            _record_engines(root, [entry], cache_path)   # recorded at once: a later failure keeps it
+            entries.append(entry)
+            progress.update(task, description=f"{role}: {name} ({len(engine_bytes) / 2**20:.1f} MiB)",
+                            total=1, completed=1)
+    return {"engines": entries, "skipped": skipped, "seconds": round(time.perf_counter() - start, 1), "gpu": gpu,
+            "compute_capability": cc, "tensorrt_version": version}
+
+
+def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
+    """Replace engines of the same role/precision/GPU/TensorRT in the manifest; atomic rewrite."""
+    from novic.export.bundle import write_json_atomic
+
+    data = read_manifest(root)
+    new = {(e["role"], e["precision"], e["compute_capability"], e["tensorrt_version"]) for e in entries}
+    kept = [e for e in data.get("engines", []) or []
+            if (e.get("role"), e.get("precision"), e.get("compute_capability"), e.get("tensorrt_version")) not in new]
+    data["engines"] = kept + entries
+    data["tensorrt"] = {"timing_cache": f"{ENGINE_DIR}/{cache_path.name}"}
+    write_json_atomic(root / MANIFEST, data)

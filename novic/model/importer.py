@@ -1,0 +1,499 @@
+"""Import an original NOVIC checkpoint (`*.train`, or a release `.zip` holding one) into novic's
+checkpoint format (REFERENCE.md "Original checkpoint file").
+
+Safety: the file is read with ``torch.load(weights_only=True)``: only tensors, torch dtypes and
+plain containers are unpickled. A file that needs anything else (arbitrary classes, callables) is
+refused with `CheckpointImportError` before any of its code could run.
+
+Mapping (original key -> ObjectDecoder key):
+  embed_mlp.mlp.0.weight [P*H, F]                        -> prefix_proj.weight
+  pos_embedding.embedding.weight [P+Cmax-1, H]            -> pos_embedding
+  transformer.layers.{i}.self_attn.in_proj_weight [3H,H]  -> layers.{i}.attn.{q,k,v}_proj.weight
+  transformer.layers.{i}.self_attn.out_proj.weight        -> layers.{i}.attn.out_proj.weight
+  transformer.layers.{i}.linear{1,2}.weight               -> layers.{i}.linear{1,2}.weight
+  transformer.layers.{i}.norm{1,2}.weight                 -> layers.{i}.norm{1,2}.weight
+  transformer.norm.weight                                 -> norm.weight
+  logits_linear.weight [V, H] (tied)                      -> token_embedding.weight
+  causality_mask                                          -> (ignored: derived)
+P, F, V, Cmax, H, layers and the FFN width come from the shapes; the head count (not visible in
+shapes) from ``cfg_flat`` when it names one, else the released value 8. The token table is built
+from the CLIP model's own tokenizer and ``target_config['compact_unmap']``; the noun vocabulary is
+``target_nouns`` without its leading '' placeholders, each tokenised and mapped to compact ids.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from novic.config import EOS, DecoderConfig
+from novic.errors import NovicError
+from novic.model.checkpoint import Checkpoint, save_checkpoint
+from novic.model.embedder import CONFIG_DIR, HF_HUB_PREFIX, EmbedderSpec
+from novic.registry import HUB_OPEN_CLIP
+from novic.tokens import TokenTable
+
+DEFAULT_HEADS = 8          # all released checkpoints (REFERENCE.md)
+DEFAULT_LN_EPS = 1e-5
+MAX_BAD_NOUNS = 2          # nouns that may fail to tokenise into the vocabulary (else: more than 1%)
+TRAIN_SUFFIX = ".train"
+
+
+
+class CheckpointImportError(NovicError):
+    """An original checkpoint that cannot (or must not) be imported."""
+
+
+@dataclass
+class ImportResult:
+    checkpoint: Checkpoint
+    source: str                                   # the file read (zip member as 'zip:member')
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- reading the file safely -----------------------------------------------------------------------
+def _refusal(path, exc: BaseException) -> CheckpointImportError:
+    text = " ".join(str(exc).split())
+    m = re.search(r"(Unsupported global: GLOBAL [^\s]+|Unsupported operand [^\s]+|"
+                  r"Trying to call reduce for [^\s]+|Unsupported class [^\s]+)", text)
+    what = m.group(1) if m else text[:160]
+    return CheckpointImportError(
+        f"refusing to load {path}: it needs arbitrary unpickling ({what}), which could run code; novic reads "
+        f"only .train files made of tensors and plain data (use the official release files, or re-save the "
+        f"checkpoint with only tensors, dicts, lists and numbers)")
+
+
+def _torch_load(path: Path, label: str) -> dict:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(label, e) from None
+    except RuntimeError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise _refusal(label, e) from None
+        raise CheckpointImportError(f"{label} is not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})"
+                                    f": re-download it") from None
+    except (EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointImportError(f"{label} is truncated or not a PyTorch checkpoint "
+                                    f"({type(e).__name__}: {str(e)[:160]}): re-download it") from None
+    if not isinstance(data, dict):
+        raise CheckpointImportError(f"{label} holds a {type(data).__name__}, not an original NOVIC checkpoint dict")
+    return data
+
+
+def _train_member(zf: zipfile.ZipFile) -> str | None:
+    """The .train member of a release zip (the latest chunk if there are several), else None."""
+    names = [n for n in zf.namelist() if n.endswith(TRAIN_SUFFIX) and not n.endswith("/")]
+    if not names:
+        return None
+
+    def chunk(name):
+        m = re.search(r"chunk(\d+)", Path(name).name)
+        return (int(m.group(1)) if m else -1, name)
+
+    return max(names, key=chunk)
+
+
+def read_original(path: str | Path) -> tuple[dict, str]:
+    """Load the original checkpoint dict from a `.train` file or a release `.zip`.
+    Returns (dict, source label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointImportError(f"file not found: {path} (give an original NOVIC .train file or a release .zip)")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                member = _train_member(zf)
+                if member is not None:
+                    with tempfile.TemporaryDirectory(prefix="novic-import-") as tmp:
+                        target = Path(tmp) / Path(member).name
+                        with zf.open(member) as src, open(target, "wb") as dst:
+                            while block := src.read(1 << 22):
+                                dst.write(block)
+                        label = f"{path}:{member}"
+                        return _torch_load(target, label), label
+                if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                    raise CheckpointImportError(f"{path} is a zip file without a {TRAIN_SUFFIX} checkpoint inside "
+                                                f"(expected a NOVIC release zip)")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+            raise CheckpointImportError(f"{path} is a damaged zip file ({e}): re-download it") from None
+    return _torch_load(path, str(path)), str(path)
+
+
+# --- the embedder spec and its tokenizer --------------------------------------------------------------
+def parse_embedder_spec(text: str) -> EmbedderSpec:
+    """The original's 'TYPE:NAME' embedder spec -> EmbedderSpec.
+    'openclip:org/repo' -> hf-hub:org/repo; 'openclip:NAME' -> an open_clip (or novic-shipped) model
+    config; 'openai:ViT-B/16' -> open_clip's port of the OpenAI weights."""
+    if not isinstance(text, str) or ":" not in text:
+        raise CheckpointImportError(f"embedder spec {text!r} is not of the form 'TYPE:NAME' "
+                                    f"(e.g. 'openclip:timm/ViT-B-16-SigLIP'); pass the CLIP model explicitly")
+    kind, name = text.split(":", 1)
+    if kind == "openclip":
+        if name.startswith(HF_HUB_PREFIX):
+            name = name[len(HF_HUB_PREFIX):]
+        if "/" in name:
+            return EmbedderSpec(model=HF_HUB_PREFIX + name)
+        if (CONFIG_DIR / f"{name}.json").is_file():
+            return EmbedderSpec(model=name, config_file=f"{name}.json")
+        return EmbedderSpec(model=name)
+    if kind == "openai":
+        model = name.replace("/", "-").replace("@336px", "-336")
+        return EmbedderSpec(model=model, pretrained="openai")
+    raise CheckpointImportError(f"embedder spec {text!r}: type {kind!r} is not supported (novic uses open_clip "
+                                f"models: 'openclip:...' or 'openai:...'); pass the CLIP model explicitly")
+
+
+def _hub_id(spec: EmbedderSpec) -> str | None:
+    return spec.model[len(HF_HUB_PREFIX):] if spec.model.startswith(HF_HUB_PREFIX) else None
+
+
+def _sentencepiece_from_hub(repo: str, clean: str):
+    from novic.bpe import EncoderError, SentencePieceEncoder
+
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointImportError(f"the tokenizer of {repo} comes from the Hugging Face hub: install "
+                                    f"huggingface_hub (pip install huggingface_hub), or pass --tokenizer "
+                                    f"PATH/spiece.model") from None
+    try:
+        path = hf_hub_download(repo, "spiece.model")
+    except Exception as e:  # noqa: BLE001 - offline, 404, auth: all mean "not available"
+        raise CheckpointImportError(
+            f"cannot fetch the sentencepiece tokenizer (spiece.model) of {repo} from the Hugging Face hub "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}): connect once (it is then cached under "
+            f"HF_HOME), or pass --tokenizer PATH/spiece.model") from None
+    try:
+        return SentencePieceEncoder(path, clean=clean)
+    except EncoderError as e:
+        raise CheckpointImportError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: EmbedderSpec, tokenizer_file: str | Path | None = None):
+    """The CLIP model's own text tokenizer (anything novic.model.tokenizer.token_source accepts).
+    `tokenizer_file`: a local CLIP BPE merges file (.txt/.txt.gz) or sentencepiece model (.model)
+    instead (offline use). Cached per process (loading a BPE vocabulary takes seconds)."""
+    from novic.bpe import ClipBpeEncoder, EncoderError, SentencePieceEncoder
+    from novic.model import embedder as emb
+
+    if tokenizer_file is not None:
+        p = Path(tokenizer_file)
+        try:
+            if p.suffix == ".model":
+                return SentencePieceEncoder(p, clean="canonicalize")
+            return ClipBpeEncoder(p)
+        except EncoderError as e:
+            raise CheckpointImportError(str(e)) from None
+
+    import open_clip
+
+    if spec.config_file:
+        emb._register_config(spec.config_file)
+    hub = _hub_id(spec)
+    name = spec.model
+    if hub in HUB_OPEN_CLIP:
+        name = HUB_OPEN_CLIP[hub][0]   # open_clip's built-in config: no hub round trip for the config
+    try:
+        cfg = open_clip.get_model_config(name) if ":" not in name else None
+    except Exception:  # noqa: BLE001
+        cfg = None
+    text_cfg = (cfg or {}).get("text_cfg", {})
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:  # noqa: BLE001 - transformers missing, hub unreachable, ...
+        source = hf_name or hub
+        clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")
+        if source:
+            # SigLIP-style: open_clip wraps the HF tokenizer (needs `transformers`); the same
+            # vocabulary is the repo's sentencepiece model, read with `sentencepiece`.
+            return _sentencepiece_from_hub(source, clean)
+        raise CheckpointImportError(f"cannot load the tokenizer of {spec.model}: "
+                                    f"{' '.join(str(e).split())[:200]}") from None
+
+
+# --- conversion ---------------------------------------------------------------------------------------
+_LAYER_KEY = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
+_LAYER_PARTS = ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight",
+                "norm1.weight", "norm2.weight")
+_TOP_KEYS = ("embed_mlp.mlp.0.weight", "pos_embedding.embedding.weight", "transformer.norm.weight",
+             "logits_linear.weight")
+_IGNORED = ("causality_mask",)
+
+
+def _as_list(value, what: str) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    raise CheckpointImportError(f"target_config['{what}'] is a {type(value).__name__}, expected a tensor or list")
+
+
+def _find_heads(cfg_flat: dict, width: int) -> int | None:
+    """A head count named in the flattened training config, if any (key containing 'head')."""
+    found = set()
+    for key, value in cfg_flat.items():
+        last = str(key).lower().rsplit(".", 1)[-1]
+        if ("head" in last and "dim" not in last and "size" not in last and isinstance(value, int)
+                and not isinstance(value, bool) and value > 0 and width % value == 0):
+            found.add(value)
+    return found.pop() if len(found) == 1 else None
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value if not (isinstance(value, float) and not math.isfinite(value)) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)} {value.dtype}>"
+    return str(value)
+
+
+def map_state_dict(sd: dict, label: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
+    """Original model_state_dict -> (ObjectDecoder state_dict, shape facts)."""
+    def bad(msg):
+        raise CheckpointImportError(f"{label}: {msg}: not the released NOVIC decoder architecture")
+
+    missing = [k for k in _TOP_KEYS if k not in sd]
+    if missing:
+        bad(f"model_state_dict lacks {missing}")
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key in _TOP_KEYS or key in _IGNORED:
+            continue
+        m = _LAYER_KEY.match(key)
+        if m and m.group(2) in _LAYER_PARTS:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+            continue
+        bad(f"unexpected weight {key!r}" + (" (the released decoder has no biases)" if "bias" in key else ""))
+    if not layers or sorted(layers) != list(range(len(layers))):
+        bad(f"transformer layers {sorted(layers)} are not numbered 0..L-1")
+    for i, parts in layers.items():
+        lack = [p for p in _LAYER_PARTS if p not in parts]
+        if lack:
+            bad(f"layer {i} lacks {lack}")
+    for key, value in sd.items():
+        if key not in _IGNORED and (not isinstance(value, torch.Tensor) or not value.is_floating_point()):
+            bad(f"{key} is not a floating-point tensor")
+
+    def f32(t):
+        return t.detach().to(torch.float32).contiguous().clone()
+
+    prefix = sd["embed_mlp.mlp.0.weight"]
+    pos = sd["pos_embedding.embedding.weight"]
+    head = sd["logits_linear.weight"]
+    if prefix.dim() != 2 or pos.dim() != 2 or head.dim() != 2:
+        bad("embed_mlp, pos_embedding and logits_linear weights must be 2-D")
+    H = pos.shape[1]
+    PH, F = prefix.shape
+    if PH % H:
+        bad(f"prefix projection rows {PH} are not a multiple of the width {H}")
+    P = PH // H
+    S, V = pos.shape[0], head.shape[0]
+    Cmax = S - P + 1
+    ffn = layers[0]["linear1.weight"].shape[0]
+    if head.shape[1] != H:
+        bad(f"logits_linear.weight is {list(head.shape)}, expected [V, {H}]")
+    if Cmax < 2:
+        bad(f"position table length {S} is too short for {P} prefix vectors")
+    out = {"prefix_proj.weight": f32(prefix), "pos_embedding": f32(pos),
+           "token_embedding.weight": f32(head), "norm.weight": f32(sd["transformer.norm.weight"])}
+    for i in range(len(layers)):
+        parts = layers[i]
+        qkv = parts["self_attn.in_proj_weight"]
+        if tuple(qkv.shape) != (3 * H, H):
+            bad(f"layer {i} in_proj_weight is {list(qkv.shape)}, expected [{3 * H}, {H}]")
+        q, k, v = qkv.chunk(3, dim=0)   # rows: Q, then K, then V
+        pre = f"layers.{i}."
+        out.update({
+            pre + "attn.q_proj.weight": f32(q), pre + "attn.k_proj.weight": f32(k),
+            pre + "attn.v_proj.weight": f32(v),
+            pre + "attn.out_proj.weight": f32(parts["self_attn.out_proj.weight"]),
+            pre + "linear1.weight": f32(parts["linear1.weight"]),
+            pre + "linear2.weight": f32(parts["linear2.weight"]),
+            pre + "norm1.weight": f32(parts["norm1.weight"]), pre + "norm2.weight": f32(parts["norm2.weight"]),
+        })
+    facts = {"embed_dim": F, "prefix_len": P, "width": H, "vocab_size": V, "max_tokens": Cmax,
+             "layers": len(layers), "ffn_width": ffn}
+    return out, facts
+
+
+def build_vocab(tokenizer, compact_unmap: list[int], nouns: list[str], max_tokens: int,
+                label: str = "checkpoint") -> tuple[TokenTable, list[str], list[list[int]], list[str]]:
+    """Token table from the tokenizer + compact_unmap; compact sequence (+EOS) of every noun.
+    Returns (table, nouns kept, their sequences, warnings). A few nouns that this tokenizer cannot
+    express in the compact vocabulary are left out with a warning; many mean a wrong tokenizer (error)."""
+    from novic.model.tokenizer import token_source
+
+    src = token_source(tokenizer)
+    content = compact_unmap[1:]
+    if any(b <= a for a, b in zip(content, content[1:])):
+        raise CheckpointImportError(f"{label}: compact_unmap is not increasing after entry 0 (not a compact "
+                                    f"NOVIC vocabulary)")
+    try:
+        pieces = [""] + [src.piece(int(t)) for t in content]
+    except (IndexError, KeyError) as e:
+        raise CheckpointImportError(f"{label}: compact_unmap names tokenizer id {e} that the {src.kind} "
+                                    f"tokenizer does not have: wrong CLIP model/tokenizer for this checkpoint") from None
+    try:
+        table = TokenTable(kind=src.kind, pieces=pieces, tokenizer_ids=[max(int(src.eos_id), 0)] + content,
+                           clean=src.clean)
+    except ValueError as e:
+        raise CheckpointImportError(f"{label}: {e}") from None
+    compact = {t: c for c, t in enumerate(content, 1)}
+    kept, noun_tokens, used, warnings, bad = [], [], set(), [], []
+    for noun in nouns:
+        ids = [int(i) for i in src.encode(noun)]
+        missing = [i for i in ids if i not in compact]
+        if not ids:
+            bad.append((noun, "tokenises to nothing"))
+        elif missing:
+            bad.append((noun, f"tokenises to ids {missing[:5]} outside the compact vocabulary"))
+        elif len(ids) + 1 > max_tokens:
+            bad.append((noun, f"needs {len(ids)} tokens + EOS, more than the decoder's {max_tokens}"))
+        else:
+            used.update(ids)
+            kept.append(noun)
+            noun_tokens.append([compact[i] for i in ids] + [EOS])
+    if len(bad) > max(MAX_BAD_NOUNS, len(nouns) // 100):
+        noun, why = bad[0]
+        raise CheckpointImportError(
+            f"{label}: {len(bad)} of {len(nouns)} nouns do not fit the checkpoint's vocabulary with the "
+            f"{src.kind} tokenizer (e.g. {noun!r} {why}): this is not the tokenizer the model was trained with "
+            f"(check the CLIP model, or pass --embedder/--tokenizer)")
+    if bad:
+        warnings.append(f"{len(bad)} noun(s) left out of the guided vocabulary because this tokenizer splits them "
+                        f"differently from the original: " + "; ".join(f"{n!r} {w}" for n, w in bad[:5]))
+    unused = len(content) - len(used)
+    if kept and unused:
+        warnings.append(f"{unused} of {len(content)} vocabulary tokens occur in no noun tokenisation (the "
+                        f"original tokenizer may split some nouns differently)")
+    return table, kept, noun_tokens, warnings
+
+
+def convert(raw: dict, *, label: str = "checkpoint", embedder: EmbedderSpec | None = None,
+            heads: int | None = None, tokenizer=None, tokenizer_file: str | Path | None = None) -> ImportResult:
+    """Original checkpoint dict -> ImportResult (novic Checkpoint + warnings).
+    `embedder` overrides the CLIP model named by cfg_flat; `tokenizer` (an object) or
+    `tokenizer_file` (path) override the tokenizer loaded for it; `heads` the head count."""
+    for key in ("model_state_dict", "target_config", "target_nouns"):
+        if key not in raw:
+            raise CheckpointImportError(f"{label} has no '{key}': not an original NOVIC training checkpoint "
+                                        f"(keys: {sorted(map(str, raw))[:8]})")
+    cfg_flat = raw.get("cfg_flat") or {}
+    if not isinstance(cfg_flat, dict):
+        raise CheckpointImportError(f"{label}: cfg_flat is a {type(cfg_flat).__name__}, expected a dict")
+    tc = raw["target_config"]
+    if not isinstance(tc, dict):
+        raise CheckpointImportError(f"{label}: target_config is a {type(tc).__name__}, expected a dict")
+
+    state_dict, facts = map_state_dict(raw["model_state_dict"], label)
+    warnings: list[str] = []
+
+    # --- target config: compact ids, EOS = PAD = 0, no start token ---
+    if not tc.get("compact_ids", False):
+        raise CheckpointImportError(f"{label}: target_config has compact_ids={tc.get('compact_ids')!r}; only "
+                                    f"compact-vocabulary checkpoints (all released ones) are supported")
+    if tc.get("start_token_id") is not None or tc.get("end_token_id", 0) != 0 or tc.get("pad_token_id", 0) != 0:
+        raise CheckpointImportError(
+            f"{label}: target_config has start/end/pad token ids {tc.get('start_token_id')!r}/"
+            f"{tc.get('end_token_id')!r}/{tc.get('pad_token_id')!r}; novic needs None/0/0 (as released)")
+    unmap = _as_list(tc.get("compact_unmap"), "compact_unmap")
+    V, Cmax = facts["vocab_size"], facts["max_tokens"]
+    if len(unmap) != V:
+        raise CheckpointImportError(f"{label}: compact_unmap has {len(unmap)} entries but the decoder has "
+                                    f"{V} tokens")
+    if tc.get("vocab_size") not in (None, V):
+        raise CheckpointImportError(f"{label}: target_config vocab_size {tc['vocab_size']} != logits rows {V}")
+    if tc.get("token_length") not in (None, Cmax):
+        raise CheckpointImportError(f"{label}: target_config token_length {tc['token_length']} does not match "
+                                    f"the position table (P + Cmax - 1 = {Cmax + facts['prefix_len'] - 1})")
+    if tc.get("compact_map") is not None:
+        cmap = _as_list(tc["compact_map"], "compact_map")
+        bad = [t for c, t in enumerate(unmap[1:], 1) if not (0 <= t < len(cmap)) or cmap[t] != c]
+        if bad:
+            raise CheckpointImportError(f"{label}: compact_map and compact_unmap disagree (tokenizer ids "
+                                        f"{bad[:5]})")
+
+    # --- decoder config ---
+    width = facts["width"]
+    n_heads = heads or _find_heads(cfg_flat, width) or DEFAULT_HEADS
+    if width % n_heads:
+        raise CheckpointImportError(f"{label}: width {width} is not divisible by {n_heads} heads; pass heads=")
+    try:
+        config = DecoderConfig(embed_dim=facts["embed_dim"], vocab_size=V, max_tokens=Cmax,
+                               prefix_len=facts["prefix_len"], width=width, layers=facts["layers"],
+                               heads=n_heads, ffn_width=facts["ffn_width"], ln_eps=DEFAULT_LN_EPS)
+    except ValueError as e:
+        raise CheckpointImportError(f"{label}: {e}") from None
+
+    # --- embedder, tokenizer, nouns ---
+    spec_text = cfg_flat.get("embedder_spec")
+    if embedder is None:
+        if spec_text is None:
+            raise CheckpointImportError(f"{label}: cfg_flat has no 'embedder_spec' naming the CLIP model; pass "
+                                        f"it explicitly (--embedder openclip:org/repo)")
+        embedder = parse_embedder_spec(spec_text)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(embedder, tokenizer_file)
+
+    all_nouns = list(raw["target_nouns"])
+    n_invalid = raw.get("num_invalid_target_nouns")
+    if n_invalid is None:
+        n_invalid = 0
+        while n_invalid < len(all_nouns) and all_nouns[n_invalid] == "":
+            n_invalid += 1
+    if any(n != "" for n in all_nouns[:n_invalid]):
+        raise CheckpointImportError(f"{label}: the first {n_invalid} target nouns should be '' placeholders")
+    nouns = all_nouns[n_invalid:]
+    if not all(isinstance(n, str) and n for n in nouns):
+        raise CheckpointImportError(f"{label}: target_nouns has empty or non-string entries after the "
+                                    f"{n_invalid} placeholders")
+    if len(set(nouns)) != len(nouns):
+        warnings.append(f"{len(nouns) - len(set(nouns))} duplicate nouns in target_nouns")
+    table, nouns, noun_tokens, vocab_warnings = build_vocab(tokenizer, unmap, nouns, Cmax, label)
+    warnings += vocab_warnings
+
+    meta = {"source": "novic-import", "original_file": label, "original_embedder_spec": spec_text,
+            "original_compact_unmap0": unmap[0], "num_invalid_target_nouns": n_invalid,
+            "heads_from": "argument" if heads else ("cfg_flat" if _find_heads(cfg_flat, width) else "default"),
+            "dropped": sorted(str(k) for k in raw if k not in ("model_state_dict", "cfg_flat", "target_config",
+                                                                  "target_nouns", "num_invalid_target_nouns")),
+            "cfg_flat": _jsonable(cfg_flat), "warnings": warnings}
+    ckpt = Checkpoint(config=config, state_dict=state_dict, embedder=embedder, token_table=table,
+                      nouns=nouns, noun_tokens=noun_tokens, meta=meta)
+    return ImportResult(checkpoint=ckpt, source=label, warnings=warnings)
+
+
+def import_checkpoint(path: str | Path, out: str | Path | None = None, **kwargs) -> ImportResult:
+    """Read an original `.train` / release `.zip`, convert it, and (if `out`) save it atomically.
+    Keyword arguments go to `convert` (embedder, heads, tokenizer, tokenizer_file)."""
+    raw, label = read_original(path)
+    result = convert(raw, label=label, **kwargs)
+    del raw
+    if out is not None:
+        save_checkpoint(out, result.checkpoint)
+    return result
+
+
+def summary(result: ImportResult) -> str:
+    c = result.checkpoint.config
+    return (f"{result.source}: {result.checkpoint.embedder.model}, F={c.embed_dim}, V={c.vocab_size}, "
+            f"Cmax={c.max_tokens}, P={c.prefix_len}, H={c.width}, {c.layers} layers x {c.heads} heads, "
+            f"{len(result.checkpoint.nouns or [])} nouns, {c.num_params():,} parameters")
+
+
+__all__ = ["CheckpointImportError", "ImportResult", "read_original", "parse_embedder_spec", "load_tokenizer",
+           "map_state_dict", "build_vocab", "convert", "import_checkpoint", "summary"]

@@ -1,0 +1,206 @@
+"""onnxruntime backend (torch-free): the decoder session and the image encoder over ONNX graphs.
+
+- ``OrtDecoderSession``: the DecoderSession protocol (docs/internals.md) over the exported
+  ``decoder_prefill`` / ``decoder_step`` graphs. The session keeps the KV cache between calls.
+  On the CPU it is a plain numpy array fed back into ``run()``. With the CUDA provider the
+  cache never leaves the GPU: it is an OrtValue bound with IOBinding, the step writes into the
+  other of two preallocated buffers (ping-pong, as the graphs are built for), and only the
+  scores (O(rows x k) numbers) are copied to the host.
+- ``OrtImageEncoder``: pixels f32[B,3,H,W] -> unit embeddings f32[B,F].
+
+Provider names: "cpu" or "cuda". onnxruntime is imported lazily so that importing this module
+never fails; using it without onnxruntime raises a one-line error with the install command.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from novic.config import DecoderConfig
+from novic.errors import NovicError
+from novic.runtime.search import StepScores
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+INSTALL = {"cpu": "pip install 'novic[cpu]' (onnxruntime)",
+           "cuda": "pip install 'novic[gpu]' (onnxruntime-gpu)"}
+PREFILL_INPUTS = ("embedding", "temperature", "cand_ids")
+STEP_INPUTS = ("tokens", "position", "beam_idx", "kv_cache", "temperature", "cand_ids")
+SCORE_OUTPUTS = ("topk_logprobs", "topk_ids", "cand_logprobs")
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64}
+
+
+class OrtError(NovicError):
+    """onnxruntime missing, a provider that is not available, or a graph that does not fit."""
+
+
+def import_ort(provider: str = "cpu"):
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OrtError(f"onnxruntime is not installed ({exc}); {INSTALL.get(provider, INSTALL['cpu'])}") from None
+    return onnxruntime
+
+
+def make_session(path, provider: str = "cpu", *, threads: int | None = None, device_id: int = 0,
+                 optimize: bool | None = None):
+    """An onnxruntime InferenceSession for `path` on `provider` ("cpu" or "cuda").
+
+    threads: intra-op threads (None: onnxruntime's default, one per physical core).
+    optimize: graph optimisations; None = on, except for fp16 graphs (``*.fp16.onnx``) on the
+    CPU, where the default fusions crashed onnxruntime on an fp16 ViT (and CPU fp16 is only
+    used for checking: most fp16 ops run through inserted casts there anyway).
+    """
+    if provider not in PROVIDERS:
+        raise OrtError(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
+    ort = import_ort(provider)
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise OrtError(f"onnxruntime {ort.__version__} has no {PROVIDERS[provider]} "
+                       f"(available: {', '.join(available)}); {INSTALL[provider]}")
+    path = Path(path)
+    if not path.is_file():
+        raise OrtError(f"ONNX graph not found: {path}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    if optimize is None:
+        optimize = not (provider == "cpu" and path.name.endswith(".fp16.onnx"))
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = [PROVIDERS[provider]]
+    if provider == "cuda":
+        providers = [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _check_io(session, path, inputs, outputs):
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = [o.name for o in session.get_outputs()]
+    if sorted(have_in) != sorted(inputs) or sorted(have_out) != sorted(outputs):
+        raise OrtError(f"{Path(path).name}: graph I/O {have_in} -> {have_out} does not match the "
+                       f"decoder contract {list(inputs)} -> {list(outputs)}; re-export with novic-export onnx")
+
+
+class OrtDecoderSession:
+    """DecoderSession over the prefill/step ONNX graphs (fp32 or fp16 cache)."""
+
+    def __init__(self, prefill_path, step_path, config: DecoderConfig, *, provider: str = "cpu",
+                 threads: int | None = None, device_id: int = 0, optimize: bool | None = None,
+                 iobinding: bool | None = None):
+        """iobinding: None = only with "cuda" (keeps the cache on the device); True on the CPU
+        runs the same binding code against host memory (used by the tests)."""
+        self.config = config
+        self.provider, self.device_id = provider, device_id
+        kw = dict(threads=threads, device_id=device_id, optimize=optimize)
+        self._prefill = make_session(prefill_path, provider, **kw)
+        self._step = make_session(step_path, provider, **kw)
+        _check_io(self._prefill, prefill_path, PREFILL_INPUTS, SCORE_OUTPUTS + ("kv_cache",))
+        _check_io(self._step, step_path, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",))
+        outs = {o.name: o for o in self._step.get_outputs()}
+        self.topk = int(outs["topk_ids"].shape[1])
+        cache = {i.name: i for i in self._step.get_inputs()}["kv_cache"]
+        self.cache_dtype = ORT_DTYPES[cache.type]
+        cfg = config
+        expect = [cfg.layers, 2, None, cfg.heads, cfg.seq_len, cfg.head_dim]
+        got = [d if isinstance(d, int) else None for d in cache.shape]
+        if got != expect:
+            raise OrtError(f"{Path(step_path).name}: kv_cache shape {cache.shape} does not match "
+                           f"the decoder config (expected [{cfg.layers}, 2, M, {cfg.heads}, "
+                           f"{cfg.seq_len}, {cfg.head_dim}]); graph and checkpoint do not belong together")
+        self.iobinding = (provider == "cuda") if iobinding is None else bool(iobinding)
+        self._device = "cuda" if provider == "cuda" else "cpu"
+        self._ort = import_ort(provider)
+        self._cache = None          # np.ndarray (plain run) or OrtValue (IOBinding)
+        self._buffers: list = []    # the two ping-pong OrtValues of the current row count
+
+    # --- inputs -----------------------------------------------------------------------------
+    @staticmethod
+    def _common(temperature, cand_ids, rows):
+        cand = np.ascontiguousarray(cand_ids, dtype=np.int64)
+        if cand.ndim != 2 or cand.shape[0] != rows:
+            raise ValueError(f"cand_ids must have shape [{rows}, G], got {cand.shape}")
+        return np.array([temperature], np.float32), cand
+
+    def _scores(self, values) -> StepScores:
+        return StepScores(*values[:3])
+
+    # --- DecoderSession ---------------------------------------------------------------------
+    def prefill(self, embeds, temperature: float, cand_ids) -> StepScores:
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        temp, cand = self._common(temperature, cand_ids, len(embeds))
+        feeds = {"embedding": embeds, "temperature": temp, "cand_ids": cand}
+        if not self.iobinding:
+            *scores, self._cache = self._prefill.run(list(SCORE_OUTPUTS) + ["kv_cache"], feeds)
+            return self._scores(scores)
+        # The cache output is allocated by onnxruntime on the device; steps then ping-pong.
+        scores, self._cache = self._run_bound(self._prefill, feeds, "kv_cache", None)
+        self._buffers = []
+        return self._scores(scores)
+
+    def step(self, tokens, position: int, beam_idx, temperature: float, cand_ids) -> StepScores:
+        if self._cache is None:
+            raise RuntimeError("step() before prefill()")
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        beam_idx = np.ascontiguousarray(beam_idx, dtype=np.int64).reshape(-1)
+        if beam_idx.shape != tokens.shape:
+            raise ValueError(f"tokens {tokens.shape} and beam_idx {beam_idx.shape} must have one entry per row")
+        temp, cand = self._common(temperature, cand_ids, len(tokens))
+        feeds = {"tokens": tokens, "position": np.array([position], np.int64),
+                 "beam_idx": beam_idx, "temperature": temp, "cand_ids": cand}
+        if not self.iobinding:
+            feeds["kv_cache"] = self._cache
+            *scores, self._cache = self._step.run(list(SCORE_OUTPUTS) + ["kv_cache_out"], feeds)
+            return self._scores(scores)
+        scores, self._cache = self._run_bound(self._step, feeds, "kv_cache_out",
+                                              self._next_buffer(len(tokens)))
+        return self._scores(scores)
+
+    # --- IOBinding --------------------------------------------------------------------------
+    def _next_buffer(self, rows: int):
+        """The ping-pong buffer that is not the current cache, for `rows` rows."""
+        cfg = self.config
+        shape = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
+        if not self._buffers or list(self._buffers[0].shape()) != shape:
+            make = self._ort.OrtValue.ortvalue_from_shape_and_type
+            self._buffers = [make(shape, self.cache_dtype, self._device, self.device_id)
+                             for _ in range(2)]
+        return self._buffers[1] if self._cache is self._buffers[0] else self._buffers[0]
+
+    def _run_bound(self, session, feeds, cache_out: str, out_buffer):
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)  # small host arrays; copied to the device by ORT
+        if "kv_cache" in {i.name for i in session.get_inputs()}:
+            binding.bind_ortvalue_input("kv_cache", self._cache)
+        for name in SCORE_OUTPUTS:
+            binding.bind_output(name, "cpu")  # only the scores come back to the host
+        if out_buffer is None:
+            binding.bind_output(cache_out, self._device, self.device_id)
+        else:
+            binding.bind_ortvalue_output(cache_out, out_buffer)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in binding order: the scores, then the cache
+        scores = [outputs[i].numpy() for i in range(len(SCORE_OUTPUTS))]
+        return scores, (outputs[len(SCORE_OUTPUTS)] if out_buffer is None else out_buffer)
+
+
+class OrtImageEncoder:
+    """pixels f32[B,3,H,W] (preprocessed) -> unit embeddings f32[B,F]."""
+
+    def __init__(self, path, *, provider: str = "cpu", threads: int | None = None,
+                 device_id: int = 0, optimize: bool | None = None):
+        self._session = make_session(path, provider, threads=threads, device_id=device_id,
+                                     optimize=optimize)
+        (inp,), (out,) = self._session.get_inputs(), self._session.get_outputs()
+        self._input, self._output = inp.name, out.name
+        self.image_size = tuple(inp.shape[2:4])   # (H, W)
+        self.embed_dim = out.shape[1]
+
+    def __call__(self, pixels) -> np.ndarray:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != self.image_size:
+            raise ValueError(f"pixels must have shape [B, 3, {self.image_size[0]}, "
+                             f"{self.image_size[1]}], got {pixels.shape}")
+        return self._session.run([self._output], {self._input: pixels})[0]

@@ -1,0 +1,497 @@
+"""Bundle reader (torch-free): ``Bundle.open(path)`` -> validated manifest + verified artifact paths.
+
+A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx``)::
+
+    manifest.json                    format name/version, embedder + preprocessing, decoder config,
+                                     search defaults, token table, nouns, artifacts, engines
+    image_encoder.onnx               pixels [B,3,H,W] -> unit embedding [B,F]
+    decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
+    tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
+    engines/*.engine, engines/timing.cache       added by ``novic-export trt`` (optional)
+
+Verification (what we chose and why): every artifact's size is checked when the bundle is
+opened (cheap; catches truncation and missing files at once). The sha256 of an artifact is
+checked lazily, the first time its path is asked for (``artifact_path`` / ``engine_path``), with a
+streaming hash (1 MiB blocks, constant memory). A service therefore hashes only what it loads: a
+TensorRT service never reads the fp32 ONNX files, a CPU service never reads the engines.
+``verify="cached"`` additionally remembers good hashes in a sidecar ``.novic-verified.json``
+(keyed by file, size and mtime_ns) so that restarts skip re-hashing unchanged files; this trusts
+the file system's mtime, so it detects accidental corruption and replaced files but not a
+deliberate same-size edit with a forged mtime. ``verify=False`` checks presence and size only.
+``Bundle.verify()`` hashes everything now (used by ``novic-export check`` and the tests).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from novic.config import DecoderConfig
+from novic.errors import NovicError
+
+FORMAT_NAME = "novic-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_CACHE = ".novic-verified.json"
+
+ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
+PRECISIONS = ("fp32", "fp16", "int8")
+REEXPORT = "re-export with novic-export onnx"
+_CHUNK = 1 << 20
+
+
+class BundleError(NovicError):
+    """A bundle that cannot be used; the message names the file and the fix."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
+    """Streaming sha256 (constant memory) of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# --- typed views of manifest entries ----------------------------------------------------------
+@dataclass(frozen=True)
+class FileRef:
+    """A file of the bundle with its expected hash and size."""
+
+    file: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                      # numpy dtype name: float32, float16, int64, ...
+    shape: tuple                    # ints for fixed dims, strings for symbolic ones ("B", "N")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An ONNX graph of the bundle."""
+
+    file: str
+    role: str
+    precision: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: tuple[FileRef, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def files(self) -> list[FileRef]:
+        return [FileRef(self.file, self.sha256, self.size), *self.external_data]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.file)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.file)
+
+    def signature(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A TensorRT engine built from one of the artifacts (``novic-export trt``)."""
+
+    file: str
+    role: str
+    precision: str
+    sha256: str
+    size: int
+    tensorrt_version: str
+    compute_capability: str          # "9.0"
+    profiles: tuple[dict, ...]       # [{"bucket": n, "shapes": {input: [min, opt, max]}}]
+    source: str = ""                 # the ONNX file it was built from
+    device_name: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def sm(self) -> str:
+        return "sm_" + self.compute_capability.replace(".", "")
+
+
+def _by_name(specs, name, file):
+    for t in specs:
+        if t.name == name:
+            return t
+    raise BundleError(f"{file}: no tensor named {name!r} (has {[t.name for t in specs]}); {REEXPORT}")
+
+
+# --- manifest validation ---------------------------------------------------------------------
+def _fail(path: Path, what: str, fix: str = REEXPORT) -> "BundleError":
+    return BundleError(f"{path}: {what}; {fix}")
+
+
+def _require(cond: bool, path: Path, what: str):
+    if not cond:
+        raise _fail(path, f"invalid manifest: {what}")
+
+
+def _safe_relpath(root: Path, rel: str, mpath: Path) -> Path:
+    """A manifest path must stay inside the bundle (no absolute paths, no '..')."""
+    _require(isinstance(rel, str) and rel != "", mpath, f"bad file name {rel!r}")
+    p = Path(rel)
+    _require(not p.is_absolute() and ".." not in p.parts, mpath, f"file {rel!r} points outside the bundle")
+    return root / p
+
+
+def _file_ref(d: dict, mpath: Path, where: str) -> FileRef:
+    _require(isinstance(d, dict), mpath, f"{where} must be an object")
+    for key in ("file", "sha256", "size"):
+        _require(key in d, mpath, f"{where} lacks {key!r}")
+    sha, size = d["sha256"], d["size"]
+    _require(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+             mpath, f"{where}: sha256 must be 64 lowercase hex digits")
+    _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0, mpath,
+             f"{where}: size must be a non-negative integer")
+    return FileRef(str(d["file"]), sha, size)
+
+
+def parse_manifest(data: dict, mpath: Path) -> tuple[list[Artifact], list[Engine]]:
+    """Structural validation of a loaded manifest; returns the typed artifacts and engines."""
+    _require(isinstance(data, dict), mpath, "top level must be a JSON object")
+    fmt = data.get("format")
+    if fmt != FORMAT_NAME:
+        raise _fail(mpath, f"not a novic bundle manifest (format is {fmt!r}, expected {FORMAT_NAME!r})",
+                    "point at a directory written by novic-export onnx")
+    version = data.get("format_version")
+    _require(isinstance(version, int) and not isinstance(version, bool), mpath, "format_version must be an integer")
+    if version > FORMAT_VERSION:
+        raise _fail(mpath, f"bundle format_version {version} is newer than this novic supports "
+                    f"({FORMAT_VERSION}; written by novic {data.get('novic_version', '?')})",
+                    "upgrade novic (pip install -U novic) or re-export with this version's novic-export onnx")
+    if version < 1:
+        raise _fail(mpath, f"bundle format_version {version} is not supported")
+    for key in ("decoder", "tokens", "embedder", "artifacts"):
+        _require(key in data, mpath, f"missing {key!r}")
+    _require(isinstance(data["artifacts"], list) and data["artifacts"], mpath, "'artifacts' must be a non-empty list")
+
+    artifacts = []
+    seen = set()
+    for i, a in enumerate(data["artifacts"]):
+        where = f"artifacts[{i}]"
+        ref = _file_ref(a, mpath, where)
+        role, precision = a.get("role"), a.get("precision")
+        _require(role in ROLES, mpath, f"{where}: role {role!r} is not one of {ROLES}")
+        _require(precision in PRECISIONS, mpath, f"{where}: precision {precision!r} is not one of {PRECISIONS}")
+        _require((role, precision) not in seen, mpath, f"{where}: two artifacts for {role}/{precision}")
+        seen.add((role, precision))
+        try:
+            inputs = tuple(TensorSpec.from_dict(t) for t in a.get("inputs", []))
+            outputs = tuple(TensorSpec.from_dict(t) for t in a.get("outputs", []))
+        except (KeyError, TypeError) as exc:
+            raise _fail(mpath, f"invalid manifest: {where}: bad input/output entry ({exc})") from None
+        ext = tuple(_file_ref(e, mpath, f"{where}.external_data") for e in a.get("external_data", []))
+        known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data"}
+        artifacts.append(Artifact(ref.file, role, precision, ref.sha256, ref.size, inputs, outputs, ext,
+                                  {k: v for k, v in a.items() if k not in known}))
+
+    engines = []
+    for i, e in enumerate(data.get("engines", []) or []):
+        where = f"engines[{i}]"
+        ref = _file_ref(e, mpath, where)
+        for key in ("role", "precision", "tensorrt_version", "compute_capability"):
+            _require(key in e, mpath, f"{where} lacks {key!r}")
+        _require(e["role"] in ROLES, mpath, f"{where}: role {e['role']!r} is not one of {ROLES}")
+        known = {"file", "sha256", "size", "role", "precision", "tensorrt_version", "compute_capability",
+                 "profiles", "source", "device_name"}
+        engines.append(Engine(ref.file, e["role"], e["precision"], ref.sha256, ref.size,
+                              str(e["tensorrt_version"]), str(e["compute_capability"]),
+                              tuple(e.get("profiles", []) or []), str(e.get("source", "")),
+                              str(e.get("device_name", "")), {k: v for k, v in e.items() if k not in known}))
+    return artifacts, engines
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load ``manifest.json`` of a bundle directory with one-line errors (no validation)."""
+    root = Path(path)
+    if not root.exists():
+        raise BundleError(f"{root}: bundle directory not found; export one with "
+                          f"novic-export onnx --checkpoint CKPT --out {root}")
+    if not root.is_dir():
+        raise BundleError(f"{root}: a bundle is a directory (with {MANIFEST}), not a file; "
+                          "pass the directory written by novic-export onnx")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: missing, so {root} is not a complete bundle; {REEXPORT}")
+    try:
+        text = mpath.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath}: cannot be read ({exc}); {REEXPORT}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                          f"the file is truncated or edited; {REEXPORT}") from None
+
+
+# --- the bundle ------------------------------------------------------------------------------
+class Bundle:
+    """A validated bundle. Cheap to open; artifact hashes are checked on first use (see module doc)."""
+
+    def __init__(self, root: Path, manifest: dict, artifacts: list[Artifact], engines: list[Engine],
+                 verify: bool | str = True):
+        self.path = root
+        self.manifest = manifest
+        self.artifacts = artifacts
+        self.engines = engines
+        self.verify_mode = _verify_mode(verify)
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self._token_table = None
+        self._config = None
+
+    # --- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool | str = True) -> "Bundle":
+        """Read and validate ``path/manifest.json``; check that every listed file exists with its
+        recorded size. ``verify``: True (sha256 of each artifact on first use), "cached" (same,
+        remembering good hashes by size+mtime in a sidecar), "eager" (hash everything now),
+        False (sizes only)."""
+        root = Path(path)
+        data = read_manifest(root)
+        mpath = root / MANIFEST
+        artifacts, engines = parse_manifest(data, mpath)
+        bundle = cls(root, data, artifacts, engines, verify)
+        try:
+            bundle.decoder_config  # noqa: B018  (validates the config)
+        except (TypeError, ValueError) as exc:
+            raise _fail(mpath, f"invalid decoder config ({exc})") from None
+        for ref in bundle._all_refs():
+            bundle._check_size(ref)
+        if bundle.verify_mode == "eager":
+            bundle.verify()
+        return bundle
+
+    def _all_refs(self) -> list[FileRef]:
+        refs = [r for a in self.artifacts for r in a.files()] + [
+            FileRef(e.file, e.sha256, e.size) for e in self.engines]
+        tok = self.manifest.get("tokenizer")
+        if tok:
+            refs.append(FileRef(tok["file"], tok["sha256"], tok["size"]))
+        return refs
+
+    def _check_size(self, ref: FileRef) -> Path:
+        p = _safe_relpath(self.path, ref.file, self.path / MANIFEST)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise BundleError(f"{p}: missing from the bundle (listed in {MANIFEST}); "
+                              f"the bundle is incomplete; {REEXPORT}") from None
+        if size != ref.size:
+            raise BundleError(f"{p}: size {size} bytes differs from the manifest's {ref.size}: the file "
+                              f"is truncated, corrupt or was replaced; {REEXPORT}")
+        return p
+
+    # --- verification ----------------------------------------------------------------------
+    def _verify_ref(self, ref: FileRef) -> Path:
+        p = self._check_size(ref)
+        if self.verify_mode == "size" or ref.file in self._verified:
+            return p
+        with self._lock:
+            if ref.file in self._verified:
+                return p
+            if self.verify_mode == "cached" and _cache_hit(self.path, ref, p):
+                self._verified.add(ref.file)
+                return p
+            digest = sha256_file(p)
+            if digest != ref.sha256:
+                raise BundleError(f"{p}: sha256 mismatch (manifest {ref.sha256[:12]}..., file "
+                                  f"{digest[:12]}...): the file is corrupt or was tampered with; {REEXPORT}")
+            self._verified.add(ref.file)
+            if self.verify_mode == "cached":
+                _cache_store(self.path, ref, p)
+        return p
+
+    def verify(self, roles=None) -> list[str]:
+        """Hash every artifact, engine and tokenizer file now (or only those of `roles`);
+        returns the files checked. Raises BundleError on the first mismatch."""
+        checked = []
+        for a in self.artifacts:
+            if roles is None or a.role in roles:
+                for ref in a.files():
+                    self._verify_ref(ref)
+                    checked.append(ref.file)
+        for e in self.engines:
+            if roles is None or e.role in roles:
+                self._verify_ref(FileRef(e.file, e.sha256, e.size))
+                checked.append(e.file)
+        tok = self.manifest.get("tokenizer")
+        if tok and roles is None:
+            self._verify_ref(FileRef(tok["file"], tok["sha256"], tok["size"]))
+            checked.append(tok["file"])
+        return checked
+
+    # --- typed accessors -------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        return self.manifest["format_version"]
+
+    @property
+    def novic_version(self) -> str:
+        return self.manifest.get("novic_version", "")
+
+    @property
+    def created(self) -> str:
+        return self.manifest.get("created", "")
+
+    @property
+    def decoder_config(self) -> DecoderConfig:
+        if self._config is None:
+            self._config = DecoderConfig.from_dict(self.manifest["decoder"])
+        return self._config
+
+    @property
+    def token_table(self):
+        if self._token_table is None:
+            from novic.tokens import TokenTable, TokenTableError
+            try:
+                self._token_table = TokenTable.from_dict(self.manifest["tokens"])
+            except TokenTableError as exc:
+                raise _fail(self.path / MANIFEST, str(exc)) from None
+        return self._token_table
+
+    @property
+    def embedder(self) -> dict:
+        """{"spec": EmbedderSpec dict, "embed_dim": F, "preprocess": {...}, ...}"""
+        return self.manifest["embedder"]
+
+    @property
+    def preprocess(self) -> dict:
+        return self.manifest["embedder"].get("preprocess", {})
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embedder"].get("embed_dim", self.decoder_config.embed_dim))
+
+    @property
+    def search_defaults(self) -> dict:
+        """{"topk": k of the graphs, "beam_width": 10, ...}"""
+        return dict(self.manifest.get("search", {}))
+
+    @property
+    def graph_topk(self) -> int:
+        return int(self.manifest.get("search", {}).get("topk", 10))
+
+    @property
+    def nouns(self) -> list[str] | None:
+        n = self.manifest.get("nouns")
+        return list(n["text"]) if n else None
+
+    @property
+    def noun_tokens(self) -> list[list[int]] | None:
+        """Compact token sequences of the nouns (without EOS), aligned with ``nouns``."""
+        n = self.manifest.get("nouns")
+        return [list(t) for t in n["tokens"]] if n and n.get("tokens") is not None else None
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The CLIP BPE merges file or sentencepiece model copied into the bundle, verified."""
+        tok = self.manifest.get("tokenizer")
+        if not tok:
+            return None
+        return self._verify_ref(FileRef(tok["file"], tok["sha256"], tok["size"]))
+
+    @property
+    def tokenizer_kind(self) -> str | None:
+        tok = self.manifest.get("tokenizer")
+        return tok.get("kind") if tok else None
+
+    def precisions(self, role: str) -> list[str]:
+        return [a.precision for a in self.artifacts if a.role == role]
+
+    def artifact(self, role: str, precision: str = "fp32") -> Artifact:
+        for a in self.artifacts:
+            if a.role == role and a.precision == precision:
+                return a
+        have = ", ".join(f"{a.role}/{a.precision}" for a in self.artifacts) or "none"
+        fix = "re-export without --no-fp16" if precision == "fp16" else REEXPORT
+        raise BundleError(f"{self.path / MANIFEST}: no {role} graph in {precision} (bundle has: {have}); {fix}")
+
+    def artifact_path(self, role: str, precision: str = "fp32") -> Path:
+        """Path of the ONNX graph for `role`/`precision`, hash-verified (with its external data)."""
+        a = self.artifact(role, precision)
+        for ref in a.external_data:
+            self._verify_ref(ref)
+        return self._verify_ref(FileRef(a.file, a.sha256, a.size))
+
+    def engines_for(self, role: str | None = None, compute_capability: str | None = None,
+                    tensorrt_version: str | None = None) -> list[Engine]:
+        return [e for e in self.engines
+                if (role is None or e.role == role)
+                and (compute_capability is None or e.compute_capability == compute_capability)
+                and (tensorrt_version is None or e.tensorrt_version == tensorrt_version)]
+
+    def engine_path(self, engine: Engine) -> Path:
+        return self._verify_ref(FileRef(engine.file, engine.sha256, engine.size))
+
+    def __repr__(self) -> str:
+        roles = ", ".join(f"{a.role}/{a.precision}" for a in self.artifacts)
+        return f"Bundle({str(self.path)!r}, {roles}, engines={len(self.engines)})"
+
+
+# --- the optional verification cache ----------------------------------------------------------
+def _verify_mode(verify) -> str:
+    if verify is True or verify == "lazy":
+        return "lazy"
+    if verify is False or verify == "size":
+        return "size"
+    if verify in ("cached", "eager"):
+        return verify
+    raise ValueError(f"verify={verify!r}: use True, False, 'cached' or 'eager'")
+
+
+def _cache_key(ref: FileRef, p: Path) -> dict:
+    st = p.stat()
+    return {"sha256": ref.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _load_cache(root: Path) -> dict:
+    try:
+        data = json.loads((root / VERIFY_CACHE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cache_hit(root: Path, ref: FileRef, p: Path) -> bool:
+    return _load_cache(root).get(ref.file) == _cache_key(ref, p)
+
+
+def _cache_store(root: Path, ref: FileRef, p: Path) -> None:
+    """Best effort: a read-only bundle simply gets no cache."""
+    cache = _load_cache(root)
+    cache[ref.file] = _cache_key(ref, p)
+    tmp = root / f"{VERIFY_CACHE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        os.replace(tmp, root / VERIFY_CACHE)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

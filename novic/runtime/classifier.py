@@ -1,0 +1,504 @@
+"""`Classifier`: images in, fine-grained noun labels out, from a bundle, without torch.
+
+    from novic import Classifier
+    clf = Classifier.load("bundle/", backend="auto")      # say which backend and why: clf.backend_reason
+    for r in clf.classify(["cat.jpg", pil_image, jpeg_bytes, array], topk=5):
+        print(r.source, r.error or [(l.text, round(l.prob, 3)) for l in r.labels])
+
+Pipeline per batch of `batch_size` inputs: load + preprocess in a bounded thread pool
+(novic.runtime.preprocess; the next batch is prepared while the current one is encoded and decoded),
+encode all good images in one encoder call, decode all of them together (B images x K beams per
+decoder call, novic.runtime.search). A bad input yields a `Result` with `error` set (one line) and
+never stops the others.
+
+Guided decoding (default) restricts the labels to a noun vocabulary: the bundle's nouns, or your
+own (`vocab=[...]` or a text file with one noun per line). Your nouns are tokenised with the
+bundle's own tokenizer assets (CLIP BPE merges or sentencepiece model, torch-free); nouns that this
+decoder cannot produce (a token it was never trained on, or longer than its `max_tokens`) are
+reported once (logged warning + `Vocabulary.skipped`) and left out. The token trie of each
+vocabulary is built once and cached.
+
+Thread safety: one `Classifier` may be shared by many threads. Image loading/preprocessing runs
+concurrently; the image encoder and the decoder session are each guarded by a lock (a decoder
+session holds the KV cache of the batch being decoded, and GPU backends keep per-session buffers),
+so encoder and decoder calls of different threads are serialised, while one thread's encoding
+overlaps another's decoding. Every call batches its own images, so answers never depend on what
+other threads do (tested: N threads give the same results as serial calls). For more parallel
+throughput give each worker process its own Classifier.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from novic.errors import NovicError
+from novic.runtime.images import ImageError, describe
+
+log = logging.getLogger("novic")
+
+__all__ = ["Classifier", "ClassifierError", "Label", "Result", "Vocabulary"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ClassifierError(NovicError, ValueError):
+    """A bad argument or vocabulary; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class Label:
+    text: str
+    logprob: float          # beam score: sum of token log-probs
+    prob: float             # exp(logprob); not normalised across labels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Result:
+    source: str                              # a printable name of the input
+    labels: list[Label] = field(default_factory=list)
+    error: str | None = None                 # one line when this input failed, else None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def top(self) -> Label | None:
+        return self.labels[0] if self.labels else None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "labels": [l.to_dict() for l in self.labels], "error": self.error}
+
+
+# ---- vocabularies ---------------------------------------------------------------------------
+@dataclass
+class Vocabulary:
+    """Nouns usable for guided decoding with one bundle: their compact token sequences (no EOS),
+    the trie over them, and the nouns that were skipped with the reason."""
+
+    name: str
+    nouns: list[str]
+    sequences: list[tuple[int, ...]]
+    skipped: list[tuple[str, str]]
+    trie: Any                                    # novic.runtime.trie.TokenTrie
+    text_of: dict[tuple[int, ...], str]          # token sequence -> noun (first spelling wins)
+
+    def __len__(self) -> int:
+        return len(self.nouns)
+
+    def skipped_summary(self, limit: int = 5) -> str | None:
+        if not self.skipped:
+            return None
+        shown = "; ".join(f"{n!r} ({why})" for n, why in self.skipped[:limit])
+        more = f"; and {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
+        return (f"{len(self.skipped)} of {len(self.skipped) + len(self.nouns)} nouns in {self.name} "
+                f"cannot be produced by this model and are skipped: {shown}{more}")
+
+
+def read_vocab_file(path: str | os.PathLike) -> list[str]:
+    """One noun per line; blank lines and lines starting with '#' are ignored; duplicates dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ClassifierError(f"{p}: vocabulary file not found; pass a text file with one noun per line")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClassifierError(f"{p}: cannot read vocabulary ({exc}); save it as UTF-8 text, one noun per line") from None
+    nouns = _dedupe(line.strip() for line in text.splitlines())
+    if not nouns:
+        raise ClassifierError(f"{p}: vocabulary file has no nouns; put one noun per line")
+    return nouns
+
+
+def _dedupe(items: Iterable[str]) -> list[str]:
+    seen, out = set(), []
+    for s in items:
+        if s and not s.startswith("#") and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+# ---- the classifier ---------------------------------------------------------------------------
+class Classifier:
+    """Loads a bundle on one backend; `classify` is safe to call from several threads."""
+
+    VOCAB_CACHE_SIZE = 8
+
+    def __init__(self, bundle, encoder, decoder, *, backend: str, reason: str, precision: str,
+                 threads: int | None = None, load_seconds: float | None = None):
+        from novic.runtime.preprocess import Preprocessor
+
+        self.bundle = bundle
+        self.encoder = encoder                  # callable: pixels [B,3,H,W] -> embeddings [B,F]
+        self.decoder = decoder                  # DecoderSession (owns the KV cache)
+        self.backend = backend
+        self.backend_reason = reason
+        self.precision = precision
+        self.load_seconds = load_seconds
+        self.preprocessor = Preprocessor(bundle.preprocess, threads=threads)
+        self.config = bundle.decoder_config
+        self.token_table = bundle.token_table
+        self._encode_lock = threading.Lock()
+        self._decode_lock = threading.Lock()
+        self._vocab_lock = threading.Lock()
+        self._vocabs: OrderedDict = OrderedDict()
+        self._text_encoder = None
+        self._token_index: dict[int, int] | None = None
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle, backend: str = "auto", precision: str | None = None, *,
+             verify: bool | str = True, threads: int | None = None, device_id: int = 0,
+             verbose: bool = False) -> "Classifier":
+        """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
+        'trt'). `precision` ('fp32'/'fp16'/'int8') overrides the backend's choice of graphs (ORT
+        backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
+        threads for onnxruntime on the CPU and the size of the image-loading pool. The choice and
+        its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
+        from novic.runtime.backends.select import select_for_bundle
+        from novic.runtime.bundle import Bundle
+
+        t0 = time.perf_counter()
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.open(bundle, verify=verify)
+        choice = select_for_bundle(bundle, backend)
+        if precision is not None and precision not in PRECISIONS:
+            raise ClassifierError(f"precision {precision!r} is not one of {PRECISIONS}")
+        if choice.backend == "trt":
+            encoder, decoder, used = _open_trt(bundle, choice, device_id)
+        else:
+            encoder, decoder, used = _open_ort(bundle, choice, precision, threads, device_id)
+        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
+                  precision=used, threads=threads, load_seconds=time.perf_counter() - t0)
+        log.info("novic: %s", clf.describe())
+        if verbose:
+            print(f"novic: {clf.describe()}", file=sys.stderr)
+        return clf
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.decoder, _Closed)
+
+    def describe(self) -> str:
+        took = f", loaded in {self.load_seconds:.2f} s" if self.load_seconds is not None else ""
+        return f"backend {self.backend} ({self.precision}{took}): {self.backend_reason}"
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.bundle.path)!r}, backend={self.backend!r}, precision={self.precision!r})"
+
+    def close(self) -> None:
+        """Stop the loading pool and release backend resources (GPU buffers); idempotent."""
+        self.preprocessor.close()
+        if self.closed:
+            return
+        for part in (self.encoder, self.decoder):
+            close = getattr(part, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    log.debug("novic: closing %r failed", part, exc_info=True)
+        self.encoder = self.decoder = _Closed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- vocabularies -----------------------------------------------------------------------
+    def vocabulary(self, vocab: Any = None) -> Vocabulary:
+        """The (cached) guided-decoding vocabulary: None = the bundle's nouns; a list of nouns;
+        a path to a text file (one noun per line); or a `Vocabulary`."""
+        if isinstance(vocab, Vocabulary):
+            return vocab
+        if vocab is None:
+            key = ("bundle",)
+        elif isinstance(vocab, (str, os.PathLike)):
+            p = Path(vocab)
+            try:
+                st = p.stat()
+            except OSError:
+                raise ClassifierError(f"{p}: vocabulary file not found; pass a text file with one noun "
+                                      f"per line, or a list of nouns") from None
+            key = ("file", str(p.resolve()), st.st_mtime_ns, st.st_size)
+        else:
+            if isinstance(vocab, (bytes, bytearray)):
+                raise ClassifierError("vocab must be a list of nouns or a path, not bytes")
+            nouns = [str(v).strip() for v in vocab]
+            key = ("list", tuple(nouns))
+        with self._vocab_lock:
+            hit = self._vocabs.get(key)
+            if hit is not None:
+                self._vocabs.move_to_end(key)
+                return hit
+            built = self._build_vocab(vocab, key)
+            self._vocabs[key] = built
+            while len(self._vocabs) > self.VOCAB_CACHE_SIZE:
+                self._vocabs.popitem(last=False)
+        if built.skipped:
+            log.warning("novic: %s", built.skipped_summary())
+        return built
+
+    def _build_vocab(self, vocab, key) -> Vocabulary:
+        from novic.runtime.trie import TokenTrie
+
+        b_nouns, b_tokens = self.bundle.nouns, self.bundle.noun_tokens
+        known = {}
+        if b_nouns and b_tokens:
+            for noun, toks in zip(b_nouns, b_tokens):
+                if noun:  # '' placeholders of the original vocabulary
+                    known.setdefault(noun, tuple(int(t) for t in toks))
+        if key[0] == "bundle":
+            if not known:
+                raise ClassifierError(f"{self.bundle.path}: the bundle has no noun vocabulary for guided "
+                                      f"decoding; pass vocab=[...] / --vocab FILE, or use guided=False / --free")
+            nouns, name = list(known), "the bundle's vocabulary"
+        elif key[0] == "file":
+            nouns, name = read_vocab_file(vocab), str(vocab)
+        else:
+            nouns, name = _dedupe(key[1]), f"the list of {len(key[1])} nouns"
+            if not nouns:
+                raise ClassifierError("vocab is empty; pass at least one noun")
+
+        limit = self.config.max_new_tokens
+        V = self.config.vocab_size
+        usable, seqs, skipped, text_of = [], [], [], {}
+        for noun in nouns:
+            toks = known.get(noun)
+            why = None
+            if toks is None:
+                toks, why = self._tokenize(noun)
+            if why is None:
+                if not toks:
+                    why = "no tokens after text cleaning"
+                elif len(toks) > limit:
+                    why = f"{len(toks)} tokens, this decoder emits at most {limit}"
+                elif max(toks) >= V or min(toks) < 1:
+                    why = "token ids outside the decoder vocabulary"
+            if why is not None:
+                skipped.append((noun, why))
+                continue
+            usable.append(noun)
+            seqs.append(toks)
+            text_of.setdefault(toks, noun)
+        if not usable:
+            first = f" (e.g. {skipped[0][0]!r}: {skipped[0][1]})" if skipped else ""
+            raise ClassifierError(f"none of the nouns in {name} can be produced by this model{first}; "
+                                  f"use nouns from the model's vocabulary or guided=False / --free")
+        return Vocabulary(name, usable, seqs, skipped, TokenTrie(seqs), text_of)
+
+    def _tokenize(self, noun: str) -> tuple[tuple[int, ...], str | None]:
+        enc = self._encoder_for_text()
+        ids = [int(i) for i in enc.encode(noun)]
+        if not ids:
+            return (), "no tokens after text cleaning"
+        index = self._token_index
+        if index is None:
+            index = self._token_index = {t: c for c, t in enumerate(self.token_table.tokenizer_ids) if c > 0}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            unseen = list(dict.fromkeys(missing))
+            pieces = ", ".join(repr(enc.piece(i)) for i in unseen)
+            return (), (f"token {pieces} is" if len(unseen) == 1 else f"tokens {pieces} are") + \
+                " not in the decoder's vocabulary"
+        return tuple(index[i] for i in ids), None
+
+    def _encoder_for_text(self):
+        if self._text_encoder is None:
+            from novic.bpe import ClipBpeEncoder, SentencePieceEncoder
+
+            path = self.bundle.tokenizer_file
+            if path is None:
+                raise ClassifierError(f"{self.bundle.path}: the bundle carries no tokenizer file, so new "
+                                      f"nouns cannot be tokenised; use nouns of the bundle's vocabulary or "
+                                      f"re-export the bundle with novic-export onnx")
+            kind = self.bundle.tokenizer_kind or self.token_table.kind
+            clean = self.token_table.clean
+            if kind == "clip_bpe":
+                self._text_encoder = ClipBpeEncoder(path, clean=clean)
+            elif kind == "sentencepiece":
+                self._text_encoder = SentencePieceEncoder(path, clean=clean)
+            else:
+                raise ClassifierError(f"{self.bundle.path}: unknown tokenizer kind {kind!r}; re-export the bundle")
+        return self._text_encoder
+
+    # ---- classification ---------------------------------------------------------------------
+    def classify(self, images, topk: int = 5, guided: bool = True, vocab: Any = None,
+                 beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0,
+                 batch_size: int = 32) -> list[Result]:
+        """Classify images (a list of paths / bytes / file objects / PIL images / arrays, or one of
+        them). -> one `Result` per input, in order. At most `beam_width` labels per image (beam
+        search keeps that many hypotheses); `beam_width=1` is greedy decoding."""
+        return list(self.iter_classify(images, topk=topk, guided=guided, vocab=vocab,
+                                       beam_width=beam_width, temperature=temperature, alpha=alpha,
+                                       batch_size=batch_size))
+
+    def classify_one(self, image, **kwargs) -> Result:
+        return self.classify([image], **kwargs)[0]
+
+    def iter_classify(self, images, topk: int = 5, guided: bool = True, vocab: Any = None,
+                      beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0,
+                      batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Result]:
+        """Like `classify`, yielding results in input order as each batch finishes. Arguments are
+        checked (and the vocabulary built) at once; `names` overrides the printed source names."""
+        if self.closed:
+            raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
+        sources = _as_list(images)
+        topk, beam_width, batch_size = _positive_int(topk, "topk"), _positive_int(beam_width, "beam_width"), \
+            _positive_int(batch_size, "batch_size")
+        if topk > beam_width:
+            raise ClassifierError(f"topk {topk} exceeds beam_width {beam_width}: beam search keeps "
+                                  f"beam_width hypotheses; raise beam_width to at least {topk}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ClassifierError(f"temperature must be a positive number, got {temperature!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise ClassifierError(f"alpha must be a finite number, got {alpha!r}")
+        if names is not None and len(names) != len(sources):
+            raise ClassifierError("names must have one entry per image")
+        if guided:
+            vocabulary = self.vocabulary(vocab)
+        else:
+            if vocab is not None:
+                raise ClassifierError("vocab= restricts guided decoding; drop it or use guided=True")
+            if beam_width > self.decoder.topk:
+                raise ClassifierError(f"free decoding with beam_width {beam_width} needs a decoder graph "
+                                      f"with top-k >= {beam_width}, this bundle's has {self.decoder.topk}; "
+                                      f"use beam_width <= {self.decoder.topk} or re-export with a larger top-k")
+            vocabulary = None
+        labels = [describe(s) for s in sources] if names is None else [str(n) for n in names]
+        return self._iterate(sources, labels, vocabulary, topk, beam_width, float(temperature),
+                             float(alpha), batch_size)
+
+    def _iterate(self, sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size):
+        chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
+        if not chunks:
+            return
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="novic-prefetch")
+        try:
+            pending = loader.submit(self.preprocessor.load_batch, [sources[i] for i in chunks[0]])
+            for n, chunk in enumerate(chunks):
+                pixels, errors = pending.result()
+                if n + 1 < len(chunks):
+                    pending = loader.submit(self.preprocessor.load_batch, [sources[i] for i in chunks[n + 1]])
+                yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
+                                           topk, beam_width, temperature, alpha)
+        finally:
+            loader.shutdown(wait=False, cancel_futures=True)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels [B,3,H,W] -> unit embeddings [B,F] (serialised on the encoder lock)."""
+        with self._encode_lock:
+            return np.asarray(self.encoder(pixels), dtype=np.float32)
+
+    def decode(self, embeds: np.ndarray, vocabulary: Vocabulary | None, beam_width: int,
+               temperature: float, alpha: float):
+        """Beam search over the decoder session (serialised on the decoder lock)."""
+        from novic.runtime.search import beam_search
+
+        trie = vocabulary.trie if vocabulary is not None else None
+        with self._decode_lock:
+            return beam_search(self.decoder, embeds, beam_width, temperature, alpha, trie)
+
+    def _run_batch(self, pixels, errors, names, vocabulary, topk, beam_width, temperature, alpha):
+        results = [Result(name, [], str(err) if err is not None else None) for name, err in zip(names, errors)]
+        good = [i for i, r in enumerate(results) if r.error is None]
+        if good:
+            embeds = self.embed(pixels[good] if len(good) < len(results) else pixels)
+            finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
+            for j in np.flatnonzero(~finite):
+                results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
+                                          f"embedding; try precision='fp32'")
+            keep = [j for j in range(len(good)) if finite[j]]
+            if keep:
+                hyps = self.decode(embeds[keep], vocabulary, beam_width, temperature, alpha)
+                for j, h in zip(keep, hyps):
+                    results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
+                                                     float(hyp.prob)) for hyp in h[:topk]]
+        return results
+
+    def _text(self, tokens: tuple[int, ...], vocabulary: Vocabulary | None) -> str:
+        if vocabulary is not None:
+            text = vocabulary.text_of.get(tuple(tokens))
+            if text is not None:
+                return text
+        return self.token_table.decode(tokens)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+class _Closed:
+    """Stands in for the backend after close(): any use says so in one line."""
+
+    def __getattr__(self, name):
+        raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
+
+    def __call__(self, *args, **kwargs):
+        raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ClassifierError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _as_list(images) -> list:
+    from PIL import Image
+
+    single = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+    if isinstance(images, single) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)) \
+            or hasattr(images, "read"):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    try:
+        return list(images)
+    except TypeError:
+        return [images]
+
+
+def _open_ort(bundle, choice, precision, threads, device_id):
+    from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
+
+    provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
+    want = precision or choice.precision
+    have = bundle.precisions("decoder_step")
+    if want not in have:
+        if precision is not None:
+            raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "
+                                  f"pick one of those or re-export")
+        want = "fp32" if "fp32" in have else have[0]
+    enc_have = bundle.precisions("image_encoder")
+    enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
+    encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec), provider=provider,
+                              threads=threads, device_id=device_id)
+    decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want),
+                                bundle.artifact_path("decoder_step", want), bundle.decoder_config,
+                                provider=provider, threads=threads, device_id=device_id)
+    return encoder, decoder, want
+
+
+def _open_trt(bundle, choice, device_id):  # pragma: no cover - needs a GPU with TensorRT
+    from novic.runtime.backends import trt as trt_backend
+
+    engines = choice.engines
+    encoder = trt_backend.TrtImageEncoder(bundle.engine_path(engines["image_encoder"]),
+                                          engines["image_encoder"], device_id=device_id)
+    decoder = trt_backend.TrtDecoderSession(bundle.engine_path(engines["decoder_prefill"]),
+                                            bundle.engine_path(engines["decoder_step"]),
+                                            bundle.decoder_config, engines=engines, device_id=device_id)
+    return encoder, decoder, choice.precision

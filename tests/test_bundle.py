@@ -1,0 +1,656 @@
+"""Bundle writer + reader: round trip with hash verification, clear errors for tampered, truncated
+or missing files and manifests, format too new, atomic writes (a failing export leaves nothing),
+`novic-export check`, and `novic-export trt` without TensorRT."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from novic.runtime import bundle as rb
+from novic.runtime.bundle import MANIFEST, Bundle, BundleError
+
+NOUNS = ["cat", "dog", "red velvet cake", "brazil nut tree", "t-shirt", "car", "tabby cat", "hot dog",
+         "hot air balloon", "dog sled"]
+
+
+def make_checkpoint(path: Path) -> Path:
+    """A tiny checkpoint: tiny random CLIP (tiny_spec), a small decoder over a real CLIP-BPE noun vocab."""
+    import open_clip
+    import torch
+
+    from novic.config import DecoderConfig
+    from novic.model.checkpoint import Checkpoint, save_checkpoint
+    from novic.model.decoder import ObjectDecoder
+    from novic.model.embedder import tiny_spec
+    from novic.model.tokenizer import build_noun_vocab
+
+    vocab = build_noun_vocab(open_clip.tokenizer.SimpleTokenizer(), NOUNS)
+    cfg = DecoderConfig(embed_dim=32, vocab_size=vocab.table.vocab_size, max_tokens=vocab.max_tokens,
+                        prefix_len=2, width=32, layers=2, heads=2, ffn_width=16)
+    torch.manual_seed(0)
+    model = ObjectDecoder(cfg)
+    save_checkpoint(path, Checkpoint(cfg, model.state_dict(), tiny_spec(), vocab.table, vocab.nouns,
+                                     vocab.noun_tokens))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from rich.console import Console
+
+    from novic.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("bundle")
+    ckpt = make_checkpoint(root / "tiny.safetensors")
+    result = export_bundle(ckpt, root / "b", topk=10, beam_width=5, console=Console(stderr=True, quiet=True))
+    return ckpt, Path(result["path"]), result
+
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    """A fresh copy of the exported bundle that a test may damage."""
+    dst = tmp_path / "copy"
+    shutil.copytree(exported[1], dst)
+    return dst
+
+
+def test_round_trip(exported):
+    from novic.model.checkpoint import load_checkpoint
+
+    ckpt_path, path, result = exported
+    ckpt = load_checkpoint(ckpt_path)
+    b = Bundle.open(path)
+    m = b.manifest
+    assert m["format"] == "novic-bundle" and m["format_version"] == 1 and m["novic_version"]
+    assert b.decoder_config == ckpt.config
+    assert b.token_table.to_dict() == ckpt.token_table.to_dict()
+    assert b.nouns == NOUNS
+    assert b.noun_tokens == [t[:-1] for t in ckpt.noun_tokens]   # bundle: without the final EOS
+    assert b.graph_topk == 10 and b.search_defaults["beam_width"] == 5
+    assert b.search_defaults["guided_max_cands"] >= 1
+    assert b.preprocess["size"] == [64, 64] and b.embed_dim == 32
+    assert b.embedder["spec"]["model"] == "novic-tiny-clip"
+    roles = {(a.role, a.precision) for a in b.artifacts}
+    assert roles == {(r, p) for r in rb.ROLES for p in ("fp32", "fp16")}
+    step = b.artifact("decoder_step", "fp16")
+    assert step.input("kv_cache").dtype == "float16" and step.output("topk_logprobs").dtype == "float32"
+    assert step.input("kv_cache").shape[2] == "M" and step.input("tokens").shape == ("N",)
+    assert b.artifact("image_encoder").input("pixels").shape == ("B", 3, 64, 64)
+    # every artifact hashed, plus the tokenizer (CLIP BPE merges copied from open_clip)
+    checked = b.verify()
+    assert len(checked) == 7 and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert b.tokenizer_file.name == "bpe_simple_vocab_16e6.txt.gz" and b.tokenizer_kind == "clip_bpe"
+    assert b.artifact_path("decoder_step", "fp16") == path / "decoder_step.fp16.onnx"
+    assert b.engines == []
+    for a in m["artifacts"]:
+        assert a["sha256"] == rb.sha256_file(path / a["file"]) and a["size"] == (path / a["file"]).stat().st_size
+    assert result["seconds"] > 0 and set(result["timings"]) >= {"image encoder", "decoder", "fp16 decoder"}
+    # no staging leftovers next to the bundle
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_precision_is_named(exported):
+    b = Bundle.open(exported[1])
+    with pytest.raises(BundleError, match="no decoder_step graph in int8"):
+        b.artifact("decoder_step", "int8")
+
+
+def test_tampered_artifact_is_detected(copy):
+    target = copy / "decoder_step.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF                    # same size, one bit pattern changed
+    target.write_bytes(bytes(data))
+    b = Bundle.open(copy)                           # sizes are fine: hashing is lazy...
+    b.artifact_path("decoder_step", "fp16")         # ...and other artifacts still load
+    with pytest.raises(BundleError) as info:
+        b.artifact_path("decoder_step", "fp32")
+    msg = str(info.value)
+    assert "decoder_step.onnx" in msg and "sha256 mismatch" in msg and "re-export with novic-export onnx" in msg
+    assert "\n" not in msg
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        Bundle.open(copy, verify="eager")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        Bundle.open(copy).verify()
+    Bundle.open(copy, verify=False).artifact_path("decoder_step", "fp32")  # sizes only: not detected
+
+
+def test_truncated_and_missing_artifacts(copy):
+    enc = copy / "image_encoder.onnx"
+    enc.write_bytes(enc.read_bytes()[:1000])
+    with pytest.raises(BundleError, match=r"image_encoder.onnx: size 1000 bytes differs .*truncated"):
+        Bundle.open(copy)
+    enc.unlink()
+    with pytest.raises(BundleError, match=r"image_encoder.onnx: missing from the bundle .*re-export"):
+        Bundle.open(copy)
+
+
+def test_manifest_problems(copy, tmp_path):
+    mpath = copy / MANIFEST
+    text = mpath.read_text()
+    mpath.write_text(text[: len(text) // 2])
+    with pytest.raises(BundleError, match=r"manifest.json: not valid JSON .*truncated"):
+        Bundle.open(copy)
+    data = json.loads(text)
+    for change, pattern in (
+        ({"format": "something-else"}, "not a novic bundle manifest"),
+        ({"format_version": 99}, r"format_version 99 is newer than this novic supports \(1.*upgrade novic"),
+        ({"format_version": "1"}, "format_version must be an integer"),
+    ):
+        mpath.write_text(json.dumps({**data, **change}))
+        with pytest.raises(BundleError, match=pattern):
+            Bundle.open(copy)
+    bad = json.loads(text)
+    bad["artifacts"][0]["file"] = "../outside.onnx"
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(BundleError, match="points outside the bundle"):
+        Bundle.open(copy)
+    bad = json.loads(text)
+    bad["artifacts"][0]["sha256"] = "xyz"
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(BundleError, match="sha256 must be 64 lowercase hex digits"):
+        Bundle.open(copy)
+    mpath.unlink()
+    with pytest.raises(BundleError, match=r"manifest.json: missing, so .* is not a complete bundle"):
+        Bundle.open(copy)
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        Bundle.open(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="is a directory"):
+        Bundle.open(tmp_path / "file")
+
+
+def test_verification_cache(copy, monkeypatch):
+    calls = []
+    real = rb.sha256_file
+    monkeypatch.setattr(rb, "sha256_file", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
+    Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
+    assert calls == ["decoder_step.fp16.onnx"] and (copy / rb.VERIFY_CACHE).is_file()
+    calls.clear()
+    Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
+    assert calls == []                                  # unchanged file: no re-hash
+    f = copy / "decoder_step.fp16.onnx"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
+    assert calls == ["decoder_step.fp16.onnx"]          # touched: hashed again
+
+
+def test_failing_export_leaves_nothing(exported, tmp_path):
+    from rich.console import Console
+
+    from novic.export.bundle import ExportError, export_bundle
+
+    ckpt = exported[0]
+    quiet = Console(stderr=True, quiet=True)
+    with pytest.raises(ExportError, match="failing after image encoder"):
+        export_bundle(ckpt, tmp_path / "new", fail_after="image encoder", console=quiet)
+    assert list(tmp_path.iterdir()) == []               # no target, no staging directory
+    # an existing bundle stays intact when a replacing export fails
+    shutil.copytree(exported[1], tmp_path / "old")
+    before = (tmp_path / "old" / MANIFEST).read_text()
+    with pytest.raises(ExportError):
+        export_bundle(ckpt, tmp_path / "old", overwrite=True, fail_after="checkpoint", console=quiet)
+    assert (tmp_path / "old" / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    Bundle.open(tmp_path / "old", verify="eager")
+
+
+def test_overwrite_needs_the_flag(exported, tmp_path):
+    from novic.export.bundle import BundleExistsError, StagedBundle
+
+    target = tmp_path / "b"
+    shutil.copytree(exported[1], target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    with pytest.raises(BundleExistsError, match="pass --force"):
+        with StagedBundle(target):
+            pass
+    with StagedBundle(target, overwrite=True) as stage:
+        for a in manifest["artifacts"]:
+            shutil.copy(exported[1] / a["file"], stage.tmp / a["file"])
+        manifest["created"] = "replaced"
+        manifest["tokenizer"] = None
+        stage.commit(manifest)
+    assert Bundle.open(target, verify="eager").created == "replaced"
+    assert not (target / "tokenizer").exists()          # the old directory is gone, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    other = tmp_path / "notabundle"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(BundleExistsError, match="is not a bundle"):
+        with StagedBundle(other, overwrite=True):
+            pass
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_export_refuses_mismatched_clip(exported, tmp_path):
+    from rich.console import Console
+
+    from novic.export.bundle import ExportError, export_bundle
+
+    with pytest.raises(ExportError, match="beam width 11 must be in"):
+        export_bundle(exported[0], tmp_path / "x", topk=10, beam_width=11, console=Console(quiet=True))
+    assert not (tmp_path / "x").exists()
+
+
+def test_check_command_passes(exported):
+    from rich.console import Console
+
+    from novic.export.bundle import check_bundle
+
+    quiet = Console(stderr=True, quiet=True)
+    result = check_bundle(exported[1], n=24, beam_width=3, n_images=1, console=quiet)
+    assert result["ok"], result
+    d32 = result["decoder"]["fp32"]
+    assert d32["agreement"] == {"greedy": 1.0, "beam": 1.0, "guided": 1.0}
+    assert d32["max_abs_logprob_err"] < 1e-4
+    # the slow oracle (full recomputation) agrees too
+    slow = check_bundle(exported[1], n=6, beam_width=3, n_images=0, reference=True, precisions=["fp32"],
+                        console=quiet)
+    assert slow["ok"] and slow["decoder"]["fp32"]["agreement"]["guided"] == 1.0
+    assert result["encoder"]["fp32"]["min_cosine"] >= 0.99999
+    assert result["encoder"]["fp16"]["min_cosine"] >= 0.99
+    assert "fp16" in result["decoder"]
+
+
+BLOCK_TENSORRT = textwrap.dedent("""
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorrt":
+                raise ImportError(f"No module named {name!r}")
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_trt_without_tensorrt_is_one_clear_line(exported):
+    code = BLOCK_TENSORRT + textwrap.dedent(f"""
+        sys.argv = ["novic-export", "trt", {str(exported[1])!r}]
+        from novic.cli.export import main
+        main()
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "60"})
+    assert result.returncode == 1, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "TensorRT is not installed" in lines[0] and "pip install 'novic[trt]'" in lines[0]
+    assert "Traceback" not in result.stderr
+    # the bundle is untouched: no engines directory, no manifest change
+    assert not (exported[1] / "engines").exists()
+
+
+# --- TensorRT build and runtime logic against a fake TensorRT ----------------------------------
+# TensorRT and a GPU are not available here. These fakes implement the few TensorRT / CUDA calls we
+# use, executing each "engine" with onnxruntime on its ONNX graph and keeping "device memory" in
+# numpy arrays, so that everything around the real libraries is exercised: profiles handed to the
+# builder, manifest records, resumed builds, engine checks, bucket padding, ping-pong buffers,
+# candidate chunking, CUDA-graph capture/replay bookkeeping and the read-back of the scores.
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+class _Enum:
+    def __init__(self, **members):
+        self.__dict__.update(members)
+
+
+class FakeEngine:
+    def __init__(self, spec: dict):
+        from novic.runtime.backends.ort import make_session
+
+        self.path, self.profiles = spec["onnx"], spec["profiles"]
+        self.session = make_session(self.path, "cpu")
+        self.io = {}
+        for mode, values in (("in", self.session.get_inputs()), ("out", self.session.get_outputs())):
+            for v in values:
+                dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                         "tensor(int64)": np.int64}[v.type]
+                self.io[v.name] = (mode, np.dtype(dtype), [d if isinstance(d, int) else -1 for d in v.shape])
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.names)
+        self.num_optimization_profiles = len(self.profiles)
+        self.device_memory_size_v2 = 4096
+        self.contexts = 0
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return FakeTrt.TensorIOMode.INPUT if self.io[name][0] == "in" else FakeTrt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_shape(self, name):
+        return self.io[name][2]
+
+    def get_tensor_profile_shape(self, name, index):
+        return self.profiles[index][name]
+
+    def create_execution_context(self, strategy=None):
+        assert strategy == "USER_MANAGED"
+        self.contexts += 1
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.profile, self.memory = engine, {}, {}, None, None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+
+    def set_input_shape(self, name, shape):
+        if name not in self.engine.profiles[self.profile]:        # a static input: its own shape only
+            static = self.engine.io[name][2]
+            self.shapes[name] = tuple(shape)
+            return list(shape) == static
+        lo, _opt, hi = self.engine.profiles[self.profile][name]
+        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        assert self.memory is not None and self.profile is not None
+        if FakeCuda.capturing:
+            FakeCuda.captured.append(self._execute)
+        else:
+            self._execute()
+        return True
+
+    def _execute(self):
+        feeds = {}
+        for name, (mode, dtype, _) in self.engine.io.items():
+            if mode == "in":
+                shape = self.shapes[name]
+                n = int(np.prod(shape)) * dtype.itemsize
+                feeds[name] = FakeCuda.memory[self.addresses[name]][:n].view(dtype).reshape(shape).copy()
+        outs = self.engine.session.run(None, feeds)
+        for v, value in zip(self.engine.session.get_outputs(), outs):
+            raw = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
+            dst = FakeCuda.memory[self.addresses[v.name]]
+            assert raw.size <= dst.size, f"{v.name} overflows its buffer"
+            dst[:raw.size] = raw
+        FakeCuda.executions += 1
+
+
+class FakeTrt(types.ModuleType):
+    """The subset of the `tensorrt` module that novic uses."""
+
+    TensorIOMode = _Enum(INPUT="input", OUTPUT="output")
+    ExecutionContextAllocationStrategy = _Enum(USER_MANAGED="USER_MANAGED")
+    NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=0)
+    MemoryPoolType = _Enum(WORKSPACE="workspace")
+    __version__ = "11.4.0.106"
+    built_profiles: list = []
+
+    class Logger:
+        WARNING, VERBOSE = 1, 0
+
+        def __init__(self, level=1):
+            pass
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeEngine(json.loads(bytes(data)))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags=0):
+            assert flags == 1  # strongly typed
+            return types.SimpleNamespace(inputs=[])
+
+        def create_builder_config(self):
+            return FakeConfig()
+
+        def create_optimization_profile(self):
+            return FakeProfile()
+
+        def build_serialized_network(self, network, config):
+            FakeTrt.built_profiles.append(config.profiles)
+            return json.dumps({"onnx": network.path, "profiles": config.profiles}).encode()
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            import onnx
+            model = onnx.load(path, load_external_data=False)
+            self.network.path = path
+            names = [i.name for i in model.graph.input]
+            self.network.num_inputs = len(names)
+            self.network.get_input = lambda i: types.SimpleNamespace(name=names[i])
+            return True
+
+
+class FakeProfile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, lo, opt, hi):
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+        self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+
+class FakeConfig:
+    def __init__(self):
+        self.profiles, self.cache = [], None
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def create_timing_cache(self, data):
+        return types.SimpleNamespace(data=bytes(data) + b"+", serialize=lambda: self.cache.data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        self.cache = cache
+
+    def get_timing_cache(self):
+        return self.cache
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile.shapes)
+
+
+class FakeCuda:
+    """novic.runtime.backends.trt.Cuda over numpy 'device memory'."""
+
+    memory: dict = {}
+    capturing = False
+    captured: list = []
+    executions = 0
+    launches = 0
+
+    def __init__(self, device=0):
+        self.rt = types.SimpleNamespace(cudaGraphExecDestroy=lambda g: None, cudaStreamDestroy=lambda s: None)
+
+    def set_device(self):
+        pass
+
+    def device_properties(self):
+        return "Fake H100", "9.0"
+
+    def stream(self):
+        return 7
+
+    def malloc(self, nbytes):
+        ptr = (len(FakeCuda.memory) + 1) << 32
+        FakeCuda.memory[ptr] = np.zeros(max(int(nbytes), 1), np.uint8)
+        return ptr
+
+    def malloc_host(self, nbytes, dtype):
+        return np.zeros(max(int(nbytes), 1) // np.dtype(dtype).itemsize, dtype)
+
+    def h2d(self, dst, src, nbytes, stream):
+        FakeCuda.memory[dst][:nbytes] = src.view(np.uint8)[:nbytes]
+
+    def d2h(self, dst, src, nbytes, stream):
+        dst.view(np.uint8)[:nbytes] = FakeCuda.memory[src][:nbytes]
+
+    def sync(self, stream):
+        pass
+
+    def begin_capture(self, stream):
+        FakeCuda.capturing, FakeCuda.captured = True, []
+
+    def end_capture(self, stream):
+        FakeCuda.capturing = False
+        return list(FakeCuda.captured)
+
+    def launch(self, graph, stream):
+        FakeCuda.launches += 1
+        for fn in graph:
+            fn()
+
+    def free(self, ptr):
+        pass
+
+    def free_host(self, arr):
+        pass
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    from novic.export import tensorrt as export_trt
+    from novic.runtime.backends import trt as backend
+    from novic.runtime.backends.select import Probe
+
+    fake = FakeTrt("tensorrt")
+    FakeTrt.built_profiles = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(export_trt, "probe", lambda: Probe(gpu_name="Fake H100", compute_capability="9.0",
+                                                           tensorrt_version=fake.__version__, cuda_python=True))
+    monkeypatch.setattr(backend, "Cuda", FakeCuda)
+    FakeCuda.memory, FakeCuda.executions, FakeCuda.launches = {}, 0, 0
+    return fake
+
+
+def test_trt_build_records_engines_and_resumes(copy, fake_trt):
+    from rich.console import Console
+
+    from novic.export.tensorrt import build_engines
+    from novic.runtime import trt_plan
+    from novic.runtime.backends.select import Probe, select_for_bundle
+
+    quiet = Console(stderr=True, quiet=True)
+    result = build_engines(copy, buckets=(1, 4), beam_width=3, console=quiet)
+    assert [e["role"] for e in result["engines"]] == list(rb.ROLES) and result["skipped"] == []
+    b = Bundle.open(copy, verify="eager")                      # engine hashes recorded and correct
+    # one timing cache, carried from engine to engine (the fake appends "+" per build)
+    assert len(b.engines) == 3 and (copy / "engines" / "timing.cache").read_bytes() == b"+++"
+    step = b.engines_for("decoder_step")[0]
+    assert step.file == "engines/decoder_step.fp16.sm90.trt11.4.engine"
+    assert step.tensorrt_version == "11.4.0.106" and step.compute_capability == "9.0" and step.precision == "fp16"
+    assert step.extra["plan"]["buckets"] == [1, 4] and step.extra["plan"]["beam_width"] == 3
+    # the profiles handed to the builder are the plan's: buckets 1,4 images -> 3,12 rows for the step
+    plan = trt_plan.plan_graph("decoder_step", b.artifact("decoder_step", "fp16").signature(), b.decoder_config,
+                               b.graph_topk, trt_plan.PlanParams.from_dict(step.extra["plan"]))
+    dynamic = {"tokens", "beam_idx", "kv_cache", "cand_ids"}   # position/temperature are static: no range
+    assert FakeTrt.built_profiles[2] == [{k: [list(s) for s in v] for k, v in p.shapes.items() if k in dynamic}
+                                         for p in plan.profiles]
+    assert [p["bucket"] for p in step.profiles] == [3, 12]
+    # a second run is a no-op (resume); --force rebuilds; the timing cache is carried forward
+    again = build_engines(copy, buckets=(1, 4), beam_width=3, console=quiet)
+    assert again["engines"] == [] and again["skipped"] == list(rb.ROLES)
+    forced = build_engines(copy, buckets=(1, 4), beam_width=3, force=True, console=quiet)
+    assert len(forced["engines"]) == 3 and len(Bundle.open(copy).engines) == 3
+    assert (copy / "engines" / "timing.cache").read_bytes() == b"++++++"
+    # other buckets: a different plan, so the engines are rebuilt and replaced
+    assert len(build_engines(copy, buckets=(2,), beam_width=3, console=quiet)["engines"]) == 3
+    # the selection picks them on a matching machine
+    facts = Probe(gpu_name="Fake H100", compute_capability="9.0", tensorrt_version="11.4.0.106", cuda_python=True,
+                  ort_version="1", ort_providers=("CPUExecutionProvider",))
+    choice = select_for_bundle(Bundle.open(copy), facts=facts)
+    assert choice.backend == "trt" and set(choice.engines) == set(rb.ROLES)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
+    """The TensorRT session's host logic (buckets, padding, ping-pong, chunking, read-back) gives the
+    same tokens and scores as the onnxruntime session over the same fp16 graphs."""
+    from rich.console import Console
+
+    from novic.export.tensorrt import build_engines
+    from novic.runtime import search
+    from novic.runtime.backends import trt as backend
+    from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
+    from novic.runtime.trie import TokenTrie
+
+    build_engines(copy, buckets=(1, 4), beam_width=3, step_max_cands=2, console=Console(stderr=True, quiet=True))
+    b = Bundle.open(copy)
+    engines = {e.role: e for e in b.engines}
+    trt_sess = backend.TrtDecoderSession(b.engine_path(engines["decoder_prefill"]),
+                                         b.engine_path(engines["decoder_step"]), b.decoder_config,
+                                         engines=engines, cuda_graphs=cuda_graphs)
+    ort_sess = OrtDecoderSession(b.artifact_path("decoder_prefill", "fp16"), b.artifact_path("decoder_step", "fp16"),
+                                 b.decoder_config)
+    assert trt_sess.topk == ort_sess.topk == 10
+    trie = TokenTrie(b.noun_tokens)
+    assert trie.max_candidates > 2                  # guided steps need candidate chunking (2 per call)
+    rng = np.random.default_rng(1)
+    for n in (1, 3, 4):                             # 3 pads to the 4-image bucket
+        embeds = rng.standard_normal((n, b.embed_dim)).astype(np.float32)
+        for width, guide in ((1, None), (3, None), (3, trie), (1, trie)):
+            for _ in range(2):                       # second round replays captured graphs
+                got = search.beam_search(trt_sess, embeds, width, trie=guide)
+                want = search.beam_search(ort_sess, embeds, width, trie=guide)
+                assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
+                assert np.allclose([[h.logprob for h in hs] for hs in got if hs],
+                                   [[h.logprob for h in hs] for hs in want if hs], atol=1e-6)
+    from novic.runtime.trt_plan import PlanError
+    with pytest.raises(PlanError, match="exceeds the largest bucket 4"):
+        trt_sess.prefill(np.zeros((5, b.embed_dim), np.float32), 1.0, np.zeros((5, 1), np.int64))
+    assert trt_sess.max_images == 4 and trt_sess.max_rows == 12
+    if cuda_graphs:
+        assert FakeCuda.launches > 0                 # replays happened
+    # the image encoder, in chunks of the largest bucket
+    enc = backend.TrtImageEncoder(b.engine_path(engines["image_encoder"]), engines["image_encoder"],
+                                  cuda_graphs=cuda_graphs)
+    ref = OrtImageEncoder(b.artifact_path("image_encoder", "fp16"))
+    pixels = rng.standard_normal((6, 3, 64, 64)).astype(np.float32)
+    assert enc.image_size == (64, 64) and enc.embed_dim == b.embed_dim
+    assert np.allclose(enc(pixels), ref(pixels), atol=1e-6)
+    assert np.allclose(enc(pixels[:1]), ref(pixels[:1]), atol=1e-6)
+
+
+def test_trt_engine_mismatch_is_refused(copy, fake_trt, monkeypatch):
+    from rich.console import Console
+
+    from novic.export.tensorrt import build_engines
+    from novic.runtime.backends import trt as backend
+
+    build_engines(copy, buckets=(1,), beam_width=2, console=Console(stderr=True, quiet=True))
+    b = Bundle.open(copy)
+    entry = b.engines_for("image_encoder")[0]
+    path = b.engine_path(entry)
+    monkeypatch.setattr(FakeTrt, "__version__", "11.5.0.1")
+    with pytest.raises(backend.TrtError, match=r"built with TensorRT 11.4.0.106 but 11.5.0.1 is installed; rebuild"):
+        backend.TrtImageEncoder(path, entry)
+    monkeypatch.setattr(FakeTrt, "__version__", "11.4.0.106")
+    monkeypatch.setattr(FakeCuda, "device_properties", lambda self: ("Fake A100", "8.0"))
+    with pytest.raises(backend.TrtError, match=r"built for sm_90 but this GPU \(Fake A100\) is sm_80"):
+        backend.TrtImageEncoder(path, entry)
