@@ -17,7 +17,7 @@ def run(checkpoint: str, device: str = "cpu", batches=(1, 8, 32, 256), reps: int
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    embedder = Embedder.load(ckpt.embedder, device=device)
+    embedder = Embedder.load(ckpt.embedder, device=device, text=False)
     transform = embedder.image_transform()
     pipe = OriginalPipeline(embedder.model, ckpt.build_model(), ckpt.noun_tokens, device=device)
     out = {"device": device, "load_s": time.perf_counter() - t0}

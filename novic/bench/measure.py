@@ -48,7 +48,9 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
     t0 = time.perf_counter()
     clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
     out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
-           "load_s": time.perf_counter() - t0}
+           "load_s": time.perf_counter() - t0,
+           "cuda_graphs": getattr(clf.decoder, "_graphs", None) is not None,
+           "cuda_graph_error": getattr(clf.decoder, "cuda_graph_error", None)}
     images = sample_images(max(batches))
     vocab = clf.vocabulary(None)
     opts = dict(topk=5, guided=True, beam_width=beam_width)

@@ -73,7 +73,7 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
 
     torch.manual_seed(seed)
     base = tiny_spec() if config.clip == "novic-tiny-clip" else EmbedderSpec(model=config.clip)
-    embedder = Embedder.load(base, seed=seed)
+    embedder = Embedder.load(base, seed=seed, text=False)
     save_file({k: v.contiguous() for k, v in embedder.model.state_dict().items()}, str(paths["clip"]))
     spec = EmbedderSpec(model=base.model, pretrained=str(paths["clip"]), config_file=base.config_file)
 

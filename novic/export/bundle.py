@@ -238,23 +238,11 @@ def _load_embedder(spec, console):
         if "tokenizer" not in str(exc):
             raise
         warning = str(exc)
-    import open_clip
-    import torch
-
-    if spec.config_file:
-        emb_mod._register_config(spec.config_file)
-    emb_mod._check_model(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        try:
-            model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device="cpu")
-        except Exception as e:  # noqa: BLE001
-            raise emb_mod.EmbedderError(f"cannot create {spec.model}: {emb_mod._one_line(e)}") from None
-    model.eval().requires_grad_(False)
+    embedder = emb_mod.Embedder.load(spec, text=False)
     console.print(f"[yellow]note:[/] the text tokenizer is unavailable ({warning}); the bundle is "
                   "exported without a tokenizer file (guided decoding over the bundle's own nouns still "
                   "works; a user noun list needs the tokenizer)", highlight=False)
-    return emb_mod.Embedder(spec, model, None, torch.device("cpu")), warning
+    return embedder, warning
 
 
 def _guided_widths(sequences) -> tuple[int, int]:

@@ -153,13 +153,16 @@ class Embedder:
         self._dim = None
 
     @classmethod
-    def load(cls, spec: EmbedderSpec, device="cpu", seed: int = 0) -> "Embedder":
+    def load(cls, spec: EmbedderSpec, device="cpu", seed: int = 0, text: bool = True) -> "Embedder":
+        """text=False skips the tokenizer (image-only uses: export, benchmarks); encode_text then
+        raises."""
         import open_clip
 
         if spec.config_file:
             _register_config(spec.config_file)
         _check_model(spec)
-        tokenizer = _load_tokenizer(spec)  # first: it fails fast when the hub is unreachable
+        # First: it fails fast when the hub is unreachable.
+        tokenizer = _load_tokenizer(spec) if text else None
         # Weights not loaded from a file come from this seed (without touching the global RNG).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -226,6 +229,8 @@ class Embedder:
         """[N] strings -> [N, F] fp32 unit vectors on the embedder's device."""
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings, not a string")
+        if self.tokenizer is None:
+            raise EmbedderError(f"{self.name} was loaded without its tokenizer (text=False)")
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)

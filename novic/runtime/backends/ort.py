@@ -44,13 +44,16 @@ def import_ort(provider: str = "cpu"):
 
 
 def make_session(path, provider: str = "cpu", *, threads: int | None = None, device_id: int = 0,
-                 optimize: bool | None = None):
+                 optimize: bool | None = None, tf32: bool = False, cuda_graph: bool = False):
     """An onnxruntime InferenceSession for `path` on `provider` ("cpu" or "cuda").
 
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
     optimize: graph optimisations; None = on, except for fp16 graphs (``*.fp16.onnx``) on the
     CPU, where the default fusions crashed onnxruntime on an fp16 ViT (and CPU fp16 is only
     used for checking: most fp16 ops run through inserted casts there anyway).
+    tf32 (CUDA): onnxruntime's CUDA provider may use TF32 for fp32 MatMul/Conv; off by default so
+    that an fp32 graph means fp32 (measured on an H100: 2.6e-2 log-prob error with TF32 on).
+    cuda_graph (CUDA): capture/replay CUDA graphs (needs IOBinding with fixed buffers).
     """
     if provider not in PROVIDERS:
         raise OrtError(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
@@ -70,8 +73,13 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [PROVIDERS[provider]]
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels, when no system CUDA is on the path
     if provider == "cuda":
-        providers = [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
+        options_cuda = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
+        if cuda_graph:
+            options_cuda["enable_cuda_graph"] = "1"
+        providers = [(PROVIDERS["cuda"], options_cuda), PROVIDERS["cpu"]]
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -88,13 +96,22 @@ class OrtDecoderSession:
 
     def __init__(self, prefill_path, step_path, config: DecoderConfig, *, provider: str = "cpu",
                  threads: int | None = None, device_id: int = 0, optimize: bool | None = None,
-                 iobinding: bool | None = None):
+                 iobinding: bool | None = None, cuda_graph: bool = True):
         """iobinding: None = only with "cuda" (keeps the cache on the device); True on the CPU
-        runs the same binding code against host memory (used by the tests)."""
+        runs the same binding code against host memory (used by the tests).
+        cuda_graph (CUDA only): replay the step as CUDA graphs, one per (rows, candidates,
+        ping-pong side); falls back to plain IOBinding if onnxruntime cannot capture the graph."""
         self.config = config
         self.provider, self.device_id = provider, device_id
         kw = dict(threads=threads, device_id=device_id, optimize=optimize)
         self._prefill = make_session(prefill_path, provider, **kw)
+        self._graphs = None
+        if provider == "cuda" and cuda_graph:
+            try:
+                self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
+                self._graphs = _StepGraphs(self)
+            except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
+                self.cuda_graph_error = str(exc).splitlines()[0]
         self._step = make_session(step_path, provider, **kw)
         _check_io(self._prefill, prefill_path, PREFILL_INPUTS, SCORE_OUTPUTS + ("kv_cache",))
         _check_io(self._step, step_path, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",))
@@ -153,6 +170,14 @@ class OrtDecoderSession:
             feeds["kv_cache"] = self._cache
             *scores, self._cache = self._step.run(list(SCORE_OUTPUTS) + ["kv_cache_out"], feeds)
             return self._scores(scores)
+        if self._graphs is not None:
+            try:
+                return self._graphs.step(feeds)
+            except Exception as exc:  # noqa: BLE001 - capture failed at run time: go on without
+                self.cuda_graph_error = str(exc).splitlines()[0]
+                self._graphs = None
+                if self._cache is None:
+                    raise
         scores, self._cache = self._run_bound(self._step, feeds, "kv_cache_out",
                                               self._next_buffer(len(tokens)))
         return self._scores(scores)
@@ -184,6 +209,71 @@ class OrtDecoderSession:
         outputs = binding.get_outputs()  # in binding order: the scores, then the cache
         scores = [outputs[i].numpy() for i in range(len(SCORE_OUTPUTS))]
         return scores, (outputs[len(SCORE_OUTPUTS)] if out_buffer is None else out_buffer)
+
+
+class _StepGraphs:
+    """The step graph replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
+
+    A captured graph reads and writes fixed device addresses, so every input and output of the
+    step lives in a buffer allocated once per (rows N, candidates G): new host values are copied
+    into them (``update_inplace``) and the scores are read back from them. The two ping-pong
+    cache buffers give two graphs per (N, G): one reads A and writes B, the other the reverse.
+    The first step after a prefill reads the prefill's cache (B rows, an address that changes
+    every batch) and runs uncaptured (graph id -1) into buffer A.
+    Per step the host then does: five tiny copies in, one graph launch, three small copies out.
+    """
+
+    def __init__(self, owner: "OrtDecoderSession"):
+        self.owner = owner
+        self.session = owner._graph_step
+        self.ids: dict[tuple, int] = {}
+        self.sets: dict[tuple, dict] = {}
+        self.side = 0
+
+    def _buffers(self, rows: int, cands: int) -> dict:
+        key = (rows, cands)
+        if key not in self.sets:
+            o, cfg = self.owner, self.owner.config
+            make = o._ort.OrtValue.ortvalue_from_shape_and_type
+            dev = (o._device, o.device_id)
+            shapes = {"tokens": ([rows], np.int64), "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
+                      "temperature": ([1], np.float32), "cand_ids": ([rows, cands], np.int64),
+                      "topk_logprobs": ([rows, o.topk], np.float32), "topk_ids": ([rows, o.topk], np.int64),
+                      "cand_logprobs": ([rows, cands], np.float32)}
+            bufs = {name: make(shape, dtype, *dev) for name, (shape, dtype) in shapes.items()}
+            cache = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
+            bufs["cache"] = [make(cache, o.cache_dtype, *dev) for _ in range(2)]
+            self.sets[key] = bufs
+        return self.sets[key]
+
+    def step(self, feeds: dict):
+        o = self.owner
+        rows, cands = feeds["cand_ids"].shape
+        bufs = self._buffers(rows, cands)
+        first = not any(o._cache is c for c in bufs["cache"])
+        if first:   # reading the prefill's cache: run uncaptured, write side A
+            src, dst, graph_id, self.side = o._cache, bufs["cache"][0], -1, 0
+        else:
+            src, dst = bufs["cache"][self.side], bufs["cache"][1 - self.side]
+            key = (rows, cands, self.side)
+            graph_id = self.ids.setdefault(key, len(self.ids) + 1)
+            self.side = 1 - self.side
+        for name in ("tokens", "position", "beam_idx", "temperature", "cand_ids"):
+            bufs[name].update_inplace(np.ascontiguousarray(feeds[name]))
+        binding = self.session.io_binding()
+        for name in ("tokens", "position", "beam_idx", "temperature", "cand_ids"):
+            binding.bind_ortvalue_input(name, bufs[name])
+        binding.bind_ortvalue_input("kv_cache", src)
+        for name in SCORE_OUTPUTS:
+            binding.bind_ortvalue_output(name, bufs[name])
+        binding.bind_ortvalue_output("kv_cache_out", dst)
+        run_options = o._ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(binding, run_options)
+        o._cache = dst
+        if first:
+            self.side = 0  # next step reads A
+        return StepScores(*(bufs[name].numpy() for name in SCORE_OUTPUTS))
 
 
 class OrtImageEncoder:

@@ -1,0 +1,136 @@
+"""GPU check in one run: GPU tokens vs the CPU oracle, then benchmarks vs the original-style
+pipeline on the same GPU. Prints a short table; writes JSON to --out.
+
+  python bench/gpu_check.py --out DIR [--config paper] [--backend ort-cuda] [--device cuda]
+
+Runs on CPU too (--backend ort-cpu --device cpu --config tiny) to rehearse before a GPU session.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "cpu"
+
+
+def tokens_agree(bundle_dir: str, checkpoint: str, backend: str, n: int, width: int = 10) -> dict:
+    """Beam-10 guided + greedy free tokens: `backend` sessions vs the ort-cpu fp32 sessions and vs
+    the PyTorch oracle (reference.beam_search) on a subset."""
+    import torch
+
+    from novic.model.checkpoint import load_checkpoint
+    from novic.model.reference import beam_search as oracle_beam
+    from novic.runtime.classifier import Classifier
+    from novic.runtime.search import beam_search, greedy
+
+    rng = np.random.default_rng(0)
+    ckpt = load_checkpoint(checkpoint)
+    embeds = rng.standard_normal((n, ckpt.config.embed_dim)).astype(np.float32)
+    embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+    cpu = Classifier.load(bundle_dir, backend="ort-cpu", precision="fp32")
+    trie = cpu.vocabulary(None).trie
+    ref = beam_search(cpu.decoder, embeds, width, trie=trie)
+    ref_greedy = greedy(cpu.decoder, embeds)
+    out = {}
+    for precision in ("fp32", "fp16"):
+        try:
+            clf = Classifier.load(bundle_dir, backend=backend, precision=precision)
+        except Exception as exc:  # report and go on: one missing variant must not stop the check
+            out[precision] = {"error": str(exc).splitlines()[0]}
+            continue
+        t0 = time.perf_counter()
+        got = beam_search(clf.decoder, embeds, width, trie=trie)
+        took = time.perf_counter() - t0
+        got_greedy = greedy(clf.decoder, embeds)
+        same_all = sum([h.tokens for h in a] == [h.tokens for h in b] for a, b in zip(got, ref))
+        same_top1 = sum(a[0].tokens == b[0].tokens for a, b in zip(got, ref))
+        top5 = float(np.mean([len({h.tokens for h in a[:5]} & {h.tokens for h in b[:5]}) / 5
+                              for a, b in zip(got, ref)]))
+        dmax = max(abs(a[0].logprob - b[0].logprob) for a, b in zip(got, ref))
+        same_greedy = sum(a.tokens == b.tokens for a, b in zip(got_greedy, ref_greedy))
+        out[precision] = {"backend": clf.backend, "n": n, "beam_all_equal": same_all, "beam_top1_equal": same_top1,
+                          "top5_overlap": top5, "greedy_equal": same_greedy, "max_top1_logprob_diff": dmax,
+                          "beam_search_s": took}
+        log(f"{backend} {precision}: beam all-equal {same_all}/{n}, top-1 {same_top1}/{n}, "
+            f"top-5 overlap {top5:.3f}, greedy {same_greedy}/{n}, max |dlogp| {dmax:.2e}")
+    k = min(n, 40)
+    model = ckpt.build_model()
+    with torch.no_grad():
+        oracle = oracle_beam(model, torch.from_numpy(embeds[:k]), width, trie=trie)
+    out["cpu_vs_oracle_equal"] = sum([h.tokens for h in a] == [h.tokens for h in b]
+                                     for a, b in zip(ref[:k], oracle))
+    out["oracle_n"] = k
+    log(f"ort-cpu fp32 vs PyTorch oracle: {out['cpu_vs_oracle_equal']}/{k} identical beam lists")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_check_out")
+    ap.add_argument("--config", default="paper")
+    ap.add_argument("--backend", default="ort-cuda")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", default="1,8,32,256")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--workdir", default="/tmp/novic_bench")
+    ap.add_argument("--precisions", default="fp16,fp32")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": gpu_name(), "python": sys.version.split()[0], "args": vars(args)}
+
+    def save():
+        (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+
+    from novic.bench.compare import compare
+    from novic.bench.setup import CONFIGS, build
+
+    t0 = time.perf_counter()
+    paths = build(CONFIGS[args.config], Path(args.workdir) / args.config)
+    results["setup_s"] = time.perf_counter() - t0
+    log(f"setup (random weights + export) {results['setup_s']:.0f} s")
+    save()
+    try:
+        results["tokens"] = tokens_agree(paths["bundle"], paths["checkpoint"], args.backend, args.n)
+    except Exception:
+        results["tokens_error"] = traceback.format_exc()
+        log(results["tokens_error"])
+    save()
+    batches = [int(b) for b in args.batches.split(",")]
+    baseline = None
+    for precision in args.precisions.split(","):
+        try:
+            r = compare(args.config, args.workdir, backend=args.backend, device=args.device,
+                        precision=precision, batches=batches, reps=args.reps, budget_s=20,
+                        baseline=baseline)
+            baseline = r["baseline"]
+            results[f"bench_{precision}"] = r
+            log(f"benchmark {args.config} {args.backend} {precision}:\n{r['markdown']}")
+        except Exception:
+            results[f"bench_{precision}_error"] = traceback.format_exc()
+            log(results[f"bench_{precision}_error"])
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole pipeline offline on a CPU in a few minutes: install, train a small decoder from text
+# (tiny random CLIP shipped with novic), export a bundle (ONNX fp32 + fp16), classify photos.
+# The labels are not meaningful (the tiny CLIP has random weights); for real labels use a released
+# model (README "Quick start") or train with a real open_clip model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-runs/quickstart}
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/python -m pip install -q -e ".[train,export,cpu,dev]"
+fi
+. .venv/bin/activate
+mkdir -p "$WORK/photos"
+
+echo "== 1/3 train a small decoder on captions of examples/nouns.txt (text only)"
+novic-train train -o data.nouns=examples/nouns.txt -o captions.variants_per_noun=20 \
+  -o model.width=128 -o model.layers=2 -o model.heads=4 -o model.ffn_width=64 \
+  -o optim.batch_size=64 -o optim.steps=300 -o noise.noise_norm=0.5 -o out_dir="$WORK/train"
+CKPT=$(ls -t "$WORK"/train/checkpoint-*.safetensors | head -1)
+
+echo "== 2/3 export $CKPT to an ONNX bundle"
+novic-export onnx --checkpoint "$CKPT" --out "$WORK/bundle" --force
+
+echo "== 3/3 classify photos (scikit-image's free sample photos)"
+python - "$WORK/photos" <<'PY'
+import sys
+from PIL import Image
+from skimage import data
+for name in ("astronaut", "chelsea", "coffee", "rocket"):
+    Image.fromarray(getattr(data, name)()).save(f"{sys.argv[1]}/{name}.jpg", quality=92)
+PY
+novic-run --bundle "$WORK/bundle" --backend ort-cpu --topk 3 "$WORK/photos"
