@@ -537,3 +537,122 @@ def test_runtime_matches_oracle_full_guided(full):
                 search.beam_search(session, embeds, 10, trie=trie))
     assert_same([[h] for h in reference.greedy_decode(model, embeds, trie=trie)],
                 [[h] for h in search.greedy(session, embeds, trie=trie)])
+
+
+# --- host-side search machinery (novic/runtime/search.py internals) -----------------------------
+def test_trie_candidate_rows_and_fixed_width():
+    seqs = random_nouns(300, TINY, seed=50, vocab=12) + [(3,), (3, 4)]
+    trie = TokenTrie(seqs)
+    nodes = np.arange(-1, trie.num_nodes)
+    start, count = trie.candidate_rows(nodes)
+    ids, nxt, valid = trie.candidates(nodes)
+    assert count.tolist() == valid.sum(1).tolist() and count[0] == 0
+    for row in range(len(nodes)):
+        sl = slice(start[row], start[row] + count[row])
+        assert trie.cand_tokens[sl].tolist() == ids[row][valid[row]].tolist()
+        assert trie.cand_next[sl].tolist() == nxt[row][valid[row]].tolist()
+    # The steps' width: the widest row of any node but the root; per depth: of the nodes there.
+    assert trie.step_candidates == max(1, int(count[2:].max()))
+    depth = np.zeros(trie.num_nodes, np.int64)
+    for node in range(trie.num_nodes):
+        for child in trie.children(node)[1]:
+            depth[child] = depth[node] + 1
+    for d, w in enumerate(trie.depth_candidates):
+        assert w == count[1:][depth == d].max()
+    assert trie.depth_candidates[0] == count[1] and trie.depth_candidates.max() == trie.max_candidates
+    wide = trie.candidates(nodes[2:], width=trie.max_candidates + 3)
+    assert wide[0].shape[1] == trie.max_candidates + 3
+    for a, b in zip(wide, trie.candidates(nodes[2:], width=trie.max_candidates)):
+        assert (a[:, :b.shape[1]] == b).all()
+    extra = slice(trie.max_candidates, None)
+    assert not wide[2][:, extra].any() and (wide[1][:, extra] == -1).all()
+    with pytest.raises(ValueError, match="narrower"):
+        trie.candidates(nodes, width=trie.max_candidates - 1)
+
+
+@pytest.mark.parametrize("small", [search._SMALL, 0])  # np.argsort and the packed-key partition
+def test_best_is_a_stable_descending_sort(monkeypatch, small):
+    monkeypatch.setattr(search, "_SMALL", small)
+    rng = np.random.default_rng(51)
+    for n, w, k in [(7, 40, 10), (3, 10, 10), (5, 100, 1), (4, 3, 3), (2, 64, 20)]:
+        # Heavy ties, both zeros, infinities and NaNs.
+        pool = np.array([-1.5, -0.25, -0.0, 0.0, -np.inf, np.inf, np.nan, -3.0, 2.0], np.float32)
+        values = rng.choice(pool, size=(n, w)).astype(np.float32)
+        col, v = search._best(values, k)
+        want = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        assert col.dtype == np.int64 and (col == want).all(), (n, w, k)
+        np.testing.assert_array_equal(v, np.take_along_axis(values, want, 1))
+
+
+@pytest.mark.parametrize("small", [search._SMALL, 0])
+def test_top_rows_matches_brute_force(monkeypatch, small):
+    monkeypatch.setattr(search, "_SMALL", small)
+    rng = np.random.default_rng(52)
+    for k, G in [(3, 200), (10, 700), (5, 4), (1, 50)]:
+        N = 40
+        cl = (rng.integers(-6, 1, (N, G)) / 4).astype(np.float32)  # many ties
+        cl[rng.random((N, G)) < 0.05] = -np.inf
+        count = rng.choice([0, 1, 2, k, k + 1, 4 * k, 4 * k + 1, G], N).clip(0, G)
+        lp, col = search._top_rows(cl, count, k)
+        for r in range(N):
+            vals = np.concatenate([cl[r, :count[r]], np.full(k, -np.inf, np.float32)])
+            want = np.argsort(-vals, kind="stable")[:k]
+            real = want < count[r]
+            assert (col[r][real] == want[real]).all() and (col[r][~real] >= count[r]).all()
+            np.testing.assert_array_equal(lp[r], vals[want])
+
+
+def test_search_rules_under_ties_packed_keys(monkeypatch):
+    # The same exact-tie check with the packed-key partition in every selection.
+    monkeypatch.setattr(search, "_SMALL", 0)
+    test_search_rules_match_oracle_under_ties()
+
+
+class TrieRecorder(Recorder):
+    """Also keeps copies of the cand_ids sent and replays the trie along the tokens fed back,
+    to check that every row asks for exactly its node's candidates."""
+
+    def __init__(self, inner, trie):
+        super().__init__(inner)
+        self.trie, self.sent, self.expected = trie, [], []
+
+    def prefill(self, embeds, temperature, cand_ids):
+        self.nodes = np.zeros(len(embeds), np.int64)
+        self._keep(cand_ids)
+        return super().prefill(embeds, temperature, cand_ids)
+
+    def step(self, tokens, position, beam_idx, temperature, cand_ids):
+        prev = self.nodes[np.asarray(beam_idx)]
+        self.nodes = np.array([self.trie.advance(p, t) if p >= 0 and t != EOS else -1
+                               for p, t in zip(prev.tolist(), np.asarray(tokens).tolist())])
+        self._keep(cand_ids)
+        return super().step(tokens, position, beam_idx, temperature, cand_ids)
+
+    def _keep(self, cand_ids):
+        self.sent.append(np.array(cand_ids, copy=True))
+        self.expected.append(self.trie.candidates(self.nodes, width=cand_ids.shape[1])[0])
+
+
+def test_guided_cand_width_depends_only_on_the_step(tiny):
+    _, session = tiny
+    embeds = unit_embeddings(12, TINY.embed_dim, seed=53)
+    trie = TokenTrie(random_nouns(400, TINY, seed=54))
+    root_width = trie.candidates(np.zeros(1, np.int64))[0].shape[1]
+    assert trie.step_candidates != root_width  # the prefill and the steps differ here
+    runs = [(10, lambda s: search.beam_search(s, embeds, 10, trie=trie)),
+            (3, lambda s: search.beam_search(s, embeds[:1], 3, trie=trie)),
+            (1, lambda s: search.greedy(s, embeds, trie=trie))]
+    for width, run in runs:
+        rec = TrieRecorder(session, trie)
+        assert run(rec) == run(session)
+        assert len(rec.widths) >= 3, width  # the searches really take several steps
+        assert rec.widths[0] == root_width
+        # Step t pads to the widest trie row at depth t: the same for every batch and width.
+        expected = [max(1, int(trie.depth_candidates[t])) if t < len(trie.depth_candidates) else 1
+                    for t in range(len(rec.widths))]
+        assert rec.widths == expected, (width, rec.widths)
+        for sent, expected in zip(rec.sent, rec.expected):  # no stale entries in the buffer
+            assert (sent == expected).all()
+    rec = Recorder(session)
+    search.beam_search(rec, embeds, 10)
+    assert set(rec.widths) == {1}

@@ -7,6 +7,14 @@ All B images x K beams advance in one session call per position. The host only r
 O(B x K x k) numbers: the session's top-k (free decoding) or the log-probs of the trie children
 of each beam (guided decoding), never a vocabulary-sized row; per-step cost is independent of
 the number of nouns.
+
+Host cost (bench/search_overhead.py): every step is a fixed number of vectorised numpy calls over
+B x K rows; trie candidates are gathered from the trie's flat per-node rows and only the entries
+of the rows in use are touched (per-row top-K by a partial sort on packed (log-prob, column) keys),
+never a [rows, widest row] sort. Guided steps pad cand_ids to one width per search
+(`TokenTrie.depth_candidates[t]` at step t; the prefill uses the root's row), so a session sees
+the same shapes for every batch (CUDA graphs can be replayed). The cand_ids array handed to
+`session.step` is reused (rewritten) by the next step: a session must copy what it keeps.
 """
 from __future__ import annotations
 
@@ -51,17 +59,24 @@ class DecoderSession(Protocol):
 def rank_hypotheses(scores, lengths, finished, tokens, alpha: float) -> list[Hypothesis]:
     """Final ranking of one image's beams (in beam order): drop dead (-inf) beams, sort by
     score / n**alpha (n counts the EOS of a finished beam), stable so ties keep beam order."""
-    hyps, keys = [], []
-    for k in range(len(scores)):
-        score = float(scores[k])
-        if score == float("-inf"):
-            continue
-        n = int(lengths[k]) + int(bool(finished[k]))
-        hyps.append(Hypothesis(tuple(int(t) for t in tokens[k][:lengths[k]]), score,
-                               math.exp(score)))
-        keys.append(score / n ** alpha)
+    return _rank(np.asarray(scores).tolist(), np.asarray(lengths).tolist(),
+                 np.asarray(finished, bool).tolist(), np.asarray(tokens).tolist(), alpha)
+
+
+def _rank(scores: list, lengths: list, finished: list, tokens: list, alpha: float):
+    live = [i for i, score in enumerate(scores) if score != float("-inf")]
+    hyps = [Hypothesis(tuple(tokens[i][:lengths[i]]), scores[i], math.exp(scores[i])) for i in live]
+    keys = [scores[i] / (lengths[i] + finished[i]) ** alpha for i in live]
+    if all(a >= b for a, b in zip(keys, keys[1:])):
+        return hyps  # already in order (beams come sorted by score): the stable sort keeps it
     order = sorted(range(len(hyps)), key=lambda i: -keys[i])
     return [hyps[i] for i in order]
+
+
+def _results(score, length, finished, tokens, alpha) -> list[list[Hypothesis]]:
+    """rank_hypotheses for every image, with one host conversion of each array."""
+    return [_rank(*per_image, alpha) for per_image in
+            zip(score.tolist(), length.tolist(), finished.tolist(), tokens.tolist())]
 
 
 def _check(session: DecoderSession, embeds, width: int, temperature: float,
@@ -87,28 +102,146 @@ def _check(session: DecoderSession, embeds, width: int, temperature: float,
     return embeds
 
 
-def _select(score, done, lp, ids, width):
+_U32 = np.uint64(0xFFFFFFFF)
+_SHIFT = np.uint64(32)
+_NAN_KEY = np.uint32(0xFFFFFFFF)
+_SMALL = 8192  # up to this many values a stable argsort beats the packed-key partition
+
+
+def _desc_key(x: np.ndarray) -> np.ndarray:
+    """f32 -> u32 whose ascending order is x descending (-0 = +0; NaN last, as np.argsort(-x))."""
+    b = (x + np.float32(0.0)).view(np.uint32)  # -0.0 + 0.0 = +0.0
+    key = np.where(b >> np.uint32(31), b, np.uint32(0x7FFFFFFF) - b)
+    nan = np.isnan(x)
+    if nan.any():
+        key[nan] = _NAN_KEY
+    return key
+
+
+def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """values f32 [n, w], w >= k -> (columns i64 [n,k], values f32 [n,k]) of the k first entries
+    of a stable descending sort of each row (ties to the lower column, -0 = +0, NaN last).
+
+    Small inputs: np.argsort. Large ones: each value and its column packed in one u64 key
+    (unique per row), a partition for the k smallest keys and a sort of those k: the same order."""
+    n, w = values.shape
+    if values.size <= _SMALL or w <= 2 * k:
+        col = np.argsort(-values, axis=1, kind="stable")
+        if w > k:
+            col = col[:, :k]
+    else:
+        keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
+        keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
+        col = (keys & _U32).astype(np.int64)
+    return col, values.reshape(-1)[col + np.arange(0, n * w, w)[:, None]]  # take_along_axis
+
+
+def _top_rows(cl: np.ndarray, count: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row n, the k best of the first count[n] values of cl [N, G] in top-k order (log-prob
+    descending, ties to the lower column). -> (log-probs f32 [N,k], columns i64 [N,k]); missing
+    entries have log-prob -inf and a column >= count[n].
+
+    Rows are handled in groups of similar width (<= k, <= 4k, <= 16k, ...), so the work is
+    O(sum of counts), not O(N x widest row)."""
+    N, G = cl.shape
+    widest = int(count.max(initial=0))
+    lp = col = None
+    lo, w = -1, k
+    while True:
+        rows = None if widest <= w and lo < 0 else np.flatnonzero((count > lo) & (count <= w))
+        if rows is not None and len(rows) == N:
+            rows = None
+        if rows is None or len(rows):
+            g = min(w, G)
+            sub = cl[:, :g] if rows is None else cl[rows, :g]
+            cnt = count[:, None] if rows is None else count[rows, None]
+            block = np.where(np.arange(g) < cnt, sub, NEG_INF)
+            if g < k:  # fewer columns than k: dead padding
+                pad = np.full((len(block), k - g), NEG_INF, np.float32)
+                block = np.concatenate([block, pad], 1)
+            c, v = _best(block, k)
+            if rows is None:
+                return v, c
+            if lp is None:
+                lp, col = np.empty((N, k), np.float32), np.empty((N, k), np.int64)
+            lp[rows], col[rows] = v, c
+        if widest <= w:
+            return lp, col
+        lo, w = w, 4 * w
+
+
+class _Guide:
+    """The trie candidates of the rows of one search: cand_ids for the session (the root's row at
+    the prefill, then the trie's widest row at that depth, in buffers rewritten in place), the
+    per-row top-k of the log-probs that come back, and the token / next node of a pick."""
+
+    def __init__(self, trie: TokenTrie):
+        self.trie = trie
+        self.depth = 0        # tokens generated so far = trie depth of every live beam
+        self.bufs = {}        # (N, G) -> [cand_ids buffer, flat positions written last time]
+
+    def first(self, rows: int) -> np.ndarray:
+        t = self.trie
+        self.depth = 0
+        root = t.cand_tokens[t.cand_offsets[0]:t.cand_offsets[1]]
+        self.start = np.full(rows, t.cand_offsets[0], np.int64)
+        self.count = np.full(rows, len(root), np.int64)
+        return np.tile(root, (rows, 1))
+
+    def next(self, nodes: np.ndarray) -> np.ndarray:
+        start, count = self.trie.candidate_rows(nodes)
+        self.depth += 1
+        widths = self.trie.depth_candidates
+        N, G = len(nodes), max(1, int(widths[self.depth]) if self.depth < len(widths) else 1)
+        entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
+        buf, written = entry
+        flat = buf.reshape(-1)
+        if written is not None:
+            flat[written] = 0
+        total = int(count.sum())
+        at = np.arange(total, dtype=np.int64)
+        first = np.cumsum(count) - count  # where each row's entries begin in `at`
+        pos = np.repeat(np.arange(0, N * G, G, dtype=np.int64) - first, count) + at
+        flat[pos] = self.trie.cand_tokens[np.repeat(start - first, count) + at]
+        entry[1], self.start, self.count = pos, start, count
+        return buf
+
+    def top(self, cand_logprobs, k: int):
+        """-> (log-probs f32 [N,k], columns [N,k]) of each row's k best candidates."""
+        return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
+
+    def pick(self, row, col, done):
+        """Token and next node of candidate `col` of `row` (EOS where done or not a candidate)."""
+        ok = (col < self.count[row]) & ~done
+        at = np.where(ok, self.start[row] + col, 0)
+        return np.where(ok, self.trie.cand_tokens[at], EOS), self.trie.cand_next[at]
+
+
+def _select(score, done, lp, width):
     """One beam-search selection for B images at once.
 
-    score, done [B, Kp]; lp, ids [B, Kp, G]: each beam's candidates in descending log-prob
-    order, ties lower id first, as a top-k returns them (invalid entries -inf, last). Finished
-    beams are replaced by their single EOS candidate with log-prob 0. Returns (parent [B,K],
-    slot [B,K], new score [B,K], ids) of the `width` best candidates by a stable sort of the
+    score, done [B, Kp]; lp [B, Kp, G]: each beam's candidates in descending log-prob order,
+    ties lower id first, as a top-k returns them (invalid entries -inf, last). Finished beams
+    are replaced by their single EOS candidate (slot 0) with log-prob 0. Returns (parent [B,K],
+    slot [B,K], new score [B,K]) of the `width` best candidates by a stable sort of the
     flattened scores: ties go to the lower beam, then the higher log-prob, then the lower id
-    (the oracle's order; exact as long as every beam offers >= width candidates).
+    (the oracle's order; exact as long as every beam offers >= width candidates, or at least
+    its best `width`: a beam's later candidates never come before its earlier ones).
     """
     B, Kp, G = lp.shape
-    eos_only = np.full(G, NEG_INF, dtype=np.float32)
-    eos_only[0] = 0.0
-    lp = np.where(done[:, :, None], eos_only, lp)
-    ids = np.where(done[:, :, None], EOS, ids)
+    if done.any():
+        eos_only = np.full(G, NEG_INF, dtype=np.float32)
+        eos_only[0] = 0.0
+        lp = np.where(done[:, :, None], eos_only, lp)
     cand = (score[:, :, None] + lp).reshape(B, Kp * G)  # fp32, same additions as the oracle
-    if Kp * G < width:  # fewer candidates than beams: pad with dead ones
-        cand = np.concatenate([cand, np.full((B, width - Kp * G), NEG_INF, np.float32)], 1)
-    best = np.argsort(-cand, axis=1, kind="stable")[:, :width]
-    new_score = np.take_along_axis(cand, best, 1)
-    best = np.minimum(best, Kp * G - 1)  # padding slots are dead; any index will do
-    return best // G, best % G, new_score, ids
+    n = Kp * G
+    if n < width:  # fewer candidates than beams: pad with dead ones (after every real one)
+        cand = np.concatenate([cand, np.full((B, width - n), NEG_INF, np.float32)], 1)
+    best, new_score = _best(cand, width)
+    if n < width:
+        best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
+    parent, slot = np.divmod(best, G)
+    return parent, slot, new_score
 
 
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
@@ -120,56 +253,56 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     if B == 0:
         return []
     P = cfg.prefix_len
-    rows = np.arange(B)[:, None]
+    temperature = float(temperature)
+    first_row = np.arange(B, dtype=np.int64)[:, None]  # times Kp: an image's first row
 
-    # Beam state; before the first token every image has one empty, unfinished beam (Kp = 1).
+    # Beam state, flat over B x Kp rows; before the first token every image has one empty,
+    # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
     score = np.zeros((B, 1), np.float32)
-    done = np.zeros((B, 1), bool)
-    length = np.zeros((B, 1), np.int64)
-    tokens = np.zeros((B, 1, T), np.int64)
-    node = np.zeros((B, 1), np.int64)  # trie node per beam (guided), -1 = none
+    done = np.zeros(B, bool)
+    length = np.zeros(B, np.int64)
+    tokens = np.zeros((B, T), np.int64)
 
-    if trie is not None:
-        cand_ids, nxt, valid = trie.candidates(node.reshape(-1))
-    else:
-        cand_ids = np.zeros((B, 1), np.int64)
-    out = session.prefill(embeds, float(temperature), cand_ids)
+    guide = _Guide(trie) if trie is not None else None
+    cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
+    out = session.prefill(embeds, temperature, cand_ids)
+    no_cands = np.zeros((B * K, 1), np.int64)
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
-        if trie is not None:
-            # Trie candidates come in token order: put each beam's in top-k order instead.
-            G = cand_ids.shape[1]
-            lp = np.where(valid, np.asarray(out.cand_logprobs, np.float32), NEG_INF)
-            by_logp = np.argsort(-lp, axis=1, kind="stable")
-            lp, ids, nxt = (np.take_along_axis(a, by_logp, 1).reshape(B, Kp, G)
-                            for a in (lp, cand_ids, nxt))
+        if guide is not None:
+            lp, col = guide.top(out.cand_logprobs, K)
         else:
-            lp = np.asarray(out.topk_logprobs, np.float32).reshape(B, Kp, -1)
-            ids = np.asarray(out.topk_ids, np.int64).reshape(B, Kp, -1)
-
-        parent, slot, score, ids = _select(score, done, lp, ids, K)
-        token = ids[rows, parent, slot]
-        was_done = done[rows, parent]
-        length, tokens = length[rows, parent], tokens[rows, parent]
-        grows = ~was_done & (token != EOS)
-        tokens[grows, length[grows]] = token[grows]
-        length = length + grows
-        done = was_done | (token == EOS) | (score == NEG_INF)  # dead beams count as finished
-        if trie is not None:
-            node = np.where(done, -1, nxt[rows, parent, slot])
+            lp = np.asarray(out.topk_logprobs, np.float32)
+            ids = np.asarray(out.topk_ids, np.int64)
+            lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
+        G = lp.shape[1]
+        parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K)
+        src = (first_row * Kp + parent).reshape(-1)  # previous row each new beam continues
+        slot = slot.reshape(-1)
+        was_done = done[src]
+        if guide is not None:
+            token, nxt = guide.pick(src, col.reshape(-1)[src * G + slot], was_done)
+        else:
+            token = np.where(was_done, EOS, ids.reshape(-1)[src * ids.shape[1] + slot])
+        grows = token != EOS  # a finished beam's token is EOS
+        length = length[src] + grows
+        tokens = tokens[src]
+        tokens[:, t - 1] = token  # grows => the beam had t - 1 tokens; else this is EOS = 0
+        done = ~grows | (score.reshape(-1) == NEG_INF)  # dead beams count as finished
 
         if t == T or done.all():
             break
-        beam_idx = (rows * Kp + parent).reshape(-1)  # previous call's row each beam continues
-        if trie is not None:
-            cand_ids, nxt, valid = trie.candidates(node.reshape(-1))
+        if guide is not None:
+            cand_ids = guide.next(np.where(done, -1, nxt))
         else:
-            cand_ids = np.zeros((B * K, 1), np.int64)
-        out = session.step(token.reshape(-1), P + t - 1, beam_idx, float(temperature), cand_ids)
+            cand_ids = no_cands
+        out = session.step(token, P + t - 1, src, temperature, cand_ids)
 
-    return [rank_hypotheses(score[b], length[b], done[b] & (score[b] > NEG_INF), tokens[b], alpha)
-            for b in range(B)]
+    Kf = score.shape[1]
+    finished = done & (score.reshape(-1) > NEG_INF)
+    return _results(score, length.reshape(B, Kf), finished.reshape(B, Kf),
+                    tokens.reshape(B, Kf, T), alpha)
 
 
 def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
@@ -181,37 +314,33 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
     B, T, P = len(embeds), cfg.max_new_tokens, cfg.prefix_len
     if B == 0:
         return []
+    temperature = float(temperature)
     rows = np.arange(B)
     score = np.zeros(B, np.float32)
     done = np.zeros(B, bool)
     length = np.zeros(B, np.int64)
     tokens = np.zeros((B, T), np.int64)
-    node = np.zeros(B, np.int64)
 
-    if trie is not None:
-        cand_ids, nxt, valid = trie.candidates(node)
-    else:
-        cand_ids = np.zeros((B, 1), np.int64)
-    out = session.prefill(embeds, float(temperature), cand_ids)
+    guide = _Guide(trie) if trie is not None else None
+    cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
+    out = session.prefill(embeds, temperature, cand_ids)
     for t in range(1, T + 1):
-        if trie is not None:
-            lp = np.where(valid, np.asarray(out.cand_logprobs, np.float32), NEG_INF)
-            j = lp.argmax(1)  # first maximum; candidates are in ascending token order
-            token, best = cand_ids[rows, j], lp[rows, j]
+        if guide is not None:
+            best, col = guide.top(out.cand_logprobs, 1)
+            best = best[:, 0]
+            token, nxt = guide.pick(rows, col[:, 0], done)
         else:
-            token = np.asarray(out.topk_ids)[:, 0].astype(np.int64)
+            token = np.where(done, EOS, np.asarray(out.topk_ids)[:, 0].astype(np.int64))
             best = np.asarray(out.topk_logprobs, np.float32)[:, 0]
-        token = np.where(done, EOS, token)
         score = np.where(done, score, score + best)
-        grows = ~done & (token != EOS)
-        tokens[grows, length[grows]] = token[grows]
+        grows = token != EOS  # a finished sequence's token is EOS
+        tokens[:, t - 1] = token  # grows => the sequence had t - 1 tokens; else EOS = 0
         length = length + grows
-        done = done | (token == EOS)
+        done = ~grows
         if t == T or done.all():
             break
-        if trie is not None:
-            node = np.where(done, -1, nxt[rows, j])
-            cand_ids, nxt, valid = trie.candidates(node)
-        out = session.step(token, P + t - 1, rows, float(temperature), cand_ids)
-    return [Hypothesis(tuple(int(x) for x in tokens[b, :length[b]]), float(score[b]),
-                       math.exp(float(score[b]))) for b in range(B)]
+        if guide is not None:
+            cand_ids = guide.next(np.where(done, -1, nxt))
+        out = session.step(token, P + t - 1, rows, temperature, cand_ids)
+    return [Hypothesis(tuple(seq[:n]), s, math.exp(s))
+            for seq, n, s in zip(tokens.tolist(), length.tolist(), score.tolist())]

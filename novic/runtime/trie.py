@@ -4,6 +4,10 @@ Nodes are ints (root 0). Children of every node are stored once, sorted by token
 arrays indexed by per-node offsets (CSR), so a lookup costs O(children of that node) and never
 depends on how many nouns the trie holds. EOS (id 0) is not an edge: a node where a noun ends is
 "terminal", and there EOS is allowed.
+
+For guided decoding every node's candidate row (EOS first where a noun ends, then the children
+in token order) is also stored once, flat (`cand_offsets`, `cand_tokens`, `cand_next`), so the
+candidates of many nodes are a few vectorised gathers (`candidate_rows`, `candidates`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ class TokenTrie:
         # Build with one dict per node (O(total tokens)), then freeze into sorted flat arrays.
         edges: list[dict[int, int]] = [{}]
         terminal = [False]
+        depth = [0]  # tokens from the root
         count = max_len = max_token = 0
         for i, seq in enumerate(sequences):
             node = 0
@@ -32,6 +37,7 @@ class TokenTrie:
                     nxt = edges[node][tok] = len(edges)
                     edges.append({})
                     terminal.append(False)
+                    depth.append(depth[node] + 1)
                 node = nxt
                 max_token = max(max_token, tok)
             if node == 0:
@@ -61,8 +67,34 @@ class TokenTrie:
         self.max_len = max_len                          # longest sequence (tokens, no EOS)
         self.max_token = max_token
         self.max_children = int(counts.max())
+
+        # Candidate rows of all nodes, flat: EOS first where a noun ends (its next node is the
+        # node itself), then the children in token order.
+        term = self._terminal.astype(np.int64)
+        cand_counts = counts + term
+        self.cand_offsets = np.zeros(len(edges) + 1, dtype=np.int64)
+        np.cumsum(cand_counts, out=self.cand_offsets[1:])
+        total = int(self.cand_offsets[-1])
+        at = np.arange(total, dtype=np.int64)
+        owner = np.repeat(np.arange(len(edges), dtype=np.int64), cand_counts)
+        edge = at - self.cand_offsets[owner] - term[owner] + self._offsets[owner]
+        is_eos = (at == self.cand_offsets[owner]) & self._terminal[owner]
+        edge = np.where(is_eos, 0, edge)
+        self.cand_tokens = np.where(is_eos, EOS, self._tokens[edge])
+        self.cand_next = np.where(is_eos, owner, self._nodes[edge])
+        for a in (self.cand_offsets, self.cand_tokens, self.cand_next):
+            a.setflags(write=False)
         # Widest candidate row of candidates(): children plus EOS where a noun ends.
-        self.max_candidates = int((counts + self._terminal).max())
+        self.max_candidates = int(cand_counts.max())
+        # Widest row after the first token (every node but the root): guided search pads the
+        # cand_ids of all its steps to this width, so a session sees one shape per search.
+        self.step_candidates = max(1, int(cand_counts[1:].max(initial=0)))
+        # Widest row among the nodes at each depth: every live beam at step t sits at depth t, so
+        # guided search pads step t to depth_candidates[t]: the same shape for every batch (CUDA
+        # graphs replay), and far narrower than step_candidates after the first few tokens.
+        self.depth_candidates = np.zeros(max(depth) + 1, dtype=np.int64)
+        np.maximum.at(self.depth_candidates, np.asarray(depth, dtype=np.int64), cand_counts)
+        self.depth_candidates.setflags(write=False)
 
     def _check(self, node: int) -> int:
         node = int(node)
@@ -94,30 +126,37 @@ class TokenTrie:
                 return False
         return node != 0 and self.is_terminal(node)
 
-    def candidates(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def candidate_rows(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (start [N], count [N]): row n's candidates are cand_tokens/cand_next[start:start +
+        count] (EOS first where the node is terminal, then the children by token id); node -1
+        (no candidates) has count 0. No range check: for nodes this trie handed out."""
+        nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
+        live = nodes >= 0
+        safe = np.where(live, nodes, 0)
+        start = self.cand_offsets[safe]
+        count = np.where(live, self.cand_offsets[safe + 1] - start, 0)
+        return start, count
+
+    def candidates(self, nodes: np.ndarray, width: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Allowed next tokens of many nodes at once (-1 = a row with no candidates).
 
-        -> (token_ids [N,G], next_nodes [N,G], valid [N,G]) with G = max(1, widest row).
-        Each row lists EOS first where the node is terminal (its next node is the node itself),
-        then the children in ascending token order; padding is token 0, node -1, valid False.
-        Cost O(N * G), independent of the number of sequences.
+        -> (token_ids [N,G], next_nodes [N,G], valid [N,G]) with G = `width`, or by default
+        max(1, widest row). Each row lists EOS first where the node is terminal (its next node
+        is the node itself), then the children in ascending token order; padding is token 0,
+        node -1, valid False. Cost O(N * G), independent of the number of sequences.
         """
         nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
         if nodes.size and (nodes.max() >= self.num_nodes or nodes.min() < -1):
             raise IndexError("trie node out of range")
-        live = nodes >= 0
-        safe = np.where(live, nodes, 0)
-        term = self._terminal[safe] & live
-        lo = self._offsets[safe]
-        nkids = np.where(live, self._offsets[safe + 1] - lo, 0)
-        counts = nkids + term
-        G = max(1, int(counts.max(initial=0)))
-
-        j = np.arange(G)[None, :]
-        valid = j < counts[:, None]
-        is_eos = (j == 0) & term[:, None]
-        kid = valid & ~is_eos
-        edge = np.where(kid, lo[:, None] + j - term[:, None], 0)
-        token_ids = np.where(kid, self._tokens[edge], EOS)  # the trie has >= 1 edge
-        next_nodes = np.where(kid, self._nodes[edge], np.where(is_eos, nodes[:, None], -1))
+        start, count = self.candidate_rows(nodes)
+        widest = int(count.max(initial=0))
+        G = max(1, widest) if width is None else int(width)
+        if G < widest:
+            raise ValueError(f"width {G} is narrower than the widest candidate row ({widest})")
+        j = np.arange(G)
+        valid = j < count[:, None]
+        at = np.where(valid, start[:, None] + j, 0)
+        token_ids = np.where(valid, self.cand_tokens[at], EOS)
+        next_nodes = np.where(valid, self.cand_next[at], -1)
         return token_ids, next_nodes, valid

@@ -215,11 +215,12 @@ class _StepGraphs:
     """The step graph replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
 
     A captured graph reads and writes fixed device addresses, so every input and output of the
-    step lives in a buffer allocated once per (rows N, candidates G): new host values are copied
-    into them (``update_inplace``) and the scores are read back from them. The two ping-pong
-    cache buffers give two graphs per (N, G): one reads A and writes B, the other the reverse.
-    The first step after a prefill reads the prefill's cache (B rows, an address that changes
-    every batch) and runs uncaptured (graph id -1) into buffer A.
+    step lives in a buffer allocated once per shape: inputs/scores per (rows N, candidates G),
+    the two ping-pong cache buffers per N (guided search changes G from step to step, the cache
+    flows on). New host values are copied into the buffers (``update_inplace``) and the scores
+    read back from them. One graph per (N, G, cache side): one reads A and writes B, the other
+    the reverse. A step whose cache is not one of those buffers (the first after a prefill: the
+    prefill's cache, whose address changes every batch) runs uncaptured (graph id -1) into A.
     Per step the host then does: five tiny copies in, one graph launch, three small copies out.
     """
 
@@ -227,53 +228,51 @@ class _StepGraphs:
         self.owner = owner
         self.session = owner._graph_step
         self.ids: dict[tuple, int] = {}
-        self.sets: dict[tuple, dict] = {}
-        self.side = 0
+        self.io: dict[tuple, dict] = {}
+        self.caches: dict[int, list] = {}
 
-    def _buffers(self, rows: int, cands: int) -> dict:
-        key = (rows, cands)
-        if key not in self.sets:
-            o, cfg = self.owner, self.owner.config
-            make = o._ort.OrtValue.ortvalue_from_shape_and_type
-            dev = (o._device, o.device_id)
+    def _make(self, shape, dtype):
+        o = self.owner
+        return o._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, o._device, o.device_id)
+
+    def _buffers(self, rows: int, cands: int):
+        o, cfg = self.owner, self.owner.config
+        if (rows, cands) not in self.io:
             shapes = {"tokens": ([rows], np.int64), "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
                       "temperature": ([1], np.float32), "cand_ids": ([rows, cands], np.int64),
                       "topk_logprobs": ([rows, o.topk], np.float32), "topk_ids": ([rows, o.topk], np.int64),
                       "cand_logprobs": ([rows, cands], np.float32)}
-            bufs = {name: make(shape, dtype, *dev) for name, (shape, dtype) in shapes.items()}
-            cache = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
-            bufs["cache"] = [make(cache, o.cache_dtype, *dev) for _ in range(2)]
-            self.sets[key] = bufs
-        return self.sets[key]
+            self.io[rows, cands] = {name: self._make(*spec) for name, spec in shapes.items()}
+        if rows not in self.caches:
+            shape = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
+            self.caches[rows] = [self._make(shape, o.cache_dtype) for _ in range(2)]
+        return self.io[rows, cands], self.caches[rows]
 
     def step(self, feeds: dict):
         o = self.owner
         rows, cands = feeds["cand_ids"].shape
-        bufs = self._buffers(rows, cands)
-        first = not any(o._cache is c for c in bufs["cache"])
-        if first:   # reading the prefill's cache: run uncaptured, write side A
-            src, dst, graph_id, self.side = o._cache, bufs["cache"][0], -1, 0
-        else:
-            src, dst = bufs["cache"][self.side], bufs["cache"][1 - self.side]
-            key = (rows, cands, self.side)
-            graph_id = self.ids.setdefault(key, len(self.ids) + 1)
-            self.side = 1 - self.side
-        for name in ("tokens", "position", "beam_idx", "temperature", "cand_ids"):
-            bufs[name].update_inplace(np.ascontiguousarray(feeds[name]))
+        io, (a, b) = self._buffers(rows, cands)
+        if o._cache is a or o._cache is b:
+            side = 0 if o._cache is a else 1
+            src, dst = (a, b) if side == 0 else (b, a)
+            graph_id = self.ids.setdefault((rows, cands, side), len(self.ids) + 1)
+        else:   # e.g. reading the prefill's cache: run uncaptured, write side A
+            src, dst, graph_id = o._cache, a, -1
+        names = ("tokens", "position", "beam_idx", "temperature", "cand_ids")
+        for name in names:
+            io[name].update_inplace(np.ascontiguousarray(feeds[name]))
         binding = self.session.io_binding()
-        for name in ("tokens", "position", "beam_idx", "temperature", "cand_ids"):
-            binding.bind_ortvalue_input(name, bufs[name])
+        for name in names:
+            binding.bind_ortvalue_input(name, io[name])
         binding.bind_ortvalue_input("kv_cache", src)
         for name in SCORE_OUTPUTS:
-            binding.bind_ortvalue_output(name, bufs[name])
+            binding.bind_ortvalue_output(name, io[name])
         binding.bind_ortvalue_output("kv_cache_out", dst)
         run_options = o._ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.session.run_with_iobinding(binding, run_options)
         o._cache = dst
-        if first:
-            self.side = 0  # next step reads A
-        return StepScores(*(bufs[name].numpy() for name in SCORE_OUTPUTS))
+        return StepScores(*(io[name].numpy() for name in SCORE_OUTPUTS))
 
 
 class OrtImageEncoder:
