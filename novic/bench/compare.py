@@ -52,6 +52,8 @@ def table(result: dict) -> str:
                  f"{steps[-1]:.2f} ms ({step_flatness(steps):.2f}x) | |")
     mem = f"{base['peak_rss_mb']:.0f} MB RSS" + (f", {base['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in base else "")
     lines.append(f"| peak memory | {mem} | {ours['peak_rss_mb']:.0f} MB RSS | |")
+    if ours.get("cuda_graphs") or ours.get("cuda_graph_error"):
+        lines.append(f"| CUDA graphs for the step | | {'on' if ours.get('cuda_graphs') else 'off: ' + str(ours.get('cuda_graph_error'))} | |")
     same = sum(a == b for a, b in zip(ours["labels"], base["labels"]))
     lines.append(f"| top-1 labels equal on the photos | | {same}/{len(ours['labels'])} | |")
     return "\n".join(lines)
