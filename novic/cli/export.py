@@ -3,6 +3,7 @@
     novic-export onnx --checkpoint CKPT [--clip NAME --pretrained TAG|PATH] --out DIR [--no-fp16] [--topk 10] [--force]
     novic-export trt DIR [--buckets 1,8,32,256]
     novic-export check DIR [--n 200]
+    novic-export calib DIR [--images DIR] [--n 64] [--method dynamic|static]
 
 Heavy libraries (torch, open_clip, onnx, tensorrt) are imported inside the commands, so that
 ``--help`` works in a runtime-only install.
@@ -117,18 +118,36 @@ def check_command(
     err.print("check passed", highlight=False)
 
 
-def _app():
-    """Our messages contain brackets (pip install 'novic[trt]'): escape them for rich's markup."""
-    from rich.markup import escape
+@app.command("calib")
+def calib_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
+    images: Optional[Path] = typer.Option(None, "--images",
+                                          help="Folder of calibration images from your domain (default: built-in sample photos)."),
+    n: int = typer.Option(64, "--n", min=1, help="Calibration images."),
+    heldout: int = typer.Option(40, "--heldout", min=1, help="Held-out images for the accuracy gates."),
+    method: str = typer.Option("dynamic", "--method",
+                               help="dynamic (MatMul int8, fastest on CPU) or static (QDQ, symmetric, calibrated)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image draw."),
+    min_cosine: float = typer.Option(0.99, "--min-cosine", help="Gate: mean embedding cosine vs fp32."),
+    min_agreement: float = typer.Option(0.97, "--min-agreement", help="Gate: top-1 label agreement vs fp32."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Quantise and gate, but do not write into the bundle."),
+):
+    """Quantise the image encoder to INT8 for onnxruntime on the CPU, check it against fp32 on held-out
+    images (embedding cosine, top-1 labels) and add it to the bundle only if it passes
+    (use it with novic-run --precision int8)."""
+    from novic.calib.run import calibrate_bundle
 
-    from novic.errors import NovicError
-
-    try:
-        app()
-    except NovicError as exc:
-        raise NovicError(escape(str(exc))) from None
+    result = calibrate_bundle(bundle, images=images, n=n, n_heldout=heldout, method=method, seed=seed,
+                              min_mean_cosine=min_cosine, min_agreement=min_agreement, console=err,
+                              dry_run=dry_run)
+    if not result["gates"]["passed"]:
+        err.print(f"[bold red]gate failed, int8 encoder not written:[/] {'; '.join(result['gates']['reasons'])}",
+                  highlight=False)
+        raise typer.Exit(1)
+    err.print(f"int8 encoder {'written to ' + result['path'] if result['written'] else 'passed (dry run, not written)'}"
+              f" in {result['seconds']:.0f} s", highlight=False)
 
 
 def main():
     err.soft_wrap = True  # an error stays one line however long it is (the terminal wraps it)
-    run_app(_app)
+    run_app(app)

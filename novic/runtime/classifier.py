@@ -477,6 +477,17 @@ def _open_ort(bundle, choice, precision, threads, device_id):
     provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
     want = precision or choice.precision
     have = bundle.precisions("decoder_step")
+    if want == "int8":  # int8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
+        if "int8" not in bundle.precisions("image_encoder"):
+            raise ClassifierError(f"{bundle.path}: no int8 image encoder in this bundle; create one with "
+                                  f"novic-export calib {bundle.path}")
+        if "int8" not in have:
+            encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", "int8"), provider=provider,
+                                      threads=threads, device_id=device_id)
+            decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
+                                        bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
+                                        provider=provider, threads=threads, device_id=device_id)
+            return encoder, decoder, "int8"
     if want not in have:
         if precision is not None:
             raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "

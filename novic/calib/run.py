@@ -1,0 +1,145 @@
+"""``novic-export calib``: calibrate, quantise, gate and (only if the gates pass) add an INT8 image
+encoder to a bundle.
+
+Writing is atomic at every point: the quantised graph is made in a staging directory inside the
+bundle; if an older int8 encoder is listed, the manifest is first rewritten without it; then the new
+file is renamed into place (``image_encoder.int8.onnx``) and the manifest rewritten with its entry
+(sha256, size, role ``image_encoder``, precision ``int8``, I/O of the fp32 graph, and how it was made
+and gated under ``quantization``). A crash leaves a manifest that matches the files it lists.
+A variant that fails its gate is discarded; the bundle (including an older int8 variant) is left
+as it was. The decoder is not quantised (see docs/benchmarks.md "Quantisation": it does not pay on
+CPU); ``precision='int8'`` runs the int8 encoder with the fp32 decoder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from novic.calib.data import calibration_set
+from novic.calib.gates import BEAM_WIDTH, MIN_AGREEMENT, MIN_MEAN_COSINE, run_gates, top1_labels
+from novic.calib.ort_int8 import METHODS, QuantError, quantize_encoder
+from novic.errors import NovicError
+
+INT8_ENCODER_FILE = "image_encoder.int8.onnx"
+
+
+class CalibError(NovicError):
+    """Calibration cannot proceed (bad bundle, bad arguments)."""
+
+
+def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info: dict | None = None) -> dict:
+    """Move graph `src` into the bundle as `name` and list it in the manifest (atomic; see module doc).
+
+    Inputs/outputs are copied from the fp32 artifact of the same role (a quantised graph keeps
+    the fp32 I/O contract). Returns the manifest entry."""
+    from novic.export.bundle import file_entry, fsync_dir, write_json_atomic
+    from novic.runtime.bundle import MANIFEST, read_manifest
+
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    arts = manifest["artifacts"]
+    base = next((a for a in arts if a.get("role") == role and a.get("precision") == "fp32"), None)
+    if base is None:
+        raise CalibError(f"{root / MANIFEST}: no fp32 {role} to derive an {precision} variant from; re-export")
+    old = [a for a in arts if a.get("role") == role and a.get("precision") == precision]
+    if old:   # first drop the old entry, so that no manifest ever lists a file with a wrong hash
+        manifest["artifacts"] = [a for a in arts if a not in old]
+        write_json_atomic(root / MANIFEST, manifest)
+    dst = root / name
+    tmp = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(root)
+    entry = {**file_entry(root, dst), "role": role, "precision": precision,
+             "inputs": base.get("inputs", []), "outputs": base.get("outputs", [])}
+    if info:
+        entry["quantization"] = info
+    manifest["artifacts"].append(entry)
+    write_json_atomic(root / MANIFEST, manifest)
+    return entry
+
+
+def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 40, method: str = "dynamic",
+                     seed: int = 0, min_mean_cosine: float = MIN_MEAN_COSINE,
+                     min_agreement: float = MIN_AGREEMENT, beam_width: int = BEAM_WIDTH,
+                     threads: int | None = None, console=None, dry_run: bool = False) -> dict:
+    """Calibrate + quantise the bundle's fp32 image encoder, gate it, write it if it passes.
+
+    Returns {"written": bool, "path", "method", "gates": GateResult.to_dict(), "summary",
+    "quantization": {...}, "data": summary, "latency_ms": {...}, "seconds"}."""
+    from rich.console import Console
+
+    from novic.runtime.backends.ort import OrtImageEncoder
+    from novic.runtime.bundle import Bundle
+    from novic.runtime.classifier import Classifier
+
+    console = console or Console(stderr=True)
+    if method not in METHODS:
+        raise CalibError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    t_start = time.perf_counter()
+    root = Path(bundle_dir)
+    bundle = Bundle.open(root, verify=True)
+    src = bundle.artifact_path("image_encoder", "fp32")     # hash-verified
+    if bundle.artifact("image_encoder", "fp32").external_data:
+        raise CalibError(f"{src}: encoders with external weight files (> 2 GB) are not supported by calib yet")
+
+    data = calibration_set(bundle.preprocess, images, n_calib=n, n_heldout=n_heldout, seed=seed, console=console)
+    console.print(f"calib: {data.summary()}", highlight=False)
+
+    stage = root / f".calib-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        out = stage / INT8_ENCODER_FILE
+        console.print(f"calib: quantising {src.name} ({method})...", highlight=False)
+        try:
+            info = quantize_encoder(src, out, method, data.calib)
+        except QuantError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
+            raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
+                             f"try --method {'static' if method == 'dynamic' else 'dynamic'}") from None
+        info["calibration_data"] = data.summary()
+
+        ref_enc = OrtImageEncoder(src, threads=threads)
+        var_enc = OrtImageEncoder(out, threads=threads)
+        ref = np.concatenate([ref_enc(data.heldout[i:i + 8]) for i in range(0, len(data.heldout), 8)])
+        t0 = time.perf_counter()
+        var = np.concatenate([var_enc(data.heldout[i:i + 8]) for i in range(0, len(data.heldout), 8)])
+        t_var = time.perf_counter() - t0
+        clf = Classifier.load(bundle, backend="ort-cpu", precision="fp32", threads=threads)
+        try:
+            gates = run_gates(ref, var, classifier=clf, names=data.heldout_names,
+                              ref_labels=top1_labels(clf, ref, beam_width),
+                              min_mean_cosine=min_mean_cosine, min_agreement=min_agreement,
+                              beam_width=beam_width)
+        finally:
+            clf.close()
+        del ref_enc, var_enc
+        info["gates"] = gates.to_dict()
+        console.print(f"calib: {gates.summary()}", highlight=False)
+        for name, a, b in gates.disagreements[:5]:
+            console.print(f"  changed: {name}: {a!r} -> {b!r}", highlight=False)
+        written = None
+        if gates.passed and not dry_run:
+            entry = add_artifact(root, out, role="image_encoder", precision="int8", name=INT8_ENCODER_FILE, info=info)
+            written = str(root / entry["file"])
+            console.print(f"calib: wrote {written}", highlight=False)
+        elif not gates.passed:
+            console.print(f"calib: [red]not written[/]: the int8 variant failed its gate "
+                          f"({'; '.join(gates.reasons)})", highlight=False)
+        return {"written": written is not None, "path": written, "method": method, "gates": gates.to_dict(),
+                "summary": gates.summary(), "quantization": info, "data": data.summary(),
+                "heldout_seconds_int8": round(t_var, 3), "seconds": round(time.perf_counter() - t_start, 2)}
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
