@@ -112,28 +112,19 @@ def io_signature(model: onnx.ModelProto) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def _rename_dims(model: onnx.ModelProto, names: dict[str, dict[int, str]]) -> None:
-    """Give the graph inputs/outputs the contract's dim names (the exporter writes s0, s1...)."""
-    for v in list(model.graph.input) + list(model.graph.output):
-        for axis, label in names.get(v.name, {}).items():
-            dim = v.type.tensor_type.shape.dim[axis]
-            dim.Clear()
-            dim.dim_param = label
-
-
 def control_flow_ops(model: onnx.ModelProto) -> set[str]:
     """Op types of control flow nodes in the graph (should be empty)."""
     return {n.op_type for n in model.graph.node if n.op_type in CONTROL_FLOW_OPS}
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, dim_names):
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes):
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here
+        # One Dim object names several inputs' axes on purpose (B of embedding and cand_ids).
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
                                     input_names=list(input_names), output_names=list(output_names),
                                     dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-    model = program.model_proto
-    _rename_dims(model, dim_names)
+    model = program.model_proto  # axes are named after the Dims (B, G, N, M)
     flow = control_flow_ops(model)
     if flow:
         raise RuntimeError(f"{path.name}: exported graph holds control flow {sorted(flow)}")
@@ -141,24 +132,39 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(model, tmp)
     tmp.replace(path)  # never leave a half-written graph behind
-    return model
 
 
 def export_decoder(model: ObjectDecoder, out_dir, topk: int = 10, *,
                    prefill_name: str = PREFILL_FILE, step_name: str = STEP_FILE) -> dict:
     """Export the prefill and step graphs of `model` (fp32) into `out_dir`.
 
-    Returns ``{"prefill": {"path", "io"}, "step": {"path", "io"}, "topk": k, "opset": n,
-    "seconds": t}`` where ``io`` is :func:`io_signature` of the written graph (for the manifest).
+    Returns ``{"prefill": {"path", "files", "io"}, "step": {...}, "topk": k, "opset": n,
+    "seconds": t}`` where ``io`` is :func:`io_signature` of the written graph (for the manifest)
+    and ``files`` every file the graph needs (here just the graph).
     """
     cfg = model.cfg
     if not 1 <= topk <= cfg.vocab_size - 1:
         raise ValueError(f"topk={topk} must be in [1, vocab_size-1={cfg.vocab_size - 1}]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    L, h, S, hd = cfg.layers, cfg.heads, cfg.seq_len, cfg.head_dim
-    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout in the graphs
+    try:
+        start = time.perf_counter()
+        _export_both(model, topk, out_dir / prefill_name, out_dir / step_name)
+        seconds = round(time.perf_counter() - start, 2)
+    finally:
+        model.train(was_training)
+    result = {"topk": topk, "opset": OPSET, "seconds": seconds}
+    for key, name in (("prefill", prefill_name), ("step", step_name)):
+        path = out_dir / name
+        result[key] = {"path": str(path), "files": [str(path)],
+                       "io": io_signature(onnx.load(path, load_external_data=False))}
+    return result
+
+
+def _export_both(model: ObjectDecoder, topk: int, prefill_path: Path, step_path: Path) -> None:
+    cfg = model.cfg
 
     # Example sizes are >= 2 and distinct so that the exporter keeps every dim symbolic.
     B, G, M, N = 2, 3, 2, 6
@@ -168,11 +174,9 @@ def export_decoder(model: ObjectDecoder, out_dir, topk: int = 10, *,
     batch, cands = torch.export.Dim("B"), torch.export.Dim("G")
     prefill = PrefillGraph(model, topk).eval()
     cand_ids = torch.randint(0, cfg.vocab_size, (B, G), generator=gen)
-    _export(prefill, (embedding, temperature, cand_ids), out_dir / prefill_name,
+    _export(prefill, (embedding, temperature, cand_ids), prefill_path,
             PREFILL_INPUTS, SCORE_OUTPUTS + ("kv_cache",),
-            {"embedding": {0: batch}, "temperature": None, "cand_ids": {0: batch, 1: cands}},
-            {"embedding": {0: "B"}, "cand_ids": {0: "B", 1: "G"}, "topk_logprobs": {0: "B"},
-             "topk_ids": {0: "B"}, "cand_logprobs": {0: "B", 1: "G"}, "kv_cache": {2: "B"}})
+            {"embedding": {0: batch}, "temperature": None, "cand_ids": {0: batch, 1: cands}})
 
     rows, prev = torch.export.Dim("N"), torch.export.Dim("M")
     step = StepGraph(model, topk).eval()
@@ -182,16 +186,6 @@ def export_decoder(model: ObjectDecoder, out_dir, topk: int = 10, *,
             torch.tensor([cfg.prefix_len], dtype=torch.long),
             torch.randint(0, M, (N,), generator=gen), cache, temperature,
             torch.randint(0, cfg.vocab_size, (N, G), generator=gen))
-    assert cache.shape == (L, 2, M, h, S, hd)
-    _export(step, args, out_dir / step_name, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",),
+    _export(step, args, step_path, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",),
             {"tokens": {0: rows}, "position": None, "beam_idx": {0: rows},
-             "kv_cache": {2: prev}, "temperature": None, "cand_ids": {0: rows, 1: cands}},
-            {"tokens": {0: "N"}, "beam_idx": {0: "N"}, "kv_cache": {2: "M"},
-             "cand_ids": {0: "N", 1: "G"}, "topk_logprobs": {0: "N"}, "topk_ids": {0: "N"},
-             "cand_logprobs": {0: "N", 1: "G"}, "kv_cache_out": {2: "N"}})
-
-    result = {"topk": topk, "opset": OPSET, "seconds": round(time.perf_counter() - start, 2)}
-    for key, name in (("prefill", prefill_name), ("step", step_name)):
-        path = out_dir / name
-        result[key] = {"path": str(path), "io": io_signature(onnx.load(path, load_external_data=False))}
-    return result
+             "kv_cache": {2: prev}, "temperature": None, "cand_ids": {0: rows, 1: cands}})

@@ -1,20 +1,22 @@
 """fp32 ONNX graph -> fp16 graph for GPU backends (TensorRT takes precision from the ONNX types).
 
-Why a small converter of our own: onnxconverter-common is unmaintained and converts per op
-type without regard for where precision matters; NVIDIA ModelOpt AutoCast (the reference tool)
-pins onnx/onnxruntime-gpu versions that clash with an export environment. Our graphs are plain
-transformer graphs from torch.onnx (MatMul/Gemm/Conv, elementwise, LayerNormalization, Softmax,
-a few data-movement ops), so the rules fit in a page:
+Why a small converter of our own: onnxconverter-common's float16 converter decides by a fixed
+op block list and knows nothing of where these graphs need fp32 (the decoder's scores), and
+NVIDIA ModelOpt AutoCast, the reference tool, pulls onnxruntime-gpu and an older onnx into the
+export environment. Our graphs are plain transformer graphs from torch.onnx (MatMul/Gemm/Conv,
+elementwise, LayerNormalization, Softmax, a few data-movement ops), so the rules fit in a page:
 
-- ``FP16_OPS`` (MatMul, Gemm, Conv, ...) always compute in fp16: they carry the FLOPs and the
-  weights (halving memory traffic); TensorRT/cuBLAS accumulate in fp32 anyway.
+- ``FP16_OPS`` (MatMul, Gemm, Conv, ...) compute in fp16: they carry the FLOPs and the weights
+  (half the memory traffic); GPU fp16 GEMMs accumulate in fp32.
 - ``FP32_OPS`` (LayerNormalization, Softmax, LogSoftmax, reductions, Pow/Sqrt/Exp/Log, TopK)
-  always compute in fp32: their sums of squares/exponentials overflow or lose the small terms in
-  fp16 (the usual mixed-precision block list; AutoCast and apex AMP keep the same ops in fp32).
+  compute in fp32: their sums of squares/exponentials overflow or lose the small terms in fp16
+  (the same ops torch.autocast runs in float32).
 - every other op follows its inputs: fp16 if any non-constant float input is fp16 (or all
   inputs are constants), else fp32. So the residual stream stays fp16 between the MatMuls,
   while chains that start in fp32 stay fp32 -- the decoder's scores after LogSoftmax (EOS mask,
   TopK, candidate Gather) and the L2 norm of the embedding input.
+- named nodes can be kept in fp32 (``fp32_nodes``): the decoder's output head, see
+  :func:`decoder_fp16`.
 - Casts are inserted where a tensor's precision differs from what its consumer computes in;
   float constants (initializers, Constant nodes) are converted instead, saturated to +-65504.
 - Graph inputs and outputs keep fp32 unless named in ``fp16_io`` (the decoder's KV cache).
@@ -223,11 +225,13 @@ def decoder_fp16(export: dict, out_dir=None, *, fp32_head: bool = True) -> dict:
     """fp16 variants of :func:`novic.export.decoder_onnx.export_decoder`'s two graphs
     (fp16 KV cache, fp32 scores and embedding). Returns the same layout.
 
-    fp32_head: keep the output head (final LayerNorm output @ token table) in fp32. The logits
-    go straight into log-softmax and top-k; in fp16 a logit of 10-50 is rounded by 0.01-0.03,
-    which is the size of the gaps that decide near-tied beams. The head is one [H, V] matrix
-    per step (V x H x 4 bytes, e.g. 25 MB at V=12000: microseconds on a GPU), so fp32 costs
-    little there."""
+    fp32_head: keep the output head (final LayerNorm output @ token table) in fp32. Its logits
+    go straight into log-softmax and top-k, and an fp16 logit of 10-50 is rounded by 0.01-0.03
+    nats, the size of the gaps between near-tied beams. Measured on a peaked random full-size
+    decoder (500 embeddings, beam 10, CPU onnxruntime): top-1 labels as fp32 99.4% with the
+    fp32 head vs 99.2% without (fp16 weights alone, fp32 arithmetic: 99.4%), top-5 81.4% vs
+    80.0%. Small, but the head is one [H, V] matrix per step (e.g. 25 MB fp32 at V=12000:
+    microseconds of GPU memory bandwidth), so the fp32 copy costs little."""
     result = {k: v for k, v in export.items() if k not in ("prefill", "step", "seconds")}
     for key in ("prefill", "step"):
         src = Path(export[key]["path"])
