@@ -22,12 +22,14 @@ Outputs in --out: curve.jsonl (one row per evaluation: step, train wall/CPU seco
 evaluations, samples/s, load, metrics), summary.json, and the templates used.
 
 Defaults (chosen by the runs in docs/benchmarks.md "Training", ~5 CPU-minutes per decoder):
-1,000 most frequent WordNet nouns; 48 training captions per noun (at noise 0.5, 16 per noun gave
-83.5 % held-out after a 2,000-step run; 48 gave 86.2 % at step 2,000 of 3,000, 89.6 % at the end); noise 0.5 with the released rotation branch (15 %, 45-75 degrees;
-noise 1.0 gave 87.2 %, 2.0 and 3.25 hardly learn in this budget, rotations of 20-40 degrees or
-30 % rotations did worse); decoder width 128, 2 layers, FFN 512 as in the mechanics benchmark,
-no dropout (at noise 0, dropout 0.1 had 39 % held-out after 500 steps, none 73 %), 3,000
-steps of 256.
+- 1,000 most frequent WordNet nouns; 48 training captions per noun (at noise 0.5, 16 per noun
+  gave 83.5 % held-out after a 2,000-step run; 48 gave 86.2 % at step 2,000 of 3,000, 89.6 % at
+  the end);
+- noise 0.5 with the released rotation branch (15 %, 45-75 degrees). Noise 1.0 gave 87.2 %;
+  2.0 and 3.25 hardly learn in this budget; rotations of 20-40 degrees, or 30 % rotations, did
+  worse;
+- decoder width 128, 2 layers, FFN 512 as in the mechanics benchmark; no dropout (at noise 0,
+  dropout 0.1 had 39 % held-out after 500 steps, none 73 %); 3,000 steps of 256.
 The first run embeds 50,000 captions with MiniLM (~190 CPU-s); later runs reuse the cache.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from novic.errors import NovicError
+from novic.export.bundle import fsync_dir
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, probe
 from novic.runtime.bundle import MANIFEST, ROLES, Bundle, BundleError, read_manifest
@@ -64,19 +65,6 @@ def engine_file_name(role: str, precision: str, compute_capability: str, trt_ver
     return f"{role}.{precision}.sm{sm}.trt{'.'.join(trt_version.split('.')[:2])}.engine"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -88,7 +76,7 @@ def _write_atomic(path: Path, data) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def plans_for_bundle(bundle: Bundle, params: trt_plan.PlanParams, precision: str = "fp16",
