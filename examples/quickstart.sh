@@ -19,7 +19,8 @@ mkdir -p "$WORK/photos"
 echo "== 1/3 train a small decoder on captions of examples/nouns.txt (text only)"
 novic-train train -o data.nouns=examples/nouns.txt -o captions.variants_per_noun=20 \
   -o model.width=128 -o model.layers=2 -o model.heads=4 -o model.ffn_width=64 \
-  -o optim.batch_size=64 -o optim.steps=300 -o noise.noise_norm=0.5 -o out_dir="$WORK/train"
+  -o optim.batch_size=64 -o optim.steps=300 -o noise.noise_norm=0.5 -o out_dir="$WORK/train" \
+  -o data.cache_root="$WORK/cache"
 CKPT=$(ls -t "$WORK"/train/checkpoint-*.safetensors | head -1)
 
 echo "== 2/3 export $CKPT to an ONNX bundle"
