@@ -70,14 +70,13 @@ def dumps_manifest(obj, indent: int = 1, _level: int = 0) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False)
 
 
-def write_json_atomic(path, data: dict) -> None:
-    """Write JSON to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(dumps_manifest(data))
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,6 +84,10 @@ def write_json_atomic(path, data: dict) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path, data: dict) -> None:
+    write_bytes_atomic(path, (dumps_manifest(data) + "\n").encode("utf-8"))
 
 
 def _fsync_tree(root: Path) -> None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from novic.errors import NovicError
-from novic.export.bundle import fsync_dir
+from novic.export.bundle import write_bytes_atomic
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, probe
 from novic.runtime.bundle import MANIFEST, ROLES, Bundle, BundleError, read_manifest
@@ -63,20 +63,6 @@ def engine_file_name(role: str, precision: str, compute_capability: str, trt_ver
     """decoder_step.fp16.sm90.trt11.4.engine"""
     sm = compute_capability.replace(".", "")
     return f"{role}.{precision}.sm{sm}.trt{'.'.join(trt_version.split('.')[:2])}.engine"
-
-
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def plans_for_bundle(bundle: Bundle, params: trt_plan.PlanParams, precision: str = "fp16",
@@ -250,8 +236,8 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
             engine_bytes, timing = build_engine(trt, logger, onnx_path, plan, timing,
                                                 int(workspace_gib * (1 << 30)) if workspace_gib else None, status)
             name = engine_file_name(role, precision, cc, version)
-            _write_atomic(engine_dir / name, engine_bytes)
-            _write_atomic(cache_path, timing)  # after each engine: an interrupted run keeps its timings
+            write_bytes_atomic(engine_dir / name, engine_bytes)
+            write_bytes_atomic(cache_path, timing)  # after each engine: an interrupted run keeps its timings
             entry = {
                 "file": f"{ENGINE_DIR}/{name}", "role": role, "precision": precision,
                 "sha256": hashlib.sha256(engine_bytes).hexdigest(), "size": len(engine_bytes),
