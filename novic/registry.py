@@ -33,13 +33,13 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from novic.atomic import write_bytes_atomic
 from novic.errors import NovicError
 
 RELEASE_BASE = "https://github.com/pallgeuer/novic/releases/download/v1.0.0/"
@@ -183,18 +183,7 @@ def _record_hash(root: Path, name: str, url: str, size: int, sha256: str) -> Non
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def sha256_of(path: Path) -> str:

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from novic.atomic import fsync_dir, write_bytes_atomic  # noqa: F401 (re-exported)
 from novic.errors import NovicError
 from novic.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError,
                                   sha256_file)
@@ -37,19 +38,6 @@ class ExportError(NovicError):
 
 
 # --- atomic file system helpers ----------------------------------------------------------------
-def fsync_dir(path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def dumps_manifest(obj, indent: int = 1, _level: int = 0) -> str:
     """JSON with objects indented but lists of scalars (token ids, pieces, shapes) on one line,
     so that a manifest with 40k nouns stays readable and small."""
@@ -68,22 +56,6 @@ def dumps_manifest(obj, indent: int = 1, _level: int = 0) -> str:
         items = [inner + dumps_manifest(v, indent, _level + 1) for v in obj]
         return "[\n" + ",\n".join(items) + "\n" + pad + "]"
     return json.dumps(obj, ensure_ascii=False, allow_nan=False)
-
-
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def write_json_atomic(path, data: dict) -> None:

@@ -26,7 +26,6 @@ TensorRT is imported only here (lazily); without it, one line says how to instal
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 

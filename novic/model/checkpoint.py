@@ -9,14 +9,13 @@ Loading checks everything before any tensor is used, and every problem is a one-
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from novic.atomic import write_bytes_atomic
 from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
 from novic.model.embedder import EmbedderSpec
@@ -116,18 +115,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "novic": text}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.state_dict.items()}
     data = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
     return path
 
 
