@@ -283,6 +283,11 @@ def test_session_reports_topk_and_clear_errors(tiny, tmp_path):
             make_session(graphs["step"]["path"], "cuda")
     with pytest.raises(OrtError, match="not found"):
         make_session(tmp_path / "missing.onnx")
+    # idle sessions must not spin: a classifier's three sessions run in turn on the same cores
+    spin_stop = "session.force_spinning_stop"
+    assert make_session(graphs["step"]["path"]).get_session_options().get_session_config_entry(spin_stop) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):   # onnxruntime's default
+        make_session(graphs["step"]["path"], spinning=True).get_session_options().get_session_config_entry(spin_stop)
 
 
 # --- image encoder -----------------------------------------------------------------------------

@@ -44,7 +44,8 @@ def import_ort(provider: str = "cpu"):
 
 
 def make_session(path, provider: str = "cpu", *, threads: int | None = None, device_id: int = 0,
-                 optimize: bool | None = None, tf32: bool = False, cuda_graph: bool = False):
+                 optimize: bool | None = None, tf32: bool = False, cuda_graph: bool = False,
+                 spinning: bool = False):
     """An onnxruntime InferenceSession for `path` on `provider` ("cpu" or "cuda").
 
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
@@ -54,6 +55,11 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     tf32 (CUDA): onnxruntime's CUDA provider may use TF32 for fp32 MatMul/Conv; off by default so
     that an fp32 graph means fp32 (measured on an H100: 2.6e-2 log-prob error with TF32 on).
     cuda_graph (CUDA): capture/replay CUDA graphs (needs IOBinding with fixed buffers).
+    spinning: keep intra-op threads busy-waiting after a run returns (onnxruntime's default).
+    Off (``session.force_spinning_stop``): they spin only while a run is active. A classifier
+    holds three sessions that run in turn (encoder, prefill, step), and each one's idle spinning
+    threads steal the cores from the next: on 2 cores, one guided beam-10 decode took 34-42 ms with
+    the default and 21-24 ms without (docs/benchmarks.md, "CPU").
     """
     if provider not in PROVIDERS:
         raise OrtError(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
@@ -68,6 +74,8 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spinning:   # threads still spin within a run; they stop as soon as it returns
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if optimize is None:
         optimize = not (provider == "cpu" and path.name.endswith(".fp16.onnx"))
     if not optimize:

@@ -1,0 +1,95 @@
+"""CPU comparison in rounds: the original-style baseline and several variants of ours, each in its
+own process, taking turns (round 1: baseline, ours..., round 2: ...), so that a change in the
+machine's load hits all of them. Reports the median over rounds of each side's p50 and the ratios
+baseline / ours of those medians.
+
+    python bench/cpu_rounds.py --config paper --rounds 3 --reps 5 [--variants fp32,int8,fp32-spinning]
+
+Variants: `fp32`, `int8` (needs an int8 encoder in the bundle: novic-export calib), and
+`<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from novic.bench.compare import step_flatness
+from novic.bench.setup import CONFIGS, build
+
+SIDE = ("import sys, json\n"
+        "if sys.argv[4] == '1':\n"
+        "    import novic.runtime.backends.ort as o; o.make_session.__kwdefaults__['spinning'] = True\n"
+        "from novic.bench.compare import _side_main\n"
+        "_side_main(sys.argv[1:4])\n")
+
+
+def side(name: str, args: dict, spinning: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        proc = subprocess.run([sys.executable, "-c", SIDE, name, json.dumps(args), str(out), "1" if spinning else "0"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="paper", choices=list(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--variants", default="fp32,int8,fp32-spinning")
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache/novic/bench"))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    paths = build(CONFIGS[a.config], Path(a.workdir) / a.config)
+    common = dict(batches=[int(b) for b in a.batches.split(",")], reps=a.reps, budget_s=30.0)
+    variants = a.variants.split(",")
+    runs = {"baseline": [], **{v: [] for v in variants}}
+    for r in range(a.rounds):
+        load = os.getloadavg()[0]
+        runs["baseline"].append(side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
+        for v in variants:
+            precision, _, spin = v.partition("-")
+            runs[v].append(side("ours", dict(bundle=paths["bundle"], backend="ort-cpu", precision=precision,
+                                             **common), spinning=spin == "spinning"))
+        print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
+
+    def med(name, key):
+        return statistics.median(x[key]["p50_ms"] for x in runs[name])
+
+    def thr(name, b):
+        return statistics.median(x["throughput"][b]["img_per_s"] for x in runs[name])
+
+    head = "| measurement (median of per-round p50) | original-style | " + " | ".join(f"novic {v}" for v in variants) + " |"
+    lines = [head, "|---" * (2 + len(variants)) + "|"]
+    for key, label in (("single", "end-to-end, 1 image"), ("encoder", "encoder only, 1 image"),
+                       ("decoder", "decoder only, beam 10 guided")):
+        base = med("baseline", key)
+        cells = [f"{med(v, key):.1f} ms ({base / med(v, key):.2f}x)" for v in variants]
+        lines.append(f"| {label} | {base:.1f} ms | " + " | ".join(cells) + " |")
+    for b in common["batches"]:
+        base = thr("baseline", str(b))
+        cells = [f"{thr(v, str(b)):.2f} img/s ({thr(v, str(b)) / base:.2f}x)" for v in variants]
+        lines.append(f"| throughput, batch {b} | {base:.2f} img/s | " + " | ".join(cells) + " |")
+    cells = []
+    for v in variants:
+        steps = [statistics.median(s) for s in zip(*(x["step_ms_by_position"] for x in runs[v]))]
+        cells.append(f"{steps[0]:.2f} -> {steps[-1]:.2f} ms ({step_flatness(steps):.2f}x; range "
+                     f"{min(steps):.2f}-{max(steps):.2f})")
+    lines.append("| decoder step, first -> last position | (recomputes all) | " + " | ".join(cells) + " |")
+    same = [sum(p == q for p, q in zip(runs[v][0]["labels"], runs["baseline"][0]["labels"])) for v in variants]
+    lines.append("| top-1 labels equal to the baseline on the photos | | "
+                 + " | ".join(f"{s}/{len(runs['baseline'][0]['labels'])}" for s in same) + " |")
+    print("\n".join(lines))
+    if a.json:
+        Path(a.json).write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
