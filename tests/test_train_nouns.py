@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from novic.train.nouns import Noun, load_nouns, pluralize, save_nouns, wordnet_nouns, WORDNET_DIR
+from novic.train.nouns import Noun, is_plural_form, load_nouns, pluralize, save_nouns, wordnet_nouns, WORDNET_DIR
 
 
 def test_txt_skips_comments_blanks_and_duplicates(tmp_path):
@@ -52,6 +52,25 @@ def test_pluralize():
         assert pluralize(s, irregular) == p
 
 
+def test_plural_lemmas_are_recognised():
+    singulars = {"egg", "glass", "fry", "cloth", "work", "bus", "gas", "lens", "premise"}
+    for word in ["eggs", "glasses", "fries", "clothes", "public works", "premises"]:
+        assert is_plural_form(word, singulars), word
+    for word in ["bus", "gas", "lens", "glass", "dog", "men's", "cup of tea"]:
+        assert not is_plural_form(word, singulars), word
+
+
+def test_plural_only_nouns_get_no_singular_captions():
+    from novic.train.captions import CaptionConfig, template_captions
+
+    nouns = [Noun("eggs", plural="eggs"), Noun("apple")]
+    caps = template_captions(nouns, ["a photo of a {}.", "a photo of many {}."],
+                             CaptionConfig(multi_ratio=0.0, seed=0))
+    texts = set(caps.texts)
+    assert "a photo of many eggs." in texts and "a photo of an apple." in texts and "a photo of apples." in texts
+    assert not any("an eggs" in t or "a eggs" in t or "eggses" in t for t in texts)
+
+
 needs_wordnet = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
                                    reason="wordnet-base not installed")
 
@@ -69,6 +88,9 @@ def test_wordnet_builder_objects_ranked_with_plurals():
         assert word not in names, word
     assert names["mouse"].plural == "mice" and names["child"].plural == "children"
     assert names["dog"].plural == "dogs"
+    # plural lemmas keep their form (not 'eggses'); their singular twins still inflect
+    assert names["eggs"].plural == "eggs" and names["egg"].plural == "eggs"
+    assert names["clothes"].plural == "clothes" and names["glass"].plural == "glasses"
     freqs = [n.frequency for n in nouns]
     assert freqs == sorted(freqs, reverse=True) and min(freqs) >= 3.0
     # The threshold makes nested subsets (like FT0 / FT2).

@@ -199,7 +199,10 @@ class CaptionSet:
 
 
 def _forms(noun: Noun, cfg: CaptionConfig) -> list[tuple[str, bool]]:
-    """(surface form, is plural) of a noun: singular, plural, aliases (singular)."""
+    """(surface form, is plural) of a noun: singular, plural, aliases (singular). A noun whose
+    plural is itself ('eggs', 'scissors') has only the plural form: no 'a photo of an eggs'."""
+    if noun.plural == noun.noun:
+        return [(noun.noun, True)] + ([(a, False) for a in noun.aliases] if cfg.aliases else [])
     out = [(noun.noun, False)]
     if cfg.plural:
         out.append((noun.plural or pluralize(noun.noun), True))
@@ -228,6 +231,8 @@ def template_captions(nouns: list[Noun], templates: list[str], cfg: CaptionConfi
         ids = rng.choice(len(nouns), m, replace=False).tolist()
         t = temps[int(rng.integers(len(temps)))]
         pl = bool(rng.choice(t.numbers))
+        if True in t.numbers and any(nouns[j].plural == nouns[j].noun for j in ids):
+            pl = True   # a plural-only noun makes the phrase plural
         forms = [(nouns[j].plural or pluralize(nouns[j].noun)) if pl else nouns[j].noun for j in ids]
         texts.append(t.render(forms, pl))
         targets.append(ids)

@@ -140,12 +140,31 @@ def _plural_word(word: str, irregular: dict[str, str]) -> str:
     return word + "s"
 
 
+def _head(words: list[str]) -> int:
+    """Index of the head word: the word before ' of ' ('cup of tea'), else the last."""
+    return words.index("of") - 1 if "of" in words[1:] else len(words) - 1
+
+
+def is_plural_form(noun: str, singulars: set[str]) -> bool:
+    """Whether a lemma is already plural ('eggs', 'glasses', 'fries', 'clothes'): its head word ends
+    in s and drops to a word of `singulars` (WordNet's noun lemmas) by -s, -es or -ies -> -y.
+    Such lemmas (WordNet lists 'eggs', 'works', 'arms' as nouns of their own) keep their form
+    as their plural instead of getting 'eggses'."""
+    words = noun.split(" ")
+    head = words[_head(words)]
+    if not head.endswith("s") or head.endswith(("ss", "us", "is", "'s")) or len(head) < 4:
+        return False
+    stems = [head[:-1], head[:-2] if head.endswith("es") else None,
+             head[:-3] + "y" if head.endswith("ies") else None]
+    return any(stem and stem in singulars for stem in stems)
+
+
 def pluralize(noun: str, irregular: dict[str, str] | None = None) -> str:
     """English plural of a (possibly multi-word) noun: the head word is inflected, which is the
     word before ' of ' ('cup of tea' -> 'cups of tea') or else the last word."""
     irregular = irregular or {}
     words = noun.split(" ")
-    head = words.index("of") - 1 if "of" in words[1:] else len(words) - 1
+    head = _head(words)
     words[head] = _plural_word(words[head], irregular)
     return " ".join(words)
 
@@ -275,6 +294,7 @@ def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
     senses, counts = read_sense_index(wordnet_dir)
     irregular = read_irregular_plurals(wordnet_dir)
     physical = physical_synsets(hypernyms)
+    singulars = {lemma.lower() for group in lemmas.values() for lemma in group}
     names = set()
     for offset in physical:
         for lemma in lemmas[offset]:
@@ -289,7 +309,7 @@ def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
         # common words ('after part'); one Zipf unit per extra word puts them in line.
         freq = round(zipf_frequency(name, "en") - (len(re.split(r"[ -]", name)) - 1), 2)
         if freq >= min_zipf and freq > 0:
-            plural = irregular.get(name) or pluralize(name, irregular)
+            plural = name if is_plural_form(name, singulars) else irregular.get(name) or pluralize(name, irregular)
             nouns.append(Noun(name, freq, plural))
     nouns.sort(key=lambda n: (-n.frequency, n.noun))
     return nouns[:max_nouns] if max_nouns else nouns
