@@ -173,3 +173,27 @@ if __name__ == "__main__":  # the DDP worker (run by torchrun from the test abov
     if d.main:
         (tmp / "ddp_losses.json").write_text(json.dumps([h["loss"] for h in hist if "loss" in h]))
     torch.distributed.destroy_process_group()
+
+
+def test_heldout_templates_embed_only_the_evaluated_captions(tmp_path):
+    class Counting(HashEmbedder):
+        texts: list = []
+
+        def encode_text(self, texts):
+            Counting.texts += list(texts)
+            return super().encode_text(texts)
+
+    (tmp_path / "held.txt").write_text("a sculpture of a {}.\na plushie {}.\nthe origami {}.\n")
+    cfg = small_config(tmp_path, **{"data.eval_templates": str(tmp_path / "held.txt"), "data.eval_samples": 20})
+    data = prepare_data(cfg, Counting())
+    held = {e.name: e for e in data.eval_sets}
+    clean, noised = held["heldout_clean"], held["heldout_noised"]
+    assert len(clean.nouns) == 20 and np.array_equal(clean.nouns, noised.nouns)
+    training = set(data.captions.texts)
+    held_texts = [t for t in Counting.texts if t not in training]
+    # 30 nouns x 3 templates x 2 forms = 180 held-out captions exist; only the 20 evaluated are embedded
+    assert len(held_texts) == 20
+    # each evaluated embedding is its caption's, and its target is the caption's noun
+    for emb, target in zip(clean.embeds, clean.nouns):
+        text = next(t for t in held_texts if np.allclose(HashEmbedder().encode_text([t])[0], emb, atol=2e-3))
+        assert NOUNS[target] in text

@@ -104,11 +104,15 @@ def prepare_data(cfg: TrainConfig, embedder, build: bool = True, barrier=lambda:
     if cfg.data.eval_templates:
         held = template_captions(nouns, load_templates(cfg.data.eval_templates),
                                  replace(cfg.captions, multi_ratio=0.0, seed=cfg.captions.seed + 1))
-        held_cache = cached(held)
         rows = np.sort(rng.choice(len(held), min(cfg.data.eval_samples, len(held)), replace=False))
-        targets = held.targets[held.offsets[rows]].astype(np.int64)
-        eval_sets += [EvalSet("heldout_clean", held_cache.get(rows), targets, False),
-                      EvalSet("heldout_noised", held_cache.get(rows), targets, True)]
+        # embed only the evaluated captions (all templates x forms x nouns can be 10-100x more)
+        held = CaptionSet.build([held.texts[i] for i in rows],
+                                [held.targets[held.offsets[i]:held.offsets[i + 1]].tolist() for i in rows])
+        held_cache = cached(held)
+        everything = np.arange(len(held))
+        targets = held.targets[held.offsets[:-1]].astype(np.int64)
+        eval_sets += [EvalSet("heldout_clean", held_cache.get(everything), targets, False),
+                      EvalSet("heldout_noised", held_cache.get(everything), targets, True)]
     lengths = np.array([len(t) for t in vocab.noun_tokens], np.int64)
     return TrainData(nouns, vocab, captions, cache, cap, noun.astype(np.int64), weight,
                      _pad_tokens(vocab.noun_tokens), lengths, eval_sets)
