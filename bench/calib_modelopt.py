@@ -1,7 +1,7 @@
 """ModelOpt INT8/FP8 Q/DQ of the paper encoder (random weights), checked with onnxruntime-CPU:
 embedding cosine vs fp32 on held-out images, CPU latency (batch 1) next to fp32.
 
-    nice -n 10 python bench/calib_modelopt.py /tmp/modelopt-venv/bin/python [int8,fp8] [MatMul,Conv,Gemm]
+    nice -n 10 python bench/calib_modelopt.py .modelopt-venv/bin/python [int8,fp8] [MatMul,Conv,Gemm|-] [max|entropy]
 """
 import json, os, sys, time
 from pathlib import Path
@@ -16,7 +16,8 @@ from novic.runtime.bundle import Bundle
 
 python = sys.argv[1]
 modes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["int8", "fp8"]
-op_types = sys.argv[3].split(",") if len(sys.argv) > 3 else None   # e.g. MatMul,Conv,Gemm
+op_types = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[3] != "-" else None   # e.g. MatMul,Conv,Gemm
+method = sys.argv[4] if len(sys.argv) > 4 else None   # None: ModelOpt's default (entropy)
 out = Path("/tmp/calib_bench"); out.mkdir(exist_ok=True)
 b = Bundle.open(str(Path.home() / ".cache/novic/bench/paper/bundle"), verify=False)
 src = b.artifact_path("image_encoder", "fp32")
@@ -24,10 +25,10 @@ d = calibration_set(b.preprocess, None, n_calib=32, n_heldout=16)
 e32 = OrtImageEncoder(src, threads=2)
 ref = e32(d.heldout)
 rep = {"load_before": os.getloadavg(), "calib_images": 32, "heldout": 16}
-rep["op_types"] = op_types
+rep["op_types"], rep["calibration_method"] = op_types, method or "entropy (default)"
 for mode in modes:
     dst = out / f"image_encoder.modelopt.{mode}.onnx"
-    info = modelopt_quantize(src, dst, mode, d.calib, python=python, op_types=op_types)
+    info = modelopt_quantize(src, dst, mode, d.calib, python=python, op_types=op_types, method=method)
     e = OrtImageEncoder(dst, threads=2)
     c = cosine(ref, e(d.heldout))
     x = np.ascontiguousarray(d.heldout[:1]); t = {"fp32": [], mode: []}

@@ -654,3 +654,60 @@ def test_trt_engine_mismatch_is_refused(copy, fake_trt, monkeypatch):
     monkeypatch.setattr(FakeCuda, "device_properties", lambda self: ("Fake A100", "8.0"))
     with pytest.raises(backend.TrtError, match=r"built for sm_90 but this GPU \(Fake A100\) is sm_80"):
         backend.TrtImageEncoder(path, entry)
+
+
+def test_trt_quantized_encoder_engines(copy, fake_trt, monkeypatch):
+    """--precision int8|fp8: the encoder engine comes from the calibrated Q/DQ graph, the decoder
+    engines from fp16; onnxruntime's dynamic int8 (not Q/DQ) and FP8 on a pre-Ada GPU are refused
+    with the fix; the selection then reports the mixed precision."""
+    from rich.console import Console
+
+    from novic.calib.run import add_artifact, calibrate_bundle
+    from novic.export.tensorrt import TensorRTMissing, build_engines
+    from novic.runtime.backends import trt as backend
+    from novic.runtime.backends.ort import OrtImageEncoder
+    from novic.runtime.backends.select import Probe, select_for_bundle
+
+    quiet = Console(stderr=True, quiet=True)
+    with pytest.raises(BundleError, match=r"no image_encoder graph in int8"):
+        build_engines(copy, buckets=(1,), beam_width=2, precision="int8", console=quiet)
+    calib = dict(n=8, n_heldout=4, min_agreement=0.0, console=quiet)
+    assert calibrate_bundle(copy, method="dynamic", **calib)["written"]
+    with pytest.raises(BundleError, match=r"made with --method dynamic \(onnxruntime-only operators\); TensorRT "
+                                          r"needs Q/DQ: rerun novic-export calib .* --method static"):
+        build_engines(copy, buckets=(1,), beam_width=2, precision="int8", console=quiet)
+    assert calibrate_bundle(copy, method="static", **calib)["written"]   # replaces the dynamic one
+    result = build_engines(copy, buckets=(1, 4), beam_width=2, precision="int8", console=quiet)
+    built = {e["role"]: e for e in result["engines"]}
+    assert {r: e["precision"] for r, e in built.items()} == {"image_encoder": "int8", "decoder_prefill": "fp16",
+                                                            "decoder_step": "fp16"}
+    assert built["image_encoder"]["file"] == "engines/image_encoder.int8.sm90.trt11.4.engine"
+    assert built["image_encoder"]["source"] == "image_encoder.int8.onnx"
+    # the engine computes what the int8 graph computes (the fake engine runs that graph)
+    b = Bundle.open(copy, verify="eager")
+    entry = b.engines_for("image_encoder")[0]
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    want = OrtImageEncoder(b.artifact_path("image_encoder", "int8"))(pixels)
+    assert np.allclose(backend.TrtImageEncoder(b.engine_path(entry), entry)(pixels), want, atol=1e-6)
+    # fp16 engines next to them: the selection prefers the int8 encoder and says so
+    assert [e["role"] for e in build_engines(copy, buckets=(1, 4), beam_width=2, console=quiet)["engines"]] == \
+        ["image_encoder"]                                       # fp16 decoder engines are already up to date
+    facts = Probe(gpu_name="Fake H100", compute_capability="9.0", tensorrt_version="11.4.0.106", cuda_python=True,
+                  ort_version="1", ort_providers=("CPUExecutionProvider",))
+    choice = select_for_bundle(Bundle.open(copy), facts=facts)
+    assert choice.precision == "int8 encoder, fp16 decoder" and choice.engines["image_encoder"].precision == "int8"
+
+    # fp8: a Q/DQ graph in the fp8 slot (here the static int8 graph stands in for ModelOpt's output)
+    add_artifact(copy, copy / "image_encoder.int8.onnx", role="image_encoder", precision="fp8",
+                 name="image_encoder.fp8.onnx", info={"method": "modelopt-fp8", "tensorrt": True})
+    from novic.export import tensorrt as export_trt
+    monkeypatch.setattr(export_trt, "probe", lambda: Probe(gpu_name="Fake A100", compute_capability="8.0",
+                                                           tensorrt_version="11.4.0.106", cuda_python=True))
+    with pytest.raises(TensorRTMissing, match=r"FP8 engines need an Ada or Hopper GPU .* Fake A100 is sm_80: "
+                                              r"use --precision int8 or fp16"):
+        build_engines(copy, buckets=(1, 4), beam_width=2, precision="fp8", console=quiet)
+    monkeypatch.setattr(export_trt, "probe", lambda: Probe(gpu_name="Fake H100", compute_capability="9.0",
+                                                           tensorrt_version="11.4.0.106", cuda_python=True))
+    result = build_engines(copy, buckets=(1, 4), beam_width=2, precision="fp8", console=quiet)
+    assert [(e["role"], e["precision"]) for e in result["engines"]] == [("image_encoder", "fp8")]
+    assert select_for_bundle(Bundle.open(copy), facts=facts).precision == "fp8 encoder, fp16 decoder"

@@ -192,36 +192,65 @@ def test_cli_calib(bundle_copy):
     assert (bundle_copy / "image_encoder.int8.onnx").is_file()
 
 
+def test_modelopt_without_its_venv_is_one_clear_line(bundle_copy, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from novic.calib.modelopt import ModelOptError
+    from novic.calib.run import calibrate_bundle
+    from novic.cli.export import app
+
+    monkeypatch.delenv("NOVIC_MODELOPT_PYTHON", raising=False)
+    before = _manifest(bundle_copy)
+    with pytest.raises(ModelOptError, match=r"none was given: create one with bash scripts/modelopt-venv.sh DIR"):
+        calibrate_bundle(bundle_copy, method="modelopt-fp8", console=QUIET)
+    with pytest.raises(ModelOptError, match=r"/nope/python: interpreter not found; create a ModelOpt venv with"):
+        calibrate_bundle(bundle_copy, method="modelopt-int8", modelopt="/nope/python", console=QUIET)
+    no_modelopt = tmp_path / "python"      # an interpreter without modelopt
+    no_modelopt.symlink_to(Path(__import__("sys").executable))
+    with pytest.raises(ModelOptError, match=r"cannot import modelopt.onnx.quantization \(ModuleNotFoundError"):
+        calibrate_bundle(bundle_copy, method="modelopt-fp8", modelopt=str(no_modelopt), console=QUIET)
+    out = CliRunner().invoke(app, ["calib", str(bundle_copy), "--method", "modelopt-fp8", "--modelopt-python", "/nope/python"])
+    assert isinstance(out.exception, ModelOptError) and "interpreter not found" in str(out.exception)  # run_app prints it
+    assert _manifest(bundle_copy) == before and not list(bundle_copy.glob(".calib-*"))
+
+
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_modelopt_qdq_passes_gates(runtime_bundle, tmp_path, mode):  # noqa: F811
-    """Needs a separate venv with nvidia-modelopt[onnx] (NOVIC_MODELOPT_PYTHON=/path/to/python)."""
+def test_modelopt_variant_round_trips(bundle_copy, mode):
+    """ModelOpt's Q/DQ graph goes through the gates into the bundle's int8/fp8 slot and runs with
+    --precision. Needs a venv with nvidia-modelopt[onnx] (bash scripts/modelopt-venv.sh DIR;
+    NOVIC_MODELOPT_PYTHON=DIR/bin/python): .ci/run makes one."""
     import os
 
     python = os.environ.get("NOVIC_MODELOPT_PYTHON")
     if not python:
-        pytest.skip("set NOVIC_MODELOPT_PYTHON to a python with nvidia-modelopt[onnx]")
+        pytest.skip("set NOVIC_MODELOPT_PYTHON to a python with nvidia-modelopt[onnx] (scripts/modelopt-venv.sh)")
     import onnx
     from onnx import numpy_helper
+    from skimage import data
+    from typer.testing import CliRunner
 
-    from novic.calib.data import calibration_set
-    from novic.calib.gates import run_gates
-    from novic.calib.modelopt import modelopt_quantize
-    from novic.runtime.backends.ort import OrtImageEncoder
+    from novic.cli.export import app
     from novic.runtime.bundle import Bundle
-    from novic.runtime.classifier import Classifier
+    from novic.runtime.classifier import Classifier, ClassifierError
 
-    bundle = Bundle.open(runtime_bundle.bundle)
-    data = calibration_set(bundle.preprocess, n_calib=N, n_heldout=HELD, console=QUIET)
-    src = bundle.artifact_path("image_encoder", "fp32")
-    dst = tmp_path / f"image_encoder.{mode}.qdq.onnx"
-    before = src.read_bytes()
-    modelopt_quantize(src, dst, mode, data.calib, python=python)
-    assert src.read_bytes() == before          # ModelOpt rewrites its input: we hand it a copy
-    m = onnx.load(str(dst))
+    if mode == "fp8":
+        with pytest.raises(ClassifierError, match=r"no fp8 image encoder in this bundle; .* --method modelopt-fp8"):
+            Classifier.load(bundle_copy, backend="ort-cpu", precision="fp8")
+    src_before = (bundle_copy / "image_encoder.onnx").read_bytes()
+    out = CliRunner().invoke(app, ["calib", str(bundle_copy), "--method", f"modelopt-{mode}", "--n", str(N),
+                                   "--heldout", str(HELD), "--min-agreement", "0.9", "--modelopt-python", python])
+    assert out.exit_code == 0, out.output
+    assert (bundle_copy / "image_encoder.onnx").read_bytes() == src_before   # ModelOpt got a copy
+    bundle = Bundle.open(bundle_copy, verify="eager")
+    assert bundle.precisions("image_encoder") == ["fp32", mode]
+    info = bundle.artifact("image_encoder", mode).extra["quantization"]
+    assert info["method"] == f"modelopt-{mode}" and info["tensorrt"] is True
+    assert info["gates"]["passed"] and info["gates"]["cosine_mean"] >= 0.99
+    m = onnx.load(str(bundle_copy / f"image_encoder.{mode}.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zps and all(not np.any(z.astype(np.float32)) for z in zps)     # TensorRT: zero point 0
-    ref, var = OrtImageEncoder(src)(data.heldout), OrtImageEncoder(dst)(data.heldout)
-    with Classifier.load(bundle, backend="ort-cpu", precision="fp32") as clf:
-        gates = run_gates(ref, var, classifier=clf, min_agreement=0.9)
-    assert gates.cosine_mean >= 0.99 and gates.passed, gates.summary()
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    with Classifier.load(bundle, backend="ort-cpu", precision=mode, threads=2) as clf:
+        assert clf.precision == mode
+        assert all(r.ok and r.top is not None for r in clf.classify(photos, topk=3))

@@ -6,17 +6,10 @@ environment, so it lives in its own virtual environment and is called as
 The input graph is copied first (ModelOpt rewrites its input in place). The result has symmetric Q/DQ pairs (zero point 0) as TensorRT's explicit quantisation requires;
 onnxruntime-CPU can run it too (FP8 emulated), which is how the gates check it here.
 
-Setting up such an environment (as done for the numbers in docs/benchmarks.md), without pulling
-CUDA torch, cupy and onnxruntime-gpu:
-    python3 -m venv /tmp/modelopt-venv && . /tmp/modelopt-venv/bin/activate
-    pip install --no-deps nvidia-modelopt==0.47.0 onnx==1.21.0 onnxruntime==1.24.4 onnx_graphsurgeon \
-        onnxconverter-common onnxslim onnxscript onnx-ir ml_dtypes polygraphy PuLP pydantic pydantic_core \
-        annotated-types typing-inspection omegaconf PyYAML nvidia-ml-py numpy flatbuffers protobuf packaging \
-        rich markdown-it-py mdurl pygments tqdm scipy regex safetensors typing_extensions sympy mpmath ninja \
-        lief cppimport pybind11 Mako coloredlogs humanfriendly
-    # + torch importable (modelopt.onnx imports it): a .pth pointing at an existing torch install
-Not wired into the bundle yet: the manifest has one ``image_encoder``/``int8`` slot (used by the
-onnxruntime-CPU variant) and no ``fp8`` precision; see the calib report in issue 8.
+Create that environment with ``bash scripts/modelopt-venv.sh DIR`` (nvidia-modelopt and its ONNX
+dependencies installed without their CUDA extras; torch, which ``modelopt.onnx`` imports, is
+borrowed from the interpreter that runs the script), then pass ``--modelopt-python DIR/bin/python``
+to ``novic-export calib`` or set ``NOVIC_MODELOPT_PYTHON``.
 """
 from __future__ import annotations
 
@@ -32,17 +25,39 @@ import numpy as np
 from novic.errors import NovicError
 
 MODES = ("int8", "fp8")
+ENV = "NOVIC_MODELOPT_PYTHON"
+SETUP = "bash scripts/modelopt-venv.sh DIR, then pass --modelopt-python DIR/bin/python"
 
 
 class ModelOptError(NovicError):
     """ModelOpt is missing or failed."""
 
 
+def modelopt_python(python: str | None = None) -> str:
+    """The interpreter that runs ModelOpt: `python`, else $NOVIC_MODELOPT_PYTHON; checked to exist and
+    to import modelopt.onnx.quantization (one short subprocess), so a bad setup fails before any work."""
+    python = python or os.environ.get(ENV)
+    if not python:
+        raise ModelOptError(f"ModelOpt runs in its own venv and none was given: create one with {SETUP} "
+                            f"(or set {ENV})")
+    try:
+        proc = subprocess.run([python, "-c", "import modelopt.onnx.quantization, modelopt; print(modelopt.__version__)"],
+                              capture_output=True, text=True, timeout=300)
+    except (FileNotFoundError, PermissionError):
+        raise ModelOptError(f"{python}: interpreter not found; create a ModelOpt venv with {SETUP}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelOptError(f"{python} cannot import modelopt.onnx.quantization ({last}); create a ModelOpt venv "
+                            f"with {SETUP}")
+    return python
+
+
 def modelopt_quantize(src, dst, mode: str, calib_pixels: np.ndarray, *, python: str,
-                      method: str = "max", op_types=None, timeout: float = 1800) -> dict:
+                      method: str | None = None, op_types=None, timeout: float = 1800) -> dict:
     """Run ModelOpt's ONNX PTQ in the interpreter `python` (a venv with nvidia-modelopt[onnx]).
     `op_types`: restrict quantisation to these ONNX ops (e.g. ("MatMul", "Conv", "Gemm")); None =
-    ModelOpt's default (which also puts Q/DQ in front of LayerNormalization and Add)."""
+    ModelOpt's default (which also puts Q/DQ in front of LayerNormalization and Add).
+    `method`: ModelOpt's calibration method ("max", "entropy"); None = its default (entropy)."""
     if mode not in MODES:
         raise ModelOptError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     dst = Path(dst)
@@ -53,8 +68,10 @@ def modelopt_quantize(src, dst, mode: str, calib_pixels: np.ndarray, *, python: 
     npy = work / "calib.npy"
     np.save(npy, np.ascontiguousarray(calib_pixels, dtype=np.float32))
     cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(model), "--quantize_mode", mode,
-           "--calibration_data_path", str(npy), "--calibration_method", method, "--calibration_eps", "cpu",
+           "--calibration_data_path", str(npy), "--calibration_eps", "cpu",
            "--high_precision_dtype", "fp32", "--output_path", str(work / dst.name)]
+    if method:
+        cmd += ["--calibration_method", method]
     if op_types:
         cmd += ["--op_types_to_quantize", *op_types]
     t0 = time.perf_counter()
@@ -70,6 +87,6 @@ def modelopt_quantize(src, dst, mode: str, calib_pixels: np.ndarray, *, python: 
         os.replace(work / dst.name, dst)   # (intermediate files stay in `work` and go with it)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"method": f"modelopt-{mode}", "calibration_method": method, "op_types": list(op_types or []),
+    return {"method": f"modelopt-{mode}", "calibration_method": method or "entropy (ModelOpt's default)", "op_types": list(op_types or []),
             "format": "QDQ (symmetric, zero point 0)",
             "calibration": f"{len(calib_pixels)} images", "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,14 +1,24 @@
-"""``novic-export calib``: calibrate, quantise, gate and (only if the gates pass) add an INT8 image
-encoder to a bundle.
+"""``novic-export calib``: calibrate, quantise, gate and (only if the gates pass) add a quantised
+image encoder to a bundle.
+
+Methods and the precision slot each fills (one graph per slot):
+- ``dynamic`` -> ``int8``: onnxruntime dynamic quantisation (MatMulInteger); the fastest on the
+  CPU, onnxruntime only (TensorRT cannot build it).
+- ``static`` -> ``int8``: onnxruntime static QDQ, symmetric (zero point 0); runs on the CPU and is
+  the explicit-quantisation form TensorRT builds from.
+- ``modelopt-int8`` / ``modelopt-fp8`` -> ``int8`` / ``fp8``: NVIDIA ModelOpt's ONNX PTQ (Q/DQ for
+  TensorRT; FP8 needs an Ada or Hopper GPU), run in its own venv (novic.calib.modelopt).
+The gates run every variant with onnxruntime on the CPU (FP8 is emulated there, slowly).
 
 Writing is atomic at every point: the quantised graph is made in a staging directory inside the
-bundle; if an older int8 encoder is listed, the manifest is first rewritten without it; then the new
-file is renamed into place (``image_encoder.int8.onnx``) and the manifest rewritten with its entry
-(sha256, size, role ``image_encoder``, precision ``int8``, I/O of the fp32 graph, and how it was made
-and gated under ``quantization``). A crash leaves a manifest that matches the files it lists.
-A variant that fails its gate is discarded; the bundle (including an older int8 variant) is left
-as it was. The decoder is not quantised (see docs/benchmarks.md "Quantisation": it does not pay on
-CPU); ``precision='int8'`` runs the int8 encoder with the fp32 decoder.
+bundle; if an older encoder of the same precision is listed, the manifest is first rewritten without
+it; then the new file is renamed into place (``image_encoder.int8.onnx`` / ``image_encoder.fp8.onnx``)
+and the manifest rewritten with its entry (sha256, size, role ``image_encoder``, the precision, I/O
+of the fp32 graph, and how it was made and gated under ``quantization``). A crash leaves a manifest
+that matches the files it lists. A variant that fails its gate is discarded; the bundle (including
+an older variant) is left as it was. The decoder is not quantised (see docs/benchmarks.md
+"Quantisation": it does not pay on the CPU); ``precision='int8'`` runs the int8 encoder with the fp32
+decoder (TensorRT: with the fp16 decoder engines).
 """
 from __future__ import annotations
 
@@ -22,10 +32,17 @@ import numpy as np
 
 from novic.calib.data import calibration_set
 from novic.calib.gates import BEAM_WIDTH, MIN_AGREEMENT, MIN_MEAN_COSINE, run_gates, top1_labels
-from novic.calib.ort_int8 import METHODS, QuantError, quantize_encoder
+from novic.calib.modelopt import ModelOptError, modelopt_python, modelopt_quantize
+from novic.calib.ort_int8 import QuantError, quantize_encoder
 from novic.errors import NovicError
 
-INT8_ENCODER_FILE = "image_encoder.int8.onnx"
+METHOD_PRECISION = {"dynamic": "int8", "static": "int8", "modelopt-int8": "int8", "modelopt-fp8": "fp8"}
+METHODS = tuple(METHOD_PRECISION)
+INT8_ENCODER_FILE = "image_encoder.int8.onnx"   # encoder_file("int8")
+
+
+def encoder_file(precision: str) -> str:
+    return f"image_encoder.{precision}.onnx"
 
 
 class CalibError(NovicError):
@@ -73,8 +90,11 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
 def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 40, method: str = "dynamic",
                      seed: int = 0, min_mean_cosine: float = MIN_MEAN_COSINE,
                      min_agreement: float = MIN_AGREEMENT, beam_width: int = BEAM_WIDTH,
-                     threads: int | None = None, console=None, dry_run: bool = False) -> dict:
+                     threads: int | None = None, console=None, dry_run: bool = False,
+                     modelopt: str | None = None) -> dict:
     """Calibrate + quantise the bundle's fp32 image encoder, gate it, write it if it passes.
+    `modelopt`: the python of a venv with nvidia-modelopt[onnx] (modelopt-* methods; default
+    $NOVIC_MODELOPT_PYTHON).
 
     Returns {"written": bool, "path", "method", "gates": GateResult.to_dict(), "summary",
     "quantization": {...}, "data": summary, "latency_ms": {...}, "seconds"}."""
@@ -87,6 +107,8 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
     console = console or Console(stderr=True)
     if method not in METHODS:
         raise CalibError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    precision = METHOD_PRECISION[method]
+    python = modelopt_python(modelopt) if method.startswith("modelopt-") else None  # fails before any work
     t_start = time.perf_counter()
     root = Path(bundle_dir)
     bundle = Bundle.open(root, verify=True)
@@ -100,16 +122,20 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
     stage = root / f".calib-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        out = stage / INT8_ENCODER_FILE
+        out = stage / encoder_file(precision)
         console.print(f"calib: quantising {src.name} ({method})...", highlight=False)
         try:
-            info = quantize_encoder(src, out, method, data.calib)
-        except QuantError:
+            if python:
+                info = modelopt_quantize(src, out, method.split("-", 1)[1], data.calib, python=python)
+            else:
+                info = quantize_encoder(src, out, method, data.calib)
+        except (QuantError, ModelOptError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
             raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
                              f"try --method {'static' if method == 'dynamic' else 'dynamic'}") from None
         info["calibration_data"] = data.summary()
+        info["tensorrt"] = method != "dynamic"   # Q/DQ graphs; dynamic uses onnxruntime-only operators
 
         ref_enc = OrtImageEncoder(src, threads=threads)
         var_enc = OrtImageEncoder(out, threads=threads)
@@ -132,14 +158,16 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
             console.print(f"  changed: {name}: {a!r} -> {b!r}", highlight=False)
         written = None
         if gates.passed and not dry_run:
-            entry = add_artifact(root, out, role="image_encoder", precision="int8", name=INT8_ENCODER_FILE, info=info)
+            entry = add_artifact(root, out, role="image_encoder", precision=precision, name=encoder_file(precision),
+                                 info=info)
             written = str(root / entry["file"])
             console.print(f"calib: wrote {written}", highlight=False)
         elif not gates.passed:
-            console.print(f"calib: [red]not written[/]: the int8 variant failed its gate "
+            console.print(f"calib: [red]not written[/]: the {precision} variant failed its gate "
                           f"({'; '.join(gates.reasons)})", highlight=False)
-        return {"written": written is not None, "path": written, "method": method, "gates": gates.to_dict(),
+        return {"written": written is not None, "path": written, "method": method, "precision": precision,
+                "gates": gates.to_dict(),
                 "summary": gates.summary(), "quantization": info, "data": data.summary(),
-                "heldout_seconds_int8": round(t_var, 3), "seconds": round(time.perf_counter() - t_start, 2)}
+                "heldout_seconds_variant": round(t_var, 3), "seconds": round(time.perf_counter() - t_start, 2)}
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -64,7 +64,9 @@ def trt_command(
                                 help="Batch buckets in images; one optimization profile each."),
     beam_width: Optional[int] = typer.Option(None, "--beam-width", min=1,
                                              help="Beams per image the decoder engines are sized for (default: the bundle's)."),
-    precision: str = typer.Option("fp16", "--precision", help="Which graphs to build from: fp16 (default) or fp32."),
+    precision: str = typer.Option("fp16", "--precision",
+                                  help="Which graphs to build from: fp16 (default), fp32, or int8/fp8 (the image encoder "
+                                       "from novic-export calib's Q/DQ graph, the decoder from fp16)."),
     workspace: Optional[float] = typer.Option(None, "--workspace", help="Builder workspace limit in GiB."),
     force: bool = typer.Option(False, "--force", help="Rebuild engines that are already up to date."),
     verbose: bool = typer.Option(False, "--verbose", help="TensorRT's verbose log."),
@@ -126,25 +128,31 @@ def calib_command(
     n: int = typer.Option(64, "--n", min=1, help="Calibration images."),
     heldout: int = typer.Option(40, "--heldout", min=1, help="Held-out images for the accuracy gates."),
     method: str = typer.Option("dynamic", "--method",
-                               help="dynamic (MatMul int8, fastest on CPU) or static (QDQ, symmetric, calibrated)."),
+                               help="dynamic (int8, fastest on the CPU, onnxruntime only), static (int8 Q/DQ, symmetric, "
+                                    "calibrated: CPU and TensorRT), modelopt-int8 or modelopt-fp8 (NVIDIA ModelOpt "
+                                    "Q/DQ for TensorRT; needs --modelopt-python)."),
+    modelopt_python: Optional[str] = typer.Option(None, "--modelopt-python", envvar="NOVIC_MODELOPT_PYTHON",
+                                                  help="Python of a venv with nvidia-modelopt[onnx] "
+                                                       "(bash scripts/modelopt-venv.sh DIR)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image draw."),
     min_cosine: float = typer.Option(0.99, "--min-cosine", help="Gate: mean embedding cosine vs fp32."),
     min_agreement: float = typer.Option(0.97, "--min-agreement", help="Gate: top-1 label agreement vs fp32."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Quantise and gate, but do not write into the bundle."),
 ):
-    """Quantise the image encoder to INT8 for onnxruntime on the CPU, check it against fp32 on held-out
+    """Quantise the image encoder (INT8, or FP8 for TensorRT), check it against fp32 on held-out
     images (embedding cosine, top-1 labels) and add it to the bundle only if it passes
-    (use it with novic-run --precision int8)."""
+    (use it with novic-run --precision int8|fp8, or novic-export trt --precision int8|fp8)."""
     from novic.calib.run import calibrate_bundle
 
     result = calibrate_bundle(bundle, images=images, n=n, n_heldout=heldout, method=method, seed=seed,
                               min_mean_cosine=min_cosine, min_agreement=min_agreement, console=err,
-                              dry_run=dry_run)
+                              dry_run=dry_run, modelopt=modelopt_python)
+    prec = result["precision"]
     if not result["gates"]["passed"]:
-        err.print(f"[bold red]gate failed, int8 encoder not written:[/] {'; '.join(result['gates']['reasons'])}",
+        err.print(f"[bold red]gate failed, {prec} encoder not written:[/] {'; '.join(result['gates']['reasons'])}",
                   highlight=False)
         raise typer.Exit(1)
-    err.print(f"int8 encoder {'written to ' + result['path'] if result['written'] else 'passed (dry run, not written)'}"
+    err.print(f"{prec} encoder {'written to ' + result['path'] if result['written'] else 'passed (dry run, not written)'}"
               f" in {result['seconds']:.0f} s", highlight=False)
 
 

@@ -96,7 +96,8 @@ def main_command(
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
                                           help="Bundle directory (written by novic-export onnx)."),
     backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends: fp32, fp16, int8."),
+    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends: fp32, fp16, int8, fp8 (int8/fp8: the "
+                                                                "calibrated encoder, novic-export calib)."),
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="Labels per image."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line (default: the bundle's)."),

@@ -1,5 +1,9 @@
 """``novic-export trt BUNDLE``: TensorRT engines from the bundle's fp16 graphs.
 
+``--precision int8|fp8`` builds the image encoder from the bundle's quantised graph (explicit Q/DQ,
+written by ``novic-export calib``; FP8 needs compute capability >= 8.9) and the decoder from its
+fp16 graphs: the decoder is small and launch-bound on a GPU, so it is not quantised.
+
 TensorRT 11 Python API (docs.nvidia.com/deeplearning/tensorrt, "Migrating from TensorRT 10.x to
 11.x" and the Python API reference), used as follows:
 - Strongly typed networks: TensorRT 11 removed the precision builder flags (BuilderFlag.FP16,
@@ -33,9 +37,10 @@ from novic.errors import NovicError
 from novic.export.bundle import write_bytes_atomic
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, probe
-from novic.runtime.bundle import MANIFEST, ROLES, Bundle, BundleError, read_manifest
+from novic.runtime.bundle import MANIFEST, QUANTIZED, ROLES, Bundle, BundleError, read_manifest
 
 ENGINE_DIR = "engines"
+FP8_MIN_CC = (8, 9)   # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 TIMING_CACHE = "timing.cache"
 
 
@@ -64,14 +69,32 @@ def engine_file_name(role: str, precision: str, compute_capability: str, trt_ver
     return f"{role}.{precision}.sm{sm}.trt{'.'.join(trt_version.split('.')[:2])}.engine"
 
 
+def role_precision(role: str, precision: str) -> str:
+    """The graph precision an engine of `role` is built from: quantised variants exist only for the
+    image encoder; with them the decoder engines come from the fp16 graphs."""
+    return "fp16" if precision in QUANTIZED and role != "image_encoder" else precision
+
+
+def check_quantized_encoder(bundle: Bundle, precision: str) -> None:
+    """A quantised encoder graph TensorRT can build: Q/DQ, not onnxruntime's dynamic int8."""
+    artifact = bundle.artifact("image_encoder", precision)   # BundleError if missing
+    info = artifact.extra.get("quantization") or {}
+    if info.get("tensorrt") is False or info.get("method") == "dynamic":
+        raise BundleError(f"{bundle.path / artifact.file}: this {precision} encoder was made with --method "
+                          f"{info.get('method', 'dynamic')} (onnxruntime-only operators); TensorRT needs Q/DQ: "
+                          f"rerun novic-export calib {bundle.path} --method static (or modelopt-{precision})")
+
+
 def plans_for_bundle(bundle: Bundle, params: trt_plan.PlanParams, precision: str = "fp16",
                      roles=ROLES) -> dict:
     """role -> (Artifact, GraphPlan) for the graphs the engines are built from."""
     cfg, topk = bundle.decoder_config, bundle.graph_topk
     image_size = trt_plan.image_size_from_preprocess(bundle.preprocess)
+    if precision in QUANTIZED and "image_encoder" in roles:
+        check_quantized_encoder(bundle, precision)
     out = {}
     for role in roles:
-        artifact = bundle.artifact(role, precision)
+        artifact = bundle.artifact(role, role_precision(role, precision))
         try:
             plan = trt_plan.plan_graph(role, artifact.signature(), cfg, topk, params, image_size)
         except trt_plan.PlanError as exc:
@@ -202,6 +225,9 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
         raise TensorRTMissing(f"no NVIDIA GPU visible ({facts.gpu_error}); TensorRT engines are built on the GPU "
                               "that will run them")
     cc, gpu, version = facts.compute_capability, facts.gpu_name or "", str(trt.__version__)
+    if precision == "fp8" and tuple(int(x) for x in cc.split(".")) < FP8_MIN_CC:
+        raise TensorRTMissing(f"FP8 engines need an Ada or Hopper GPU (compute capability >= 8.9); {gpu or 'this GPU'} "
+                              f"is sm_{cc.replace('.', '')}: use --precision int8 or fp16")
     engine_dir = root / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
     cache_path = engine_dir / TIMING_CACHE
@@ -218,7 +244,8 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for role, (artifact, plan) in plans.items():
-            old = recorded.get((role, precision, cc, version))
+            graph_precision = artifact.precision
+            old = recorded.get((role, graph_precision, cc, version))
             old_entry = {**old.extra, "file": old.file, "size": old.size, "tensorrt_version": old.tensorrt_version,
                          "compute_capability": old.compute_capability} if old else None
             if not force and _up_to_date(root, old_entry, artifact, params, version, cc):
@@ -231,14 +258,14 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
                 progress.update(task, description=f"{role}: {text}")
 
             t0 = time.perf_counter()
-            onnx_path = bundle.artifact_path(role, precision)
+            onnx_path = bundle.artifact_path(role, graph_precision)
             engine_bytes, timing = build_engine(trt, logger, onnx_path, plan, timing,
                                                 int(workspace_gib * (1 << 30)) if workspace_gib else None, status)
-            name = engine_file_name(role, precision, cc, version)
+            name = engine_file_name(role, graph_precision, cc, version)
             write_bytes_atomic(engine_dir / name, engine_bytes)
             write_bytes_atomic(cache_path, timing)  # after each engine: an interrupted run keeps its timings
             entry = {
-                "file": f"{ENGINE_DIR}/{name}", "role": role, "precision": precision,
+                "file": f"{ENGINE_DIR}/{name}", "role": role, "precision": graph_precision,
                 "sha256": hashlib.sha256(engine_bytes).hexdigest(), "size": len(engine_bytes),
                 "source": artifact.file, "source_sha256": artifact.sha256,
                 "tensorrt_version": version, "compute_capability": cc,

@@ -38,7 +38,8 @@ MANIFEST = "manifest.json"
 VERIFY_CACHE = ".novic-verified.json"
 
 ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")   # image encoder only (novic-export calib); the decoder stays fp32/fp16
 REEXPORT = "re-export with novic-export onnx"
 _CHUNK = 1 << 20
 

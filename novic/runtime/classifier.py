@@ -43,13 +43,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from novic.errors import NovicError
+from novic.runtime.bundle import PRECISIONS, QUANTIZED
 from novic.runtime.images import ImageError, describe
 
 log = logging.getLogger("novic")
 
 __all__ = ["Classifier", "ClassifierError", "Label", "Result", "Vocabulary"]
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ClassifierError(NovicError, ValueError):
@@ -166,7 +165,7 @@ class Classifier:
              verify: bool | str = True, threads: int | None = None, device_id: int = 0,
              verbose: bool = False) -> "Classifier":
         """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
-        'trt'). `precision` ('fp32'/'fp16'/'int8') overrides the backend's choice of graphs (ORT
+        'trt'). `precision` ('fp32'/'fp16'/'int8'/'fp8') overrides the backend's choice of graphs (ORT
         backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
         threads for onnxruntime on the CPU and the size of the image-loading pool. The choice and
         its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
@@ -477,17 +476,17 @@ def _open_ort(bundle, choice, precision, threads, device_id):
     provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
     want = precision or choice.precision
     have = bundle.precisions("decoder_step")
-    if want == "int8":  # int8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
-        if "int8" not in bundle.precisions("image_encoder"):
-            raise ClassifierError(f"{bundle.path}: no int8 image encoder in this bundle; create one with "
-                                  f"novic-export calib {bundle.path}")
-        if "int8" not in have:
-            encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", "int8"), provider=provider,
-                                      threads=threads, device_id=device_id)
-            decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
-                                        bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
-                                        provider=provider, threads=threads, device_id=device_id)
-            return encoder, decoder, "int8"
+    if want in QUANTIZED:  # int8/fp8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
+        if want not in bundle.precisions("image_encoder"):
+            method = "modelopt-fp8" if want == "fp8" else "dynamic"
+            raise ClassifierError(f"{bundle.path}: no {want} image encoder in this bundle; create one with "
+                                  f"novic-export calib {bundle.path} --method {method}")
+        encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", want), provider=provider,
+                                  threads=threads, device_id=device_id)
+        decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
+                                    bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
+                                    provider=provider, threads=threads, device_id=device_id)
+        return encoder, decoder, want
     if want not in have:
         if precision is not None:
             raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "

@@ -17,6 +17,7 @@ from novic.errors import NovicError
 BACKENDS = ("trt", "ort-cuda", "ort-cpu")
 AUTO = "auto"
 ENGINE_ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
+ENGINE_PREFERENCE = {"fp8": 0, "int8": 1, "fp16": 2, "fp32": 3}
 INSTALL = {"trt": "pip install 'novic[trt]'", "ort-cuda": "pip install 'novic[gpu]' (onnxruntime-gpu)",
            "ort-cpu": "pip install 'novic[cpu]' (onnxruntime)"}
 
@@ -83,8 +84,8 @@ def trt_fit(engines, probe: Probe) -> tuple[dict | None, str]:
     chosen = {}
     for role in ENGINE_ROLES:
         cands = [e for e in fitting if _get(e, "role") == role]
-        # prefer the lowest precision available (int8 < fp16 < fp32): that is why engines are built
-        cands.sort(key=lambda e: {"int8": 0, "fp16": 1, "fp32": 2}.get(_get(e, "precision"), 3))
+        # prefer the lowest precision available (fp8 < int8 < fp16 < fp32): that is why engines are built
+        cands.sort(key=lambda e: ENGINE_PREFERENCE.get(_get(e, "precision"), len(ENGINE_PREFERENCE)))
         if cands:
             chosen[role] = cands[0]
     missing = [r for r in ENGINE_ROLES if r not in chosen]
@@ -136,6 +137,9 @@ def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, fact
         chosen, why = trt_fit(list(engines), probe_)
         if chosen is not None:
             precision = _get(chosen["decoder_step"], "precision", "fp16")
+            encoder = _get(chosen["image_encoder"], "precision", precision)
+            if encoder != precision:   # a quantised encoder engine with the fp16 decoder engines
+                precision = f"{encoder} encoder, {precision} decoder"
             return Choice("trt", why, precision, chosen)
         if requested == "trt":
             raise BackendError(f"backend 'trt' is not usable: {why.removeprefix('trt: ')}")
