@@ -82,6 +82,35 @@ def tokens_agree(bundle_dir: str, checkpoint: str, backend: str, n: int, width: 
     return out
 
 
+def encoder_graphs_ab(bundle_dir: str, backend: str, precisions, batches=(1, 8, 32), reps: int = 20) -> dict:
+    """Image encoder alone, plain onnxruntime runs vs CUDA-graph replay (novic's default on CUDA),
+    interleaved in one process: median ms per batch and the largest difference of the outputs."""
+    from novic.bench.timing import measure
+    from novic.runtime.backends.ort import OrtImageEncoder
+    from novic.runtime.bundle import Bundle
+
+    provider = "cuda" if backend == "ort-cuda" else "cpu"
+    bundle = Bundle.open(bundle_dir)
+    out = {}
+    for precision in precisions:
+        path = bundle.artifact_path("image_encoder", precision)
+        plain = OrtImageEncoder(path, provider=provider, cuda_graph=False)
+        graphed = OrtImageEncoder(path, provider=provider)
+        rng = np.random.default_rng(0)
+        rows = {}
+        for b in batches:
+            pixels = rng.standard_normal((b, 3, *plain.image_size)).astype(np.float32)
+            diff = float(np.abs(plain(pixels) - graphed(pixels)).max())
+            t_plain = measure(lambda: plain(pixels), reps=reps)["p50_ms"]
+            t_graph = measure(lambda: graphed(pixels), reps=reps)["p50_ms"]
+            rows[b] = {"plain_ms": t_plain, "graphs_ms": t_graph, "max_abs_diff": diff}
+            log(f"encoder {precision} batch {b}: plain {t_plain:.2f} ms, CUDA graphs {t_graph:.2f} ms "
+                f"({t_plain / t_graph:.2f}x), max |diff| {diff:.1e}"
+                + ("" if graphed._graphs is not None else f" [graphs off: {graphed.cuda_graph_error}]"))
+        out[precision] = rows
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check_out")
@@ -114,6 +143,12 @@ def main() -> int:
     except Exception:
         results["tokens_error"] = traceback.format_exc()
         log(results["tokens_error"])
+    save()
+    try:
+        results["encoder_graphs"] = encoder_graphs_ab(paths["bundle"], args.backend, args.precisions.split(","))
+    except Exception:
+        results["encoder_graphs_error"] = traceback.format_exc()
+        log(results["encoder_graphs_error"])
     save()
     batches = [int(b) for b in args.batches.split(",")]
     baseline = None

@@ -347,6 +347,31 @@ def test_tiny_encoder_matches_torch(tiny_clip):
         enc(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_encoder_graph_buckets_equal_plain_run(tiny_clip):
+    """The CUDA-graph encoder path (fixed buffers per batch bucket, zero padding, outputs sliced)
+    run against host memory: the same embeddings as plain runs for every batch size, also when a
+    bucket's buffers are reused; batches beyond the largest bucket run plainly."""
+    import onnxruntime
+
+    from novic.runtime.backends.ort import GRAPH_BUCKETS, _EncoderGraphs
+
+    _, graph = tiny_clip
+    plain, graphed = OrtImageEncoder(graph["path"]), OrtImageEncoder(graph["path"])
+    graphed._graphs = _EncoderGraphs(make_session(graph["path"]), onnxruntime, device="cpu")
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8, 5, 1, 32, 40):
+        pixels = rng.standard_normal((n, 3, 64, 64)).astype(np.float32)
+        got = graphed(pixels)
+        assert got.shape == (n, 32) and np.allclose(got, plain(pixels), atol=1e-6), n
+    assert sorted(graphed._graphs.io) == [1, 4, 8, 32] and GRAPH_BUCKETS[-1] == 32   # 40 ran plainly
+    first = graphed(pixels[:2])
+    graphed(pixels[2:4] * 0)                                  # reuse bucket 2: results are copies
+    assert np.allclose(first, plain(pixels[:2]), atol=1e-6)
+    graphed._graphs.session = None                            # a failing replay falls back to plain runs
+    assert np.allclose(graphed(pixels[:3]), plain(pixels[:3]), atol=1e-6)
+    assert graphed._graphs is None and graphed.cuda_graph_error
+
+
 def test_encoder_with_external_data(tiny_clip, tmp_path):
     """The layout used for > 2 GB towers (ViT-H, SO400M), tried on the tiny one."""
     embedder, _ = tiny_clip

@@ -54,6 +54,8 @@ def table(result: dict) -> str:
     lines.append(f"| peak memory | {mem} | {ours['peak_rss_mb']:.0f} MB RSS | |")
     if ours.get("cuda_graphs") or ours.get("cuda_graph_error"):
         lines.append(f"| CUDA graphs for the step | | {'on' if ours.get('cuda_graphs') else 'off: ' + str(ours.get('cuda_graph_error'))} | |")
+    if ours.get("encoder_cuda_graphs") or ours.get("encoder_cuda_graph_error"):
+        lines.append(f"| CUDA graphs for the encoder (<= 32 images) | | {'on' if ours.get('encoder_cuda_graphs') else 'off: ' + str(ours.get('encoder_cuda_graph_error'))} | |")
     same = sum(a == b for a, b in zip(ours["labels"], base["labels"]))
     lines.append(f"| top-1 labels equal on the photos | | {same}/{len(ours['labels'])} | |")
     return "\n".join(lines)

@@ -50,7 +50,9 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
     out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
            "load_s": time.perf_counter() - t0,
            "cuda_graphs": getattr(clf.decoder, "_graphs", None) is not None,
-           "cuda_graph_error": getattr(clf.decoder, "cuda_graph_error", None)}
+           "cuda_graph_error": getattr(clf.decoder, "cuda_graph_error", None),
+           "encoder_cuda_graphs": getattr(clf.encoder, "_graphs", None) is not None,
+           "encoder_cuda_graph_error": getattr(clf.encoder, "cuda_graph_error", None)}
     images = sample_images(max(batches))
     vocab = clf.vocabulary(None)
     opts = dict(topk=5, guided=True, beam_width=beam_width)
