@@ -254,3 +254,30 @@ def test_modelopt_variant_round_trips(bundle_copy, mode):
     with Classifier.load(bundle, backend="ort-cpu", precision=mode, threads=2) as clf:
         assert clf.precision == mode
         assert all(r.ok and r.top is not None for r in clf.classify(photos, topk=3))
+
+
+def test_dynamic_int8_of_an_encoder_with_external_weights(tmp_path, monkeypatch):
+    """Large towers (ViT-H, SO400M) are exported with their weights in a side file; dynamic INT8
+    quantises them into one file (int8 weights fit); calibrated methods say what to use instead."""
+    from novic.calib.run import CalibError, calibrate_bundle
+    from novic.export import encoder_onnx
+    from novic.export.bundle import export_bundle
+    from novic.runtime.bundle import Bundle
+    from novic.runtime.classifier import Classifier
+
+    from test_bundle import make_checkpoint
+
+    monkeypatch.setattr(encoder_onnx, "EXTERNAL_DATA_BYTES", 0)       # every tower "large"
+    ckpt = make_checkpoint(tmp_path / "tiny.safetensors")
+    export_bundle(ckpt, tmp_path / "bundle", fp16=False, console=QUIET)
+    root = tmp_path / "bundle"
+    assert Bundle.open(root).artifact("image_encoder", "fp32").external_data
+    with pytest.raises(CalibError, match=r"--method static does not support encoders with external weight files"):
+        calibrate_bundle(root, n=8, n_heldout=8, method="static", console=QUIET)
+    res = calibrate_bundle(root, n=N, n_heldout=HELD, method="dynamic", console=QUIET)
+    assert res["written"] and res["gates"]["cosine_mean"] >= 0.99, res["summary"]
+    bundle = Bundle.open(root, verify="eager")
+    assert not bundle.artifact("image_encoder", "int8").external_data
+    assert sorted(p.name for p in root.iterdir() if "inferred" in p.name or p.name.startswith(".")) == []
+    with Classifier.load(bundle, backend="ort-cpu", precision="int8") as clf:
+        assert clf.classify_one(np.zeros((40, 50, 3), np.uint8)).ok
