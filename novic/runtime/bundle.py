@@ -6,6 +6,7 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
                                      search defaults, token table, nouns, artifacts, engines
     image_encoder.onnx               pixels [B,3,H,W] -> unit embedding [B,F]
     decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
+    image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
     engines/*.engine, engines/timing.cache       added by ``novic-export trt`` (optional)
 
