@@ -635,6 +635,10 @@ def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
     assert enc.image_size == (64, 64) and enc.embed_dim == b.embed_dim
     assert np.allclose(enc(pixels), ref(pixels), atol=1e-6)
     assert np.allclose(enc(pixels[:1]), ref(pixels[:1]), atol=1e-6)
+    for sess in (trt_sess, enc):                     # close() frees every buffer it allocated
+        assert sess.dev and sess.host
+        sess.close()
+        assert sess.dev == {} and sess.host == {}
 
 
 def test_trt_engine_mismatch_is_refused(copy, fake_trt, monkeypatch):

@@ -300,6 +300,16 @@ class _Graph:
         self.configs.clear()
 
 
+def _release(session) -> None:
+    """Free a session's device and pinned host buffers and its stream (close() of both sessions)."""
+    for ptr in session.dev.values():
+        session.cuda.free(ptr)
+    for arr in session.host.values():
+        session.cuda.free_host(arr)
+    session.dev, session.host = {}, {}
+    session.cuda.rt.cudaStreamDestroy(session.stream)
+
+
 def _g_bucket(g: int, g_max: int) -> int:
     """Candidate columns are padded to a power of two (few distinct shapes -> few CUDA graphs)."""
     b = 1
@@ -456,12 +466,7 @@ class TrtDecoderSession:
         with self._lock:
             for g in (self._pre, self._step):
                 g.close()
-            for ptr in self.dev.values():
-                self.cuda.free(ptr)
-            for arr in self.host.values():
-                self.cuda.free_host(arr)
-            self.dev, self.host = {}, {}
-            self.cuda.rt.cudaStreamDestroy(self.stream)
+            _release(self)
 
     def __del__(self):  # best effort; explicit close() is preferred
         try:
@@ -529,9 +534,4 @@ class TrtImageEncoder:
     def close(self):
         with self._lock:
             self._graph.close()
-            for ptr in self.dev.values():
-                self.cuda.free(ptr)
-            for arr in self.host.values():
-                self.cuda.free_host(arr)
-            self.dev, self.host = {}, {}
-            self.cuda.rt.cudaStreamDestroy(self.stream)
+            _release(self)
