@@ -274,8 +274,16 @@ def test_dynamic_int8_of_an_encoder_with_external_weights(tmp_path, monkeypatch)
     assert Bundle.open(root).artifact("image_encoder", "fp32").external_data
     with pytest.raises(CalibError, match=r"--method static does not support encoders with external weight files"):
         calibrate_bundle(root, n=8, n_heldout=8, method="static", console=QUIET)
+    import novic.calib.run as run_mod
+
+    sources = []
+    quantize = run_mod.quantize_encoder
+    monkeypatch.setattr(run_mod, "quantize_encoder", lambda src, *a, **k: (sources.append(Path(src)),
+                                                                            quantize(src, *a, **k))[1])
     res = calibrate_bundle(root, n=N, n_heldout=HELD, method="dynamic", console=QUIET)
     assert res["written"] and res["gates"]["cosine_mean"] >= 0.99, res["summary"]
+    # the quantiser worked on a copy in the staging directory (its scratch files never touch the bundle)
+    assert sources and sources[0].parent.parent.name.startswith(".calib-")
     bundle = Bundle.open(root, verify="eager")
     assert not bundle.artifact("image_encoder", "int8").external_data
     assert sorted(p.name for p in root.iterdir() if "inferred" in p.name or p.name.startswith(".")) == []

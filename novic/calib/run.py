@@ -87,6 +87,19 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     return entry
 
 
+def _staged_source(bundle, stage: Path) -> Path:
+    """A copy of the fp32 encoder graph (and its weight files) in the staging directory:
+    onnxruntime's quantiser writes scratch files next to its input, which must not land in the
+    bundle (an interrupted run would leave them there). Copies, not links: onnx refuses external
+    weight files with several hard links."""
+    artifact = bundle.artifact("image_encoder", "fp32")
+    for ref in artifact.files():
+        dst = stage / "source" / ref.file
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundle.path / ref.file, dst)
+    return stage / "source" / artifact.file
+
+
 def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 40, method: str = "dynamic",
                      seed: int = 0, min_mean_cosine: float = MIN_MEAN_COSINE,
                      min_agreement: float = MIN_AGREEMENT, beam_width: int = BEAM_WIDTH,
@@ -130,7 +143,7 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
             if python:
                 info = modelopt_quantize(src, out, method.split("-", 1)[1], data.calib, python=python)
             else:
-                info = quantize_encoder(src, out, method, data.calib)
+                info = quantize_encoder(_staged_source(bundle, stage), out, method, data.calib)
         except (QuantError, ModelOptError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
