@@ -159,7 +159,7 @@ def test_corrupted_variant_fails_gate_and_keeps_old_variant(bundle_copy, monkeyp
     assert calibrate_bundle(bundle_copy, n=N, n_heldout=HELD, console=QUIET)["written"]
     good = (bundle_copy / "manifest.json").read_bytes()
 
-    def corrupt(src, dst, method, calib=None, progress=None):   # a "quantiser" that wrecks the weights
+    def corrupt(src, dst, method, calib=None, progress=None, external_data=False):   # wrecks the weights
         m = onnx.load(str(src))
         rng = np.random.default_rng(0)
         for init in m.graph.initializer:
@@ -256,15 +256,19 @@ def test_modelopt_variant_round_trips(bundle_copy, mode):
         assert all(r.ok and r.top is not None for r in clf.classify(photos, topk=3))
 
 
-def test_dynamic_int8_of_an_encoder_with_external_weights(tmp_path, monkeypatch):
-    """Large towers (ViT-H, SO400M) are exported with their weights in a side file; dynamic INT8
-    quantises them into one file (int8 weights fit); calibrated methods say what to use instead."""
-    from novic.calib.run import CalibError, calibrate_bundle
+def test_quantising_an_encoder_with_external_weights(tmp_path, monkeypatch):
+    """Large towers (ViT-H, SO400M) are exported with their weights in a side file. Every method
+    quantises them on a copy in the staging directory (the quantisers' scratch files never touch
+    the bundle) and the variant enters the bundle as <name> + <name>.data, hash-listed; replacing
+    it leaves no orphan files."""
+    import os
+
+    import novic.calib.run as run_mod
+    from novic.calib.run import calibrate_bundle
     from novic.export import encoder_onnx
     from novic.export.bundle import export_bundle
     from novic.runtime.bundle import Bundle
     from novic.runtime.classifier import Classifier
-
     from test_bundle import make_checkpoint
 
     monkeypatch.setattr(encoder_onnx, "EXTERNAL_DATA_BYTES", 0)       # every tower "large"
@@ -272,20 +276,22 @@ def test_dynamic_int8_of_an_encoder_with_external_weights(tmp_path, monkeypatch)
     export_bundle(ckpt, tmp_path / "bundle", fp16=False, console=QUIET)
     root = tmp_path / "bundle"
     assert Bundle.open(root).artifact("image_encoder", "fp32").external_data
-    with pytest.raises(CalibError, match=r"--method static does not support encoders with external weight files"):
-        calibrate_bundle(root, n=8, n_heldout=8, method="static", console=QUIET)
-    import novic.calib.run as run_mod
-
     sources = []
     quantize = run_mod.quantize_encoder
     monkeypatch.setattr(run_mod, "quantize_encoder", lambda src, *a, **k: (sources.append(Path(src)),
                                                                             quantize(src, *a, **k))[1])
-    res = calibrate_bundle(root, n=N, n_heldout=HELD, method="dynamic", console=QUIET)
-    assert res["written"] and res["gates"]["cosine_mean"] >= 0.99, res["summary"]
-    # the quantiser worked on a copy in the staging directory (its scratch files never touch the bundle)
-    assert sources and sources[0].parent.parent.name.startswith(".calib-")
-    bundle = Bundle.open(root, verify="eager")
-    assert not bundle.artifact("image_encoder", "int8").external_data
-    assert sorted(p.name for p in root.iterdir() if "inferred" in p.name or p.name.startswith(".")) == []
-    with Classifier.load(bundle, backend="ort-cpu", precision="int8") as clf:
-        assert clf.classify_one(np.zeros((40, 50, 3), np.uint8)).ok
+    methods = [("dynamic", "int8"), ("static", "int8")]
+    if os.environ.get("NOVIC_MODELOPT_PYTHON"):
+        methods.append(("modelopt-fp8", "fp8"))
+    for method, precision in methods:
+        res = calibrate_bundle(root, n=N, n_heldout=HELD, method=method, min_agreement=0.9, console=QUIET)
+        assert res["written"] and res["gates"]["cosine_mean"] >= 0.99, (method, res["summary"])
+        bundle = Bundle.open(root, verify="eager")                 # every hash, weight files included
+        art = bundle.artifact("image_encoder", precision)
+        assert [w.file for w in art.external_data] == [f"image_encoder.{precision}.onnx.data"]
+        with Classifier.load(bundle, backend="ort-cpu", precision=precision) as clf:
+            assert clf.classify_one(np.zeros((40, 50, 3), np.uint8)).ok
+        listed = {"manifest.json", "tokenizer"} | {f.file for a in bundle.artifacts for f in a.files()}
+        assert sorted(p.name for p in root.iterdir() if p.name not in listed) == [], method
+    # the onnxruntime quantiser worked on a copy in the staging directory
+    assert sources and all(s.parent.parent.name.startswith(".calib-") for s in sources)

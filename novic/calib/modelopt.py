@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from novic.calib.weights import external_files, one_weight_file
 from novic.errors import NovicError
 
 MODES = ("int8", "fp8")
@@ -65,11 +66,16 @@ def modelopt_quantize(src, dst, mode: str, calib_pixels: np.ndarray, *, python: 
     work = Path(tempfile.mkdtemp(prefix="novic-modelopt-", dir=dst.parent))
     model = work / Path(src).name
     shutil.copyfile(src, model)
+    weights = external_files(src)        # > 1 GiB towers: their weight files go along
+    for f in weights:
+        shutil.copyfile(f, work / f.relative_to(Path(src).parent.resolve()))
     npy = work / "calib.npy"
     np.save(npy, np.ascontiguousarray(calib_pixels, dtype=np.float32))
     cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(model), "--quantize_mode", mode,
            "--calibration_data_path", str(npy), "--calibration_eps", "cpu",
            "--high_precision_dtype", "fp32", "--output_path", str(work / dst.name)]
+    if weights:
+        cmd += ["--use_external_data_format"]
     if method:
         cmd += ["--calibration_method", method]
     if op_types:
@@ -84,9 +90,12 @@ def modelopt_quantize(src, dst, mode: str, calib_pixels: np.ndarray, *, python: 
         if proc.returncode != 0 or not (work / dst.name).is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ModelOptError(f"ModelOpt {mode} quantisation of {Path(src).name} failed: {tail[0]}")
+        for f in one_weight_file(work / dst.name):   # <dst name>.data, next to dst
+            os.replace(f, dst.parent / f.name)
         os.replace(work / dst.name, dst)   # (intermediate files stay in `work` and go with it)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"method": f"modelopt-{mode}", "calibration_method": method or "entropy (ModelOpt's default)", "op_types": list(op_types or []),
+    return {"method": f"modelopt-{mode}", "calibration_method": method or "entropy (ModelOpt's default)",
+            "op_types": list(op_types or []),
             "format": "QDQ (symmetric, zero point 0)",
             "calibration": f"{len(calib_pixels)} images", "seconds": round(time.perf_counter() - t0, 2)}

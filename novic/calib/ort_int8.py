@@ -64,7 +64,7 @@ def activation_matmuls(src) -> list[str]:
 
 
 def quantize_dynamic_int8(src, dst, *, per_channel: bool = True, op_types=("MatMul",),
-                          weight_matmuls_only: bool = False) -> dict:
+                          weight_matmuls_only: bool = False, external_data: bool = False) -> dict:
     """Per-channel weights are what keeps accuracy (ViT-B-16-SigLIP, random weights: embedding cosine
     0.9996 per channel vs 0.98 per tensor). `weight_matmuls_only` also excludes attention's
     activation x activation MatMuls by name (measured: no change with onnxruntime 1.32)."""
@@ -72,13 +72,15 @@ def quantize_dynamic_int8(src, dst, *, per_channel: bool = True, op_types=("MatM
     t0 = time.perf_counter()
     exclude = activation_matmuls(src) if weight_matmuls_only else []
     q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                       reduce_range=False, weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude)
+                       reduce_range=False, weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude,
+                       use_external_data_format=external_data)
     return {"method": "dynamic", "op_types": list(op_types), "per_channel": per_channel, "weight_type": "int8",
             "excluded_activation_matmuls": len(exclude), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def quantize_static_int8(src, dst, calib_pixels: np.ndarray, *, input_name: str = "pixels",
-                         op_types=("MatMul", "Conv"), batch: int = 8, progress=None) -> dict:
+                         op_types=("MatMul", "Conv"), batch: int = 8, progress=None,
+                         external_data: bool = False) -> dict:
     q = _quant()
     t0 = time.perf_counter()
     reader = PixelReader(calib_pixels, input_name, batch, progress)
@@ -86,21 +88,25 @@ def quantize_static_int8(src, dst, calib_pixels: np.ndarray, *, input_name: str 
                       op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
                       activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                       calibrate_method=q.CalibrationMethod.MinMax,
-                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                      use_external_data_format=external_data)
     return {"method": "static", "format": "QDQ", "op_types": list(op_types), "per_channel": True,
             "activations": "int8 symmetric (zero point 0)", "weights": "int8 symmetric per channel",
             "calibration": f"MinMax over {len(calib_pixels)} images",
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def quantize_encoder(src, dst, method: str, calib_pixels: np.ndarray | None = None, progress=None) -> dict:
-    """Write the INT8 variant of the encoder graph `src` to `dst`; returns how it was made."""
+def quantize_encoder(src, dst, method: str, calib_pixels: np.ndarray | None = None, progress=None,
+                     external_data: bool = False) -> dict:
+    """Write the INT8 variant of the encoder graph `src` to `dst`; returns how it was made.
+    external_data: `src` keeps its weights in side files (> 1 GiB); the calibration graphs and the
+    result are then written that way too (novic.calib.weights tidies the result's files)."""
     if method == "dynamic":
-        return quantize_dynamic_int8(src, dst)
+        return quantize_dynamic_int8(src, dst, external_data=external_data)
     if method == "static":
         if calib_pixels is None or not len(calib_pixels):
             raise QuantError("static quantisation needs calibration images")
-        return quantize_static_int8(src, dst, calib_pixels, progress=progress)
+        return quantize_static_int8(src, dst, calib_pixels, progress=progress, external_data=external_data)
     raise QuantError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
 
 

@@ -34,6 +34,7 @@ from novic.calib.data import calibration_set
 from novic.calib.gates import BEAM_WIDTH, MIN_AGREEMENT, MIN_MEAN_COSINE, run_gates, top1_labels
 from novic.calib.modelopt import ModelOptError, modelopt_python, modelopt_quantize
 from novic.calib.ort_int8 import QuantError, quantize_encoder
+from novic.calib.weights import one_weight_file
 from novic.errors import NovicError
 
 METHOD_PRECISION = {"dynamic": "int8", "static": "int8", "modelopt-int8": "int8", "modelopt-fp8": "fp8"}
@@ -49,8 +50,10 @@ class CalibError(NovicError):
     """Calibration cannot proceed (bad bundle, bad arguments)."""
 
 
-def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info: dict | None = None) -> dict:
+def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info: dict | None = None,
+                 weights=()) -> dict:
     """Move graph `src` into the bundle as `name` and list it in the manifest (atomic; see module doc).
+    `weights`: its external weight file (``<name>.data``, see novic.calib.weights), copied first.
 
     Inputs/outputs are copied from the fp32 artifact of the same role (a quantised graph keeps
     the fp32 I/O contract). Returns the manifest entry."""
@@ -68,22 +71,32 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
         manifest["artifacts"] = [a for a in arts if a not in old]
         write_json_atomic(root / MANIFEST, manifest)
     dst = root / name
-    tmp = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    weight_names = [Path(w).name for w in weights]
+    if any(w != f"{name}.data" for w in weight_names):
+        raise CalibError(f"{name}: its weight file must be {name}.data (got {', '.join(weight_names)})")
+    for source, target in [*zip(weights, (root / w for w in weight_names)), (src, dst)]:
+        tmp = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     fsync_dir(root)
     entry = {**file_entry(root, dst), "role": role, "precision": precision,
              "inputs": base.get("inputs", []), "outputs": base.get("outputs", [])}
+    if weight_names:
+        entry["external_data"] = [file_entry(root, root / w) for w in weight_names]
     if info:
         entry["quantization"] = info
     manifest["artifacts"].append(entry)
     write_json_atomic(root / MANIFEST, manifest)
+    kept = {entry["file"], *(w["file"] for w in entry.get("external_data", []))}
+    for f in {o["file"] for o in old} | {w["file"] for o in old for w in o.get("external_data", [])}:
+        if f not in kept:   # e.g. the weight file of a replaced variant that had one
+            (root / f).unlink(missing_ok=True)
     return entry
 
 
@@ -126,10 +139,7 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
     root = Path(bundle_dir)
     bundle = Bundle.open(root, verify=True)
     src = bundle.artifact_path("image_encoder", "fp32")     # hash-verified
-    if bundle.artifact("image_encoder", "fp32").external_data and method != "dynamic":
-        # the int8 weights of such towers (ViT-H: 0.6 GB) fit one file; calibration graphs do not
-        raise CalibError(f"{src}: --method {method} does not support encoders with external weight files "
-                         f"(> 1 GiB of weights) yet; use --method dynamic")
+    external = bool(bundle.artifact("image_encoder", "fp32").external_data)   # weights in side files
 
     data = calibration_set(bundle.preprocess, images, n_calib=n, n_heldout=n_heldout, seed=seed, console=console)
     console.print(f"calib: {data.summary()}", highlight=False)
@@ -143,12 +153,14 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
             if python:
                 info = modelopt_quantize(src, out, method.split("-", 1)[1], data.calib, python=python)
             else:
-                info = quantize_encoder(_staged_source(bundle, stage), out, method, data.calib)
+                info = quantize_encoder(_staged_source(bundle, stage), out, method, data.calib,
+                                        external_data=external)
         except (QuantError, ModelOptError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
             raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
                              f"try --method {'static' if method == 'dynamic' else 'dynamic'}") from None
+        weights = one_weight_file(out)   # [] or [<name>.data]
         info["calibration_data"] = data.summary()
         info["tensorrt"] = method != "dynamic"   # Q/DQ graphs; dynamic uses onnxruntime-only operators
 
@@ -174,7 +186,7 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
         written = None
         if gates.passed and not dry_run:
             entry = add_artifact(root, out, role="image_encoder", precision=precision, name=encoder_file(precision),
-                                 info=info)
+                                 info=info, weights=weights)
             written = str(root / entry["file"])
             console.print(f"calib: wrote {written}", highlight=False)
         elif not gates.passed:
