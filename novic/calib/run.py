@@ -95,8 +95,9 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     write_json_atomic(root / MANIFEST, manifest)
     kept = {entry["file"], *(w["file"] for w in entry.get("external_data", []))}
     for f in {o["file"] for o in old} | {w["file"] for o in old for w in o.get("external_data", [])}:
-        if f not in kept:   # e.g. the weight file of a replaced variant that had one
-            (root / f).unlink(missing_ok=True)
+        stale = (root / f).resolve()
+        if f not in kept and stale.parent == root.resolve():   # e.g. a replaced variant's weight file
+            stale.unlink(missing_ok=True)
     return entry
 
 
