@@ -17,11 +17,15 @@ python=${2:-python}
   echo "error: $python cannot import torch; pass the python of your novic [export] environment as PYTHON" >&2; exit 2; }
 
 "$python" -m venv "$dir"
+# Pinned: the set this script was tested with (CI runs the ModelOpt tests with it).
 "$dir/bin/pip" install -q --disable-pip-version-check --no-deps \
-  nvidia-modelopt==0.47.0 onnx==1.21.0 onnxruntime==1.24.4 onnx_graphsurgeon onnxconverter-common onnxslim \
-  onnxscript onnx-ir ml_dtypes polygraphy PuLP pydantic pydantic_core annotated-types typing-inspection \
-  omegaconf PyYAML nvidia-ml-py numpy flatbuffers protobuf packaging rich markdown-it-py mdurl pygments tqdm \
-  scipy regex safetensors typing_extensions sympy mpmath ninja lief cppimport pybind11 Mako coloredlogs humanfriendly
+  nvidia-modelopt==0.47.0 onnx==1.21.0 onnxruntime==1.24.4 onnx_graphsurgeon==0.6.1 onnxconverter-common==1.16.0 \
+  onnxslim==0.1.98 onnxscript==0.7.2 onnx-ir==1.1.0 ml_dtypes==0.6.0 polygraphy==0.53.6 PuLP==3.3.2 \
+  pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 omegaconf==2.4.0 \
+  PyYAML==6.0.4 nvidia-ml-py==13.615.71 numpy==2.4.6 flatbuffers==25.12.19 protobuf==7.36.2 packaging==26.4 \
+  rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 Pygments==2.21.0 tqdm==4.70.1 scipy==1.17.1 regex==2026.11.19 \
+  safetensors==0.8.0 typing_extensions==4.16.0 sympy==1.14.0 mpmath==1.4.1 ninja==1.13.2 lief==1.0.0 \
+  cppimport==26.4.17 pybind11==3.1.0 Mako==1.4.3 coloredlogs==15.0.1 humanfriendly==10.0
 
 borrowed="$(cd "$dir" && pwd)/borrowed-torch"
 mkdir -p "$borrowed"
