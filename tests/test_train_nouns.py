@@ -60,17 +60,20 @@ def test_plural_lemmas_are_recognised():
         assert not is_plural_form(word, singulars), word
 
 
-def test_plural_only_nouns_get_no_singular_captions():
+def test_plural_only_nouns_get_no_singular_captions(tmp_path):
     from novic.train.captions import CaptionConfig, template_captions
 
-    nouns = [Noun("eggs", plural="eggs"), Noun("apple")]
+    nouns = [Noun("eggs", plural="eggs", plural_only=True), Noun("sheep", plural="sheep"), Noun("apple")]
     caps = template_captions(nouns, ["a photo of a {}.", "a photo of many {}."],
                              CaptionConfig(multi_ratio=0.0, seed=0))
     texts = set(caps.texts)
     assert "a photo of many eggs." in texts and "a photo of an apple." in texts and "a photo of apples." in texts
     assert not any("an eggs" in t or "a eggs" in t or "eggses" in t for t in texts)
-
-
+    # a noun whose plural merely looks the same keeps its singular captions
+    assert "a photo of a sheep." in texts and "a photo of many sheep." in texts
+    for name in ("n.json", "n.csv"):                          # the flag survives the noun files
+        save_nouns(tmp_path / name, nouns)
+        assert [n.plural_only for n in load_nouns(tmp_path / name)] == [True, False, False], name
 needs_wordnet = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(),
                                    reason="wordnet-base not installed")
 
@@ -89,7 +92,8 @@ def test_wordnet_builder_objects_ranked_with_plurals():
     assert names["mouse"].plural == "mice" and names["child"].plural == "children"
     assert names["dog"].plural == "dogs"
     # plural lemmas keep their form (not 'eggses'); their singular twins still inflect
-    assert names["eggs"].plural == "eggs" and names["egg"].plural == "eggs"
+    assert names["eggs"].plural == "eggs" and names["eggs"].plural_only and names["egg"].plural == "eggs"
+    assert not names["egg"].plural_only
     assert names["clothes"].plural == "clothes" and names["glass"].plural == "glasses"
     freqs = [n.frequency for n in nouns]
     assert freqs == sorted(freqs, reverse=True) and min(freqs) >= 3.0

@@ -199,9 +199,9 @@ class CaptionSet:
 
 
 def _forms(noun: Noun, cfg: CaptionConfig) -> list[tuple[str, bool]]:
-    """(surface form, is plural) of a noun: singular, plural, aliases (singular). A noun whose
-    plural is itself ('eggs', 'scissors') has only the plural form: no 'a photo of an eggs'."""
-    if noun.plural == noun.noun:
+    """(surface form, is plural) of a noun: singular, plural, aliases (singular). A plural-only
+    noun ('eggs', 'scissors') has only the plural form: no 'a photo of an eggs'."""
+    if noun.plural_only:
         return [(noun.noun, True)] + ([(a, False) for a in noun.aliases] if cfg.aliases else [])
     out = [(noun.noun, False)]
     if cfg.plural:
@@ -231,7 +231,7 @@ def template_captions(nouns: list[Noun], templates: list[str], cfg: CaptionConfi
         ids = rng.choice(len(nouns), m, replace=False).tolist()
         t = temps[int(rng.integers(len(temps)))]
         pl = bool(rng.choice(t.numbers))
-        if True in t.numbers and any(nouns[j].plural == nouns[j].noun for j in ids):
+        if True in t.numbers and any(nouns[j].plural_only for j in ids):
             pl = True   # a plural-only noun makes the phrase plural
         forms = [(nouns[j].plural or pluralize(nouns[j].noun)) if pl else nouns[j].noun for j in ids]
         texts.append(t.render(forms, pl))

@@ -1,11 +1,11 @@
 """Noun vocabularies: read user noun lists, or build an object-noun list offline from WordNet.
 
-A noun list is a list of `Noun` (noun, frequency, plural, aliases). Files:
+A noun list is a list of `Noun` (noun, frequency, plural, aliases, plural_only). Files:
 - ``.txt``: one noun per line (blank lines and lines starting with '#' are skipped);
-- ``.json``: a list of strings or of objects {"noun", "frequency"?, "plural"?, "aliases"?}
-  (or such a list under the key "nouns");
+- ``.json``: a list of strings or of objects {"noun", "frequency"?, "plural"?, "aliases"?,
+  "plural_only"?} (or such a list under the key "nouns");
 - ``.csv``: a header with a ``noun`` column and optional ``frequency``, ``plural``, ``aliases``
-  (aliases separated by ``;``).
+  (aliases separated by ``;``), ``plural_only`` (true/false).
 Duplicates are dropped (first one kept); the order of the file is kept.
 
 `wordnet_nouns()` reads the WordNet 3.0 database (Debian package ``wordnet-base``, installed under
@@ -33,10 +33,11 @@ class Noun:
     frequency: float | None = None  # any monotone popularity score (wordfreq Zipf for WordNet)
     plural: str | None = None
     aliases: list[str] = field(default_factory=list)  # other surface forms with the same target
+    plural_only: bool = False  # the noun is itself plural ('eggs', 'scissors'): no singular captions
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {k: v for k, v in d.items() if v not in (None, [])}
+        return {k: v for k, v in d.items() if v not in (None, [], False)}
 
 
 def _clean(text: str) -> str:
@@ -48,10 +49,15 @@ def _noun_from_obj(obj, where: str) -> Noun:
         obj = {"noun": obj}
     if not isinstance(obj, dict) or not _clean(obj.get("noun", "")):
         raise ValueError(f"{where}: expected a noun string or an object with a non-empty 'noun'")
-    unknown = set(obj) - {"noun", "frequency", "plural", "aliases"}
+    unknown = set(obj) - {"noun", "frequency", "plural", "aliases", "plural_only"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} "
-                         f"(allowed: noun, frequency, plural, aliases)")
+                         f"(allowed: noun, frequency, plural, aliases, plural_only)")
+    plural_only = obj.get("plural_only", False)
+    if isinstance(plural_only, str):   # CSV cells
+        plural_only = plural_only.strip().lower() in ("1", "true", "yes")
+    if not isinstance(plural_only, bool):
+        raise ValueError(f"{where}: plural_only {plural_only!r} must be true or false")
     freq = obj.get("frequency")
     if freq not in (None, ""):
         try:
@@ -64,7 +70,7 @@ def _noun_from_obj(obj, where: str) -> Noun:
     if isinstance(aliases, str):
         aliases = aliases.split(";")
     return Noun(_clean(obj["noun"]), freq, _clean(obj.get("plural") or "") or None,
-                [a for a in map(_clean, aliases) if a])
+                [a for a in map(_clean, aliases) if a], plural_only)
 
 
 def load_nouns(path: str | Path) -> list[Noun]:
@@ -119,10 +125,10 @@ def save_nouns(path: str | Path, nouns: list[Noun]) -> None:
     elif suffix == ".csv":
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["noun", "frequency", "plural", "aliases"])
+            w.writerow(["noun", "frequency", "plural", "aliases", "plural_only"])
             for n in nouns:
                 w.writerow([n.noun, "" if n.frequency is None else n.frequency, n.plural or "",
-                            ";".join(n.aliases)])
+                            ";".join(n.aliases), "true" if n.plural_only else ""])
     else:
         tmp.write_text("".join(n.noun + "\n" for n in nouns), encoding="utf-8")
     tmp.replace(path)
@@ -309,7 +315,9 @@ def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
         # common words ('after part'); one Zipf unit per extra word puts them in line.
         freq = round(zipf_frequency(name, "en") - (len(re.split(r"[ -]", name)) - 1), 2)
         if freq >= min_zipf and freq > 0:
-            plural = name if is_plural_form(name, singulars) else irregular.get(name) or pluralize(name, irregular)
-            nouns.append(Noun(name, freq, plural))
+            if is_plural_form(name, singulars):
+                nouns.append(Noun(name, freq, name, plural_only=True))
+            else:
+                nouns.append(Noun(name, freq, irregular.get(name) or pluralize(name, irregular)))
     nouns.sort(key=lambda n: (-n.frequency, n.noun))
     return nouns[:max_nouns] if max_nouns else nouns
