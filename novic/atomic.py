@@ -36,3 +36,29 @@ def write_bytes_atomic(path, data) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def move_file_atomic(src, dst) -> None:
+    """Move `src` over `dst`: fsync it and rename (same file system), else copy to a temp file next
+    to `dst`, fsync, rename and remove `src`. Either way `dst` is the old file or the whole new one."""
+    src, dst = Path(src), Path(dst)
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    try:
+        os.replace(src, dst)
+    except OSError:   # another file system: copy
+        import shutil
+
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        src.unlink()
+    fsync_dir(dst.parent)

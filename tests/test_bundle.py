@@ -702,8 +702,11 @@ def test_trt_quantized_encoder_engines(copy, fake_trt, monkeypatch):
     assert choice.precision == "int8 encoder, fp16 decoder" and choice.engines["image_encoder"].precision == "int8"
 
     # fp8: a Q/DQ graph in the fp8 slot (here the static int8 graph stands in for ModelOpt's output)
-    add_artifact(copy, copy / "image_encoder.int8.onnx", role="image_encoder", precision="fp8",
+    staged = copy / ".staged.onnx"                               # add_artifact moves its input
+    shutil.copyfile(copy / "image_encoder.int8.onnx", staged)
+    add_artifact(copy, staged, role="image_encoder", precision="fp8",
                  name="image_encoder.fp8.onnx", info={"method": "modelopt-fp8", "tensorrt": True})
+    assert not staged.exists()
     from novic.export import tensorrt as export_trt
     monkeypatch.setattr(export_trt, "probe", lambda: Probe(gpu_name="Fake A100", compute_capability="8.0",
                                                            tensorrt_version="11.4.0.106", cuda_python=True))

@@ -89,7 +89,7 @@ def test_cosine_gate_counts_nan_as_failure():
 
 @pytest.mark.parametrize("method", ["dynamic", "static"])
 def test_gate_passes_and_int8_round_trips(bundle_copy, method):
-    from novic.calib.run import INT8_ENCODER_FILE, calibrate_bundle
+    from novic.calib.run import calibrate_bundle, encoder_file
     from novic.runtime.bundle import Bundle, sha256_file
     from novic.runtime.classifier import Classifier
 
@@ -100,8 +100,8 @@ def test_gate_passes_and_int8_round_trips(bundle_copy, method):
     assert res["gates"]["passed"], res["summary"]
     assert res["written"] and res["gates"]["cosine_mean"] >= 0.99 and res["gates"]["top1_agreement"] >= agree
     entry = [a for a in _manifest(bundle_copy)["artifacts"] if a["precision"] == "int8"]
-    assert len(entry) == 1 and entry[0]["role"] == "image_encoder" and entry[0]["file"] == INT8_ENCODER_FILE
-    assert entry[0]["sha256"] == sha256_file(bundle_copy / INT8_ENCODER_FILE)
+    assert len(entry) == 1 and entry[0]["role"] == "image_encoder" and entry[0]["file"] == encoder_file("int8")
+    assert entry[0]["sha256"] == sha256_file(bundle_copy / encoder_file("int8"))
     assert entry[0]["quantization"]["method"] == method
     assert not list(bundle_copy.glob(".calib-*")) and not list(bundle_copy.glob(".*.tmp"))
 
@@ -111,7 +111,7 @@ def test_gate_passes_and_int8_round_trips(bundle_copy, method):
         import onnx
         from onnx import numpy_helper
 
-        m = onnx.load(str(bundle_copy / INT8_ENCODER_FILE))
+        m = onnx.load(str(bundle_copy / encoder_file("int8")))
         inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
         zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
         assert zps and all(not np.any(z) for z in zps)
@@ -127,7 +127,7 @@ def test_gate_passes_and_int8_round_trips(bundle_copy, method):
         assert [r.top.text for r in r8] == [r.top.text for r in r32]
 
     # the file is hash-checked: corrupting it is caught on load
-    (bundle_copy / INT8_ENCODER_FILE).write_bytes((bundle_copy / INT8_ENCODER_FILE).read_bytes()[:-1] + b"\0")
+    (bundle_copy / encoder_file("int8")).write_bytes((bundle_copy / encoder_file("int8")).read_bytes()[:-1] + b"\0")
     from novic.runtime.bundle import BundleError
 
     with pytest.raises(BundleError):
@@ -135,7 +135,7 @@ def test_gate_passes_and_int8_round_trips(bundle_copy, method):
 
 
 def test_failing_gate_does_not_write(bundle_copy):
-    from novic.calib.run import INT8_ENCODER_FILE, calibrate_bundle
+    from novic.calib.run import calibrate_bundle, encoder_file
 
     before = (bundle_copy / "manifest.json").read_bytes()
     res = calibrate_bundle(bundle_copy, n=N, n_heldout=HELD, method="dynamic", min_mean_cosine=1.01,
@@ -143,7 +143,7 @@ def test_failing_gate_does_not_write(bundle_copy):
     assert not res["written"] and not res["gates"]["passed"]
     assert "cosine" in res["gates"]["reasons"][0]
     assert (bundle_copy / "manifest.json").read_bytes() == before
-    assert not (bundle_copy / INT8_ENCODER_FILE).exists() and not list(bundle_copy.glob(".calib-*"))
+    assert not (bundle_copy / encoder_file("int8")).exists() and not list(bundle_copy.glob(".calib-*"))
 
 
 def test_corrupted_variant_fails_gate_and_keeps_old_variant(bundle_copy, monkeypatch):
@@ -151,7 +151,7 @@ def test_corrupted_variant_fails_gate_and_keeps_old_variant(bundle_copy, monkeyp
     from onnx import numpy_helper
 
     import novic.calib.run as run_mod
-    from novic.calib.run import INT8_ENCODER_FILE, calibrate_bundle
+    from novic.calib.run import calibrate_bundle, encoder_file
     from novic.runtime.classifier import ClassifierError, Classifier
 
     with pytest.raises(ClassifierError, match="novic-export calib"):
@@ -175,7 +175,7 @@ def test_corrupted_variant_fails_gate_and_keeps_old_variant(bundle_copy, monkeyp
     assert not res["written"] and not res["gates"]["passed"], res["summary"]
     assert (bundle_copy / "manifest.json").read_bytes() == good      # the earlier, gated variant stays
     Classifier.load(bundle_copy, backend="ort-cpu", precision="int8").close()
-    assert (bundle_copy / INT8_ENCODER_FILE).is_file()
+    assert (bundle_copy / encoder_file("int8")).is_file()
 
 
 def test_cli_calib(bundle_copy):

@@ -39,7 +39,6 @@ from novic.errors import NovicError
 
 METHOD_PRECISION = {"dynamic": "int8", "static": "int8", "modelopt-int8": "int8", "modelopt-fp8": "fp8"}
 METHODS = tuple(METHOD_PRECISION)
-INT8_ENCODER_FILE = "image_encoder.int8.onnx"   # encoder_file("int8")
 
 
 def encoder_file(precision: str) -> str:
@@ -53,11 +52,12 @@ class CalibError(NovicError):
 def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info: dict | None = None,
                  weights=()) -> dict:
     """Move graph `src` into the bundle as `name` and list it in the manifest (atomic; see module doc).
-    `weights`: its external weight file (``<name>.data``, see novic.calib.weights), copied first.
+    `weights`: its external weight file (``<name>.data``, see novic.calib.weights), moved first.
 
     Inputs/outputs are copied from the fp32 artifact of the same role (a quantised graph keeps
     the fp32 I/O contract). Returns the manifest entry."""
-    from novic.export.bundle import file_entry, fsync_dir, write_json_atomic
+    from novic.atomic import move_file_atomic
+    from novic.export.bundle import file_entry, write_json_atomic
     from novic.runtime.bundle import MANIFEST, read_manifest
 
     root = Path(bundle_dir)
@@ -74,17 +74,8 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     weight_names = [Path(w).name for w in weights]
     if any(w != f"{name}.data" for w in weight_names):
         raise CalibError(f"{name}: its weight file must be {name}.data (got {', '.join(weight_names)})")
-    for source, target in [*zip(weights, (root / w for w in weight_names)), (src, dst)]:
-        tmp = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    fsync_dir(root)
+    for source, target in [*zip(weights, (root / w for w in weight_names)), (src, dst)]:   # weights first
+        move_file_atomic(source, target)
     entry = {**file_entry(root, dst), "role": role, "precision": precision,
              "inputs": base.get("inputs", []), "outputs": base.get("outputs", [])}
     if weight_names:
@@ -93,11 +84,6 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
         entry["quantization"] = info
     manifest["artifacts"].append(entry)
     write_json_atomic(root / MANIFEST, manifest)
-    kept = {entry["file"], *(w["file"] for w in entry.get("external_data", []))}
-    for f in {o["file"] for o in old} | {w["file"] for o in old for w in o.get("external_data", [])}:
-        stale = (root / f).resolve()
-        if f not in kept and stale.parent == root.resolve():   # e.g. a replaced variant's weight file
-            stale.unlink(missing_ok=True)
     return entry
 
 

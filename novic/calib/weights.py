@@ -33,12 +33,12 @@ def one_weight_file(graph) -> list[Path]:
 
     graph = Path(graph)
     old = external_files(graph)
-    if not old:
-        return []
+    data = graph.with_name(graph.name + ".data")
+    if old in ([], [data.resolve()]):   # self-contained, or already in that form
+        return [data] if old else []
     model = onnx.load(str(graph))               # the weights are in memory from here on
     for f in old:
         f.unlink()                               # onnx appends to an existing weight file
-    data = graph.with_name(graph.name + ".data")
     onnx.save(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=1024)
     return [data]

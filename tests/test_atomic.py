@@ -1,0 +1,41 @@
+"""Atomic file moves (novic.atomic): the target is the old file or the whole new one."""
+import errno
+import os
+
+import pytest
+
+from novic import atomic
+
+
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_move_file_atomic(tmp_path, monkeypatch, cross_device):
+    src, dst = tmp_path / "new.bin", tmp_path / "out" / "graph.onnx"
+    dst.parent.mkdir()
+    dst.write_bytes(b"old")
+    payload = os.urandom(3 << 20)
+    src.write_bytes(payload)
+    if cross_device:   # the rename fails as between file systems: copy to a temp file, then rename
+        real = os.replace
+
+        def replace(a, b):
+            if os.fspath(a) == os.fspath(src):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(a, b)
+        monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.move_file_atomic(src, dst)
+    assert dst.read_bytes() == payload and not src.exists()
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["graph.onnx"]   # no temp file left
+
+
+def test_move_file_atomic_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    src, dst = tmp_path / "new.bin", tmp_path / "graph.onnx"
+    src.write_bytes(b"new")
+    dst.write_bytes(b"old")
+
+    def replace(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(atomic.os, "replace", replace)    # the copy's final rename fails too
+    with pytest.raises(OSError):
+        atomic.move_file_atomic(src, dst)
+    assert dst.read_bytes() == b"old" and src.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.onnx", "new.bin"]
