@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,14 +22,14 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path, data) -> None:
-    """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def _replacing(path: Path):
+    """A temp file next to `path`, open for writing; when the block ends without an error it is
+    fsynced and renamed over `path` (and the directory fsynced), else removed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +38,14 @@ def write_bytes_atomic(path, data) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path, data) -> None:
+    """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path) as f:
+        f.write(data)
 
 
 def move_file_atomic(src, dst) -> None:
@@ -47,18 +57,8 @@ def move_file_atomic(src, dst) -> None:
     try:
         os.replace(src, dst)
     except OSError:   # another file system: copy
-        import shutil
-
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 24)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _replacing(dst) as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 24)
         src.unlink()
+        return
     fsync_dir(dst.parent)
