@@ -58,8 +58,8 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     spinning: keep intra-op threads busy-waiting after a run returns (onnxruntime's default).
     Off (``session.force_spinning_stop``): they spin only while a run is active. A classifier
     holds three sessions that run in turn (encoder, prefill, step), and each one's idle spinning
-    threads steal the cores from the next: on 2 cores, one guided beam-10 decode took 34-42 ms with
-    the default and 21-24 ms without (docs/benchmarks.md, "CPU").
+    threads steal the cores from the next: on 2 cores, one guided beam-10 decode took 39 ms with
+    the default and 21 ms without (bench/cpu_rounds.py; docs/benchmarks.md, "CPU", run 2).
     """
     if provider not in PROVIDERS:
         raise OrtError(f"unknown provider {provider!r}; use one of: {', '.join(PROVIDERS)}")
