@@ -106,7 +106,7 @@ def encoder_graphs_ab(bundle_dir: str, backend: str, precisions, batches=(1, 8, 
             rows[b] = {"plain_ms": t_plain, "graphs_ms": t_graph, "max_abs_diff": diff}
             log(f"encoder {precision} batch {b}: plain {t_plain:.2f} ms, CUDA graphs {t_graph:.2f} ms "
                 f"({t_plain / t_graph:.2f}x), max |diff| {diff:.1e}"
-                + ("" if graphed._graphs is not None else f" [graphs off: {graphed.cuda_graph_error}]"))
+                + ("" if graphed.cuda_graphs else f" [graphs off: {graphed.cuda_graph_error}]"))
         out[precision] = rows
     return out
 

@@ -342,10 +342,14 @@ class FakeContext:
     def __init__(self, engine):
         self.engine, self.shapes, self.addresses, self.profile, self.memory = engine, {}, {}, None, None
 
-    def set_device_memory(self, ptr, size):
+    def set_device_memory(self, ptr, size):   # TensorRT: at least device_memory_size_v2, 256-byte aligned
+        assert size >= self.engine.device_memory_size_v2 and ptr % 256 == 0
         self.memory = (ptr, size)
 
     def set_optimization_profile_async(self, index, stream):
+        assert isinstance(stream, int)
+        if not 0 <= index < self.engine.num_optimization_profiles:   # TensorRT raises, never returns False
+            raise RuntimeError("Error in set_optimization_profile_async")
         self.profile = index
 
     def set_input_shape(self, name, shape):
@@ -364,8 +368,10 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream):
-        assert self.memory is not None and self.profile is not None
+        assert self.memory is not None and self.profile is not None and isinstance(stream, int)
         if FakeCuda.capturing:
+            if FakeCuda.capture_fails:
+                return False
             FakeCuda.captured.append(self._execute)
         else:
             self._execute()
@@ -466,8 +472,12 @@ class FakeConfig:
         return types.SimpleNamespace(data=bytes(data) + b"+", serialize=lambda: self.cache.data)
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        """TensorRT returns False for a cache from another device (and keeps none)."""
         assert ignore_mismatch is False
+        if cache.data.startswith(b"foreign"):
+            return False
         self.cache = cache
+        return True
 
     def get_timing_cache(self):
         return self.cache
@@ -481,6 +491,7 @@ class FakeCuda:
 
     memory: dict = {}
     capturing = False
+    capture_fails = False       # execute_async_v3 fails while capturing (kernels that cannot be captured)
     captured: list = []
     executions = 0
     launches = 0
@@ -495,7 +506,11 @@ class FakeCuda:
         return "Fake H100", "9.0"
 
     def stream(self):
-        return 7
+        return types.SimpleNamespace(handle=7)   # like cudaStream_t: not an int itself
+
+    @staticmethod
+    def handle(stream):
+        return stream.handle
 
     def malloc(self, nbytes):
         ptr = (len(FakeCuda.memory) + 1) << 32
@@ -545,11 +560,11 @@ def fake_trt(monkeypatch):
     monkeypatch.setattr(export_trt, "probe", lambda: Probe(gpu_name="Fake H100", compute_capability="9.0",
                                                            tensorrt_version=fake.__version__, cuda_python=True))
     monkeypatch.setattr(backend, "Cuda", FakeCuda)
-    FakeCuda.memory, FakeCuda.executions, FakeCuda.launches = {}, 0, 0
+    FakeCuda.memory, FakeCuda.executions, FakeCuda.launches, FakeCuda.capture_fails = {}, 0, 0, False
     return fake
 
 
-def test_trt_build_records_engines_and_resumes(copy, fake_trt):
+def test_trt_build_records_engines_and_resumes(copy, fake_trt, monkeypatch):
     from rich.console import Console
 
     from novic.export.tensorrt import build_engines
@@ -560,10 +575,12 @@ def test_trt_build_records_engines_and_resumes(copy, fake_trt):
     result = build_engines(copy, buckets=(1, 4), beam_width=3, console=quiet)
     assert [e["role"] for e in result["engines"]] == list(rb.ROLES) and result["skipped"] == []
     b = Bundle.open(copy, verify="eager")                      # engine hashes recorded and correct
-    # one timing cache, carried from engine to engine (the fake appends "+" per build)
-    assert len(b.engines) == 3 and (copy / "engines" / "timing.cache").read_bytes() == b"+++"
+    # one timing cache per GPU and TensorRT release, carried from engine to engine (the fake appends
+    # "+" per build)
+    cache = copy / "engines" / "timing.sm90.trt11.4.0.cache"
+    assert len(b.engines) == 3 and cache.read_bytes() == b"+++"
     step = b.engines_for("decoder_step")[0]
-    assert step.file == "engines/decoder_step.fp16.sm90.trt11.4.engine"
+    assert step.file == "engines/decoder_step.fp16.sm90.trt11.4.0.engine"
     assert step.tensorrt_version == "11.4.0.106" and step.compute_capability == "9.0" and step.precision == "fp16"
     assert step.extra["plan"]["buckets"] == [1, 4] and step.extra["plan"]["beam_width"] == 3
     # the profiles handed to the builder are the plan's: buckets 1,4 images -> 3,12 rows for the step
@@ -578,7 +595,19 @@ def test_trt_build_records_engines_and_resumes(copy, fake_trt):
     assert again["engines"] == [] and again["skipped"] == list(rb.ROLES)
     forced = build_engines(copy, buckets=(1, 4), beam_width=3, force=True, console=quiet)
     assert len(forced["engines"]) == 3 and len(Bundle.open(copy).engines) == 3
-    assert (copy / "engines" / "timing.cache").read_bytes() == b"++++++"
+    assert cache.read_bytes() == b"++++++"
+    # a cache TensorRT refuses (another device, a driver change) is replaced by a fresh one
+    cache.write_bytes(b"foreign")
+    build_engines(copy, buckets=(1, 4), beam_width=3, force=True, roles=("image_encoder",), console=quiet)
+    assert cache.read_bytes() == b"+"
+    # the same release with another build number: rebuilt (same file), and the manifest keeps one entry
+    monkeypatch.setattr(FakeTrt, "__version__", "11.4.0.200")
+    rebuilt = build_engines(copy, buckets=(1, 4), beam_width=3, console=quiet)
+    assert len(rebuilt["engines"]) == 3
+    b = Bundle.open(copy, verify="eager")
+    assert len(b.engines) == 3 and {e.tensorrt_version for e in b.engines} == {"11.4.0.200"}
+    assert b.engines_for("decoder_step")[0].file == "engines/decoder_step.fp16.sm90.trt11.4.0.engine"
+    monkeypatch.setattr(FakeTrt, "__version__", "11.4.0.106")
     # other buckets: a different plan, so the engines are rebuilt and replaced
     assert len(build_engines(copy, buckets=(2,), beam_width=3, console=quiet)["engines"]) == 3
     # the selection picks them on a matching machine
@@ -588,10 +617,11 @@ def test_trt_build_records_engines_and_resumes(copy, fake_trt):
     assert choice.backend == "trt" and set(choice.engines) == set(rb.ROLES)
 
 
-@pytest.mark.parametrize("cuda_graphs", [True, False])
+@pytest.mark.parametrize("cuda_graphs", [True, False, "capture fails"])
 def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
     """The TensorRT session's host logic (buckets, padding, ping-pong, chunking, read-back) gives the
-    same tokens and scores as the onnxruntime session over the same fp16 graphs."""
+    same tokens and scores as the onnxruntime session over the same fp16 graphs; when an engine
+    cannot be captured into a CUDA graph, it runs plainly with the same results and says why."""
     from rich.console import Console
 
     from novic.export.tensorrt import build_engines
@@ -603,6 +633,8 @@ def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
     build_engines(copy, buckets=(1, 4), beam_width=3, step_max_cands=2, console=Console(stderr=True, quiet=True))
     b = Bundle.open(copy)
     engines = {e.role: e for e in b.engines}
+    FakeCuda.capture_fails = cuda_graphs == "capture fails"
+    cuda_graphs = bool(cuda_graphs)
     trt_sess = backend.TrtDecoderSession(b.engine_path(engines["decoder_prefill"]),
                                          b.engine_path(engines["decoder_step"]), b.decoder_config,
                                          engines=engines, cuda_graphs=cuda_graphs)
@@ -625,7 +657,11 @@ def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
     with pytest.raises(PlanError, match="exceeds the largest bucket 4"):
         trt_sess.prefill(np.zeros((5, b.embed_dim), np.float32), 1.0, np.zeros((5, 1), np.int64))
     assert trt_sess.max_images == 4 and trt_sess.max_rows == 12
-    if cuda_graphs:
+    if FakeCuda.capture_fails:
+        assert not trt_sess.cuda_graphs and FakeCuda.launches == 0
+        assert trt_sess.cuda_graph_error == "decoder_prefill: execute_async_v3 failed (see TensorRT's messages above)"
+    elif cuda_graphs:
+        assert trt_sess.cuda_graphs and trt_sess.cuda_graph_error is None
         assert FakeCuda.launches > 0                 # replays happened
     # the image encoder, in chunks of the largest bucket
     enc = backend.TrtImageEncoder(b.engine_path(engines["image_encoder"]), engines["image_encoder"],
@@ -635,6 +671,7 @@ def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
     assert enc.image_size == (64, 64) and enc.embed_dim == b.embed_dim
     assert np.allclose(enc(pixels), ref(pixels), atol=1e-6)
     assert np.allclose(enc(pixels[:1]), ref(pixels[:1]), atol=1e-6)
+    assert enc.cuda_graphs == (cuda_graphs and not FakeCuda.capture_fails)
     for sess in (trt_sess, enc):                     # close() frees every buffer it allocated
         assert sess.dev and sess.host
         sess.close()
@@ -685,7 +722,7 @@ def test_trt_quantized_encoder_engines(copy, fake_trt, monkeypatch):
     built = {e["role"]: e for e in result["engines"]}
     assert {r: e["precision"] for r, e in built.items()} == {"image_encoder": "int8", "decoder_prefill": "fp16",
                                                             "decoder_step": "fp16"}
-    assert built["image_encoder"]["file"] == "engines/image_encoder.int8.sm90.trt11.4.engine"
+    assert built["image_encoder"]["file"] == "engines/image_encoder.int8.sm90.trt11.4.0.engine"
     assert built["image_encoder"]["source"] == "image_encoder.int8.onnx"
     # the engine computes what the int8 graph computes (the fake engine runs that graph)
     b = Bundle.open(copy, verify="eager")

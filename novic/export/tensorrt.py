@@ -17,8 +17,10 @@ TensorRT 11 Python API (docs.nvidia.com/deeplearning/tensorrt, "Migrating from T
   ``profile.set_shape(name, min, opt, max)``, ``config.add_optimization_profile``), computed by
   ``novic.runtime.trt_plan`` (the same code the runtime uses to pick a profile and size buffers).
 - A persisted timing cache (``config.create_timing_cache(bytes)``, ``config.set_timing_cache(cache,
-  ignore_mismatch=False)``, ``cache.serialize()``) in ``engines/timing.cache``, so rebuilding
-  (other buckets, the next novic version) skips most kernel timing.
+  ignore_mismatch=False)``, ``cache.serialize()``), one per GPU and TensorRT release
+  (``engines/timing.sm90.trt11.4.0.cache``), so rebuilding (other buckets, the next novic version)
+  skips most kernel timing. A cache TensorRT refuses (``set_timing_cache`` returns False, e.g.
+  after a driver change) is replaced by a fresh one.
 - ``builder.build_serialized_network(network, config)`` -> engine file, checked by deserializing it
   (``trt.Runtime(logger).deserialize_cuda_engine``) and comparing its I/O tensors and profile
   count with the plan.
@@ -36,12 +38,11 @@ from pathlib import Path
 from novic.errors import NovicError
 from novic.export.bundle import write_bytes_atomic
 from novic.runtime import trt_plan
-from novic.runtime.backends.select import INSTALL, probe
+from novic.runtime.backends.select import INSTALL, probe, trt_release
 from novic.runtime.bundle import MANIFEST, QUANTIZED, ROLES, Bundle, BundleError, read_manifest
 
 ENGINE_DIR = "engines"
 FP8_MIN_CC = (8, 9)   # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
-TIMING_CACHE = "timing.cache"
 
 
 class TensorRTMissing(NovicError):
@@ -64,9 +65,15 @@ def import_tensorrt():
 
 
 def engine_file_name(role: str, precision: str, compute_capability: str, trt_version: str) -> str:
-    """decoder_step.fp16.sm90.trt11.4.engine"""
+    """decoder_step.fp16.sm90.trt11.4.0.engine: one file per GPU architecture and TensorRT release
+    (the runtime accepts an engine only on that pair; see select.trt_release)."""
     sm = compute_capability.replace(".", "")
-    return f"{role}.{precision}.sm{sm}.trt{'.'.join(trt_version.split('.')[:2])}.engine"
+    return f"{role}.{precision}.sm{sm}.trt{trt_release(trt_version)}.engine"
+
+
+def timing_cache_name(compute_capability: str, trt_version: str) -> str:
+    """timing.sm90.trt11.4.0.cache: TensorRT refuses a cache made on another device or release."""
+    return f"timing.sm{compute_capability.replace('.', '')}.trt{trt_release(trt_version)}.cache"
 
 
 def role_precision(role: str, precision: str) -> str:
@@ -150,8 +157,11 @@ def build_engine(trt, logger, onnx_path: Path, plan: trt_plan.GraphPlan, timing_
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(timing_cache or b""), ignore_mismatch=False):
+        if status is not None:
+            status("timing cache refused by TensorRT (other device or driver); starting a fresh one")
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise EngineBuildError(f"{onnx_path}: TensorRT refused an empty timing cache")
     monitor = _Monitor.create(trt, status)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -168,7 +178,8 @@ def build_engine(trt, logger, onnx_path: Path, plan: trt_plan.GraphPlan, timing_
         raise EngineBuildError(f"{onnx_path}: TensorRT could not build an engine (see the messages above; "
                                "a smaller --buckets or more --workspace may help)")
     engine_bytes = bytes(memoryview(serialized))
-    cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache()
+    cache_bytes = bytes(memoryview(cache.serialize())) if cache is not None else b""
 
     # Check what we got: the engine's I/O tensors and its profiles match the plan.
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
@@ -230,7 +241,7 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
                               f"is sm_{cc.replace('.', '')}: use --precision int8 or fp16")
     engine_dir = root / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
-    cache_path = engine_dir / TIMING_CACHE
+    cache_path = engine_dir / timing_cache_name(cc, version)
     timing = cache_path.read_bytes() if cache_path.is_file() else None
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     console.print(f"TensorRT {version} on {gpu} (sm_{cc.replace('.', '')}); buckets {list(params.buckets)} "
@@ -240,12 +251,13 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     entries, skipped = [], []
-    recorded = {(e.role, e.precision, e.compute_capability, e.tensorrt_version): e for e in bundle.engines}
+    recorded = {(e.role, e.precision, e.compute_capability, trt_release(e.tensorrt_version)): e
+                for e in bundle.engines}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for role, (artifact, plan) in plans.items():
             graph_precision = artifact.precision
-            old = recorded.get((role, graph_precision, cc, version))
+            old = recorded.get((role, graph_precision, cc, trt_release(version)))
             old_entry = {**old.extra, "file": old.file, "size": old.size, "tensorrt_version": old.tensorrt_version,
                          "compute_capability": old.compute_capability} if old else None
             if not force and _up_to_date(root, old_entry, artifact, params, version, cc):
@@ -263,7 +275,8 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
                                                 int(workspace_gib * (1 << 30)) if workspace_gib else None, status)
             name = engine_file_name(role, graph_precision, cc, version)
             write_bytes_atomic(engine_dir / name, engine_bytes)
-            write_bytes_atomic(cache_path, timing)  # after each engine: an interrupted run keeps its timings
+            if timing:   # after each engine: an interrupted run keeps its timings
+                write_bytes_atomic(cache_path, timing)
             entry = {
                 "file": f"{ENGINE_DIR}/{name}", "role": role, "precision": graph_precision,
                 "sha256": hashlib.sha256(engine_bytes).hexdigest(), "size": len(engine_bytes),
@@ -282,13 +295,16 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
 
 
 def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
-    """Replace engines of the same role/precision/GPU/TensorRT in the manifest; atomic rewrite."""
+    """Replace engines of the same role/precision/GPU/TensorRT release in the manifest (they had the
+    same file name); atomic rewrite."""
     from novic.export.bundle import write_json_atomic
 
+    def key(e):
+        return e.get("role"), e.get("precision"), e.get("compute_capability"), trt_release(e.get("tensorrt_version", ""))
+
     data = read_manifest(root)
-    new = {(e["role"], e["precision"], e["compute_capability"], e["tensorrt_version"]) for e in entries}
-    kept = [e for e in data.get("engines", []) or []
-            if (e.get("role"), e.get("precision"), e.get("compute_capability"), e.get("tensorrt_version")) not in new]
+    new = {key(e) for e in entries}
+    kept = [e for e in data.get("engines", []) or [] if key(e) not in new]
     data["engines"] = kept + entries
     data["tensorrt"] = {"timing_cache": f"{ENGINE_DIR}/{cache_path.name}"}
     write_json_atomic(root / MANIFEST, data)

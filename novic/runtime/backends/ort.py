@@ -140,6 +140,11 @@ class OrtDecoderSession:
         self._cache = None          # np.ndarray (plain run) or OrtValue (IOBinding)
         self._buffers: list = []    # the two ping-pong OrtValues of the current row count
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps are replayed as CUDA graphs (else `cuda_graph_error` may say why not)."""
+        return self._graphs is not None
+
     # --- inputs -----------------------------------------------------------------------------
     @staticmethod
     def _common(temperature, cand_ids, rows):
@@ -307,6 +312,10 @@ class OrtImageEncoder:
                                               import_ort(provider), device_id)
             except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
                 self.cuda_graph_error = str(exc).splitlines()[0]
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
 
     def __call__(self, pixels) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)

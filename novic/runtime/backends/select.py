@@ -62,10 +62,14 @@ def _get(obj, key, default=None):
     return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
 
 
+def trt_release(version: str) -> str:
+    """"11.4.0.106" -> "11.4.0": TensorRT engines are tied to the exact release that built them
+    (major.minor.patch); the build number may differ."""
+    return ".".join(str(version).split(".")[:3])
+
+
 def _versions_match(built: str, installed: str) -> bool:
-    """TensorRT engines are tied to the exact TensorRT release that built them (major.minor.patch);
-    the build number may differ."""
-    return built.split(".")[:3] == installed.split(".")[:3]
+    return trt_release(built) == trt_release(installed)
 
 
 def trt_fit(engines, probe: Probe) -> tuple[dict | None, str]:

@@ -97,6 +97,15 @@ class Cuda:
     def stream(self):
         return self.check(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
 
+    @staticmethod
+    def handle(stream) -> int:
+        """The stream as the int TensorRT takes (cuda-bindings 13 deprecates int(cudaStream_t))."""
+        try:
+            from cuda.bindings.utils import get_cuda_native_handle
+        except ImportError:   # cuda-bindings < 13
+            return int(stream)
+        return int(get_cuda_native_handle(stream))
+
     def malloc(self, nbytes: int) -> int:
         ptr = self.check(self.rt.cudaMalloc(max(int(nbytes), 1)), f"cudaMalloc({nbytes})")
         self.check(self.rt.cudaMemset(ptr, 0, max(int(nbytes), 1)), "cudaMemset")
@@ -204,33 +213,19 @@ def check_profiles(engine, plan: trt_plan.GraphPlan, path) -> None:
 
 def _scratch_size(engine) -> int:
     """Activation memory an execution context of `engine` needs (max over profiles).
-    TensorRT 11 renamed device_memory_size to device_memory_size_v2 ("Removed Python APIs")."""
-    for attr in ("device_memory_size_v2", "device_memory_size"):
-        if hasattr(engine, attr):
-            return int(getattr(engine, attr))
-    raise TrtError("this TensorRT exposes no device_memory_size_v2; unsupported TensorRT version")
+    TensorRT 11 removed device_memory_size for device_memory_size_v2 ("Removed Python APIs")."""
+    if not hasattr(engine, "device_memory_size_v2"):
+        raise TrtError("this TensorRT has no ICudaEngine.device_memory_size_v2; novic needs TensorRT >= 10")
+    return int(engine.device_memory_size_v2)
 
 
 def _create_context(trt, engine, scratch: int, scratch_size: int):
     """An execution context that uses our shared activation memory (USER_MANAGED), so that any
     number of contexts cost no extra GPU memory. They never run concurrently (one stream)."""
-    strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-    ctx = None
-    if strategy is not None:
-        try:
-            ctx = engine.create_execution_context(strategy.USER_MANAGED)
-        except TypeError:  # bindings that take an IRuntimeConfig instead (TensorRT 11 docs)
-            config = engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(strategy.USER_MANAGED)
-            ctx = engine.create_execution_context(config)
-    elif hasattr(engine, "create_execution_context_without_device_memory"):
-        ctx = engine.create_execution_context_without_device_memory()
+    ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
     if ctx is None:
         raise TrtError("TensorRT could not create an execution context (out of GPU memory?)")
-    if hasattr(ctx, "set_device_memory"):
-        ctx.set_device_memory(scratch, scratch_size)   # setDeviceMemoryV2(memory, size)
-    else:
-        ctx.device_memory = scratch
+    ctx.set_device_memory(scratch, scratch_size)   # setDeviceMemoryV2(memory, size)
     return ctx
 
 
@@ -247,13 +242,19 @@ class _Graph:
     def __init__(self, trt, engine, plan: trt_plan.GraphPlan, cuda: Cuda, stream, use_graphs: bool,
                  scratch: int, scratch_size: int):
         self.trt, self.engine, self.plan, self.cuda, self.stream = trt, engine, plan, cuda, stream
+        self.stream_handle = cuda.handle(stream)
         self.use_graphs = use_graphs
+        self.graph_error: str | None = None   # why capture failed, if it did (then plain runs)
         self.scratch, self.scratch_size = scratch, scratch_size
         self.configs: OrderedDict = OrderedDict()   # key -> [context, graph_exec | None]
 
     def _configure(self, profile: int, shapes: dict, addresses: dict):
         ctx = _create_context(self.trt, self.engine, self.scratch, self.scratch_size)
-        ctx.set_optimization_profile_async(profile, int(self.stream))
+        try:   # TensorRT raises (never returns False) when it refuses the profile
+            ctx.set_optimization_profile_async(profile, self.stream_handle)
+        except RuntimeError as exc:
+            raise TrtError(f"{self.plan.role}: TensorRT refused optimization profile {profile} "
+                           f"({_first_line(exc)}); rebuild the engines with novic-export trt BUNDLE --force") from None
         for t in self.plan.inputs:
             if not ctx.set_input_shape(t.name, shapes[t.name]):
                 raise TrtError(f"{self.plan.role}: input {t.name!r} shape {shapes[t.name]} rejected by profile {profile}")
@@ -276,21 +277,40 @@ class _Graph:
             return
         ctx = self._configure(profile, shapes, addresses)
         self._enqueue(ctx)                    # first run: applies the shapes (and computes this call)
-        graph = None
-        if self.use_graphs:
-            self.cuda.begin_capture(self.stream)
-            try:
-                self._enqueue(ctx)
-            finally:
-                graph = self.cuda.end_capture(self.stream)
+        graph = self._capture(ctx) if self.use_graphs else None
         self.configs[key] = [ctx, graph]
         while len(self.configs) > self.MAX_CONFIGS:
             _, (_old, old_graph) = self.configs.popitem(last=False)
             if old_graph is not None:
                 self.cuda.rt.cudaGraphExecDestroy(old_graph)
 
+    def _capture(self, ctx):
+        """The CUDA graph of one execution of `ctx`, or None when the capture fails: then this
+        engine runs without graphs from now on (plain execute_async_v3, same results), and
+        `graph_error` says why. Nothing runs while capturing, so this call's outputs are those
+        of the plain run before it."""
+        self.cuda.begin_capture(self.stream)
+        try:
+            self._enqueue(ctx)
+        except Exception as exc:  # noqa: BLE001 - TrtError or TensorRT's RuntimeError
+            try:
+                self.cuda.end_capture(self.stream)   # leave capture mode; its own error is secondary
+            except TrtError:
+                pass
+            return self._graphs_off(exc)
+        try:
+            return self.cuda.end_capture(self.stream)
+        except TrtError as exc:
+            return self._graphs_off(exc)
+
+    def _graphs_off(self, exc: BaseException) -> None:
+        why = _first_line(exc)
+        self.use_graphs = False
+        self.graph_error = why if why.startswith(self.plan.role) else f"{self.plan.role}: {why}"
+        return None
+
     def _enqueue(self, ctx):
-        if not ctx.execute_async_v3(int(self.stream)):
+        if not ctx.execute_async_v3(self.stream_handle):
             raise TrtError(f"{self.plan.role}: execute_async_v3 failed (see TensorRT's messages above)")
 
     def close(self):
@@ -319,7 +339,22 @@ def _g_bucket(g: int, g_max: int) -> int:
 
 
 # --- the decoder session -----------------------------------------------------------------------------
-class TrtDecoderSession:
+class _GraphStatus:
+    """`cuda_graphs` / `cuda_graph_error` of a session over its engines' `_Graph`s (`self.graphs`)."""
+
+    graphs: tuple = ()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether calls are replayed as CUDA graphs (else `cuda_graph_error` may say why not)."""
+        return bool(self.graphs) and all(g.use_graphs for g in self.graphs)
+
+    @property
+    def cuda_graph_error(self) -> str | None:
+        return next((g.graph_error for g in self.graphs if g.graph_error), None)
+
+
+class TrtDecoderSession(_GraphStatus):
     """DecoderSession over the prefill and step engines (docs/internals.md "Decoder session")."""
 
     def __init__(self, prefill_path, step_path, config: DecoderConfig, *, engines: dict,
@@ -353,6 +388,7 @@ class TrtDecoderSession:
         self.dev["_scratch"] = cuda.malloc(size)
         self._pre = _Graph(trt, pre_engine, pre_plan, cuda, self.stream, cuda_graphs, self.dev["_scratch"], size)
         self._step = _Graph(trt, step_engine, step_plan, cuda, self.stream, cuda_graphs, self.dev["_scratch"], size)
+        self.graphs = (self._pre, self._step)
         self.host = {n: cuda.malloc_host(b.nbytes, b.dtype) for n, b in self.plan.buffers.items() if b.host}
         self.max_images = pre_plan.max_batch      # largest batch the engines were built for
         self.max_rows = step_plan.max_batch       # images x beams
@@ -464,7 +500,7 @@ class TrtDecoderSession:
 
     def close(self):
         with self._lock:
-            for g in (self._pre, self._step):
+            for g in self.graphs:
                 g.close()
             _release(self)
 
@@ -477,7 +513,7 @@ class TrtDecoderSession:
 
 
 # --- the image encoder --------------------------------------------------------------------------
-class TrtImageEncoder:
+class TrtImageEncoder(_GraphStatus):
     """pixels f32[B,3,H,W] (preprocessed) -> unit embeddings f32[B,F], in chunks of the largest bucket."""
 
     def __init__(self, path, entry, *, device_id: int = 0, cuda_graphs: bool = True):
@@ -501,6 +537,7 @@ class TrtImageEncoder:
         size = _scratch_size(engine)
         self.dev["_scratch"] = cuda.malloc(size)
         self._graph = _Graph(trt, engine, self.plan, cuda, self.stream, cuda_graphs, self.dev["_scratch"], size)
+        self.graphs = (self._graph,)
         self.host = {n: cuda.malloc_host(b.nbytes, b.dtype) for n, b in bufs.items()}
 
     def __call__(self, pixels) -> np.ndarray:
@@ -522,7 +559,7 @@ class TrtImageEncoder:
         host_in, host_out = self.host[self._in.name], self.host[self._out.name]
         host_in[:chunk.size] = chunk.reshape(-1)
         host_in[chunk.size:bp * chunk[0].size] = 0
-        cuda.h2d(self.dev[self._in.name], host_in, bp * chunk[0].nbytes, s)
+        cuda.h2d(self.dev[self._in.name], host_in, bp * chunk[0].size * host_in.itemsize, s)
         shapes = self.plan.shapes(bp)
         self._graph.run(self.plan.profile_index(bp), {self._in.name: shapes[self._in.name]},
                         {t.name: self.dev[t.name] for t in self.plan.tensors})
@@ -533,5 +570,6 @@ class TrtImageEncoder:
 
     def close(self):
         with self._lock:
-            self._graph.close()
+            for g in self.graphs:
+                g.close()
             _release(self)
