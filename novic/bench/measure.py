@@ -40,6 +40,55 @@ def step_times(session, embed_dim: int, width: int, reps: int) -> list[float]:
     return [float(np.median(t)) for t in per_position]
 
 
+def phases(clf, image, reps: int = 10, beam_width: int = 10) -> dict:
+    """Where one image's time goes: median ms of preprocessing, the encoder, the decoder prefill,
+    the first step (it reads the prefill's cache), the later steps (summed) and the host's share
+    of the search (decoding minus prefill and steps), plus the number of steps; beam search
+    guided by the bundle's nouns, as in `run`. The decoder's methods are timed by wrapping them
+    on the session object for the duration (every backend returns host arrays, so each call has
+    finished when it returns)."""
+    session, vocab = clf.decoder, clf.vocabulary(None)
+    calls: list[tuple[str, float]] = []
+
+    def timed(name):
+        method = getattr(session, name)
+
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                calls.append((name, (time.perf_counter() - t) * 1e3))
+        return call
+
+    rows = []
+    own = {name: vars(session)[name] for name in ("prefill", "step") if name in vars(session)}
+    session.prefill, session.step = timed("prefill"), timed("step")
+    try:
+        for rep in range(reps + 1):    # the first round warms up
+            calls.clear()
+            t0 = time.perf_counter()
+            pixels, _ = clf.preprocessor.load_batch([image])
+            t1 = time.perf_counter()
+            embeds = clf.embed(pixels)
+            t2 = time.perf_counter()
+            clf.decode(embeds, vocab, beam_width, 1.0, 0.0)
+            t3 = time.perf_counter()
+            steps = [ms for name, ms in calls if name == "step"]
+            prefill = sum(ms for name, ms in calls if name == "prefill")
+            decode = (t3 - t2) * 1e3
+            if rep:
+                rows.append({"preprocess_ms": (t1 - t0) * 1e3, "encoder_ms": (t2 - t1) * 1e3,
+                             "prefill_ms": prefill, "first_step_ms": steps[0] if steps else 0.0,
+                             "later_steps_ms": sum(steps[1:]), "host_search_ms": decode - prefill - sum(steps),
+                             "steps": len(steps)})
+    finally:   # back to what the session had: its class's methods or its own wrappers
+        del session.prefill, session.step
+        for name, method in own.items():
+            setattr(session, name, method)
+    return {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+
+
 def run(bundle: str, backend: str = "auto", precision: str | None = None, batches=(1, 8, 32, 256),
         reps: int = 10, budget_s: float = 30.0, beam_width: int = 10, threads: int | None = None,
         sync=None) -> dict:
@@ -49,9 +98,9 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
     clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
     out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
            "load_s": time.perf_counter() - t0,
-           "cuda_graphs": getattr(clf.decoder, "_graphs", None) is not None,
+           "cuda_graphs": getattr(clf.decoder, "cuda_graphs", False),
            "cuda_graph_error": getattr(clf.decoder, "cuda_graph_error", None),
-           "encoder_cuda_graphs": getattr(clf.encoder, "_graphs", None) is not None,
+           "encoder_cuda_graphs": getattr(clf.encoder, "cuda_graphs", False),
            "encoder_cuda_graph_error": getattr(clf.encoder, "cuda_graph_error", None)}
     images = sample_images(max(batches))
     vocab = clf.vocabulary(None)
@@ -73,5 +122,6 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
                              budget_s=budget_s, sync=sync)
     out["step_ms_by_position"] = step_times(clf.decoder, clf.config.embed_dim, beam_width,
                                             reps=max(3, reps // 2))
+    out["phases"] = phases(clf, images[0], reps=max(3, reps // 2), beam_width=beam_width)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
