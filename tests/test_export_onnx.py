@@ -248,9 +248,9 @@ def test_iobinding_path_equals_plain_run(tiny):
 
 
 def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
-    """The CUDA-graph step path (fixed buffers per shape, two ping-pong sides, the first step
-    after a prefill uncaptured) run against host memory: same tokens and scores as plain runs,
-    also when consecutive searches reuse the buffers."""
+    """The CUDA-graph step path (fixed buffers per shape, two ping-pong sides, the prefill's cache
+    in a fixed buffer per batch size so that the first step has its graph too) run against host
+    memory: same tokens and scores as plain runs, also when consecutive searches reuse the buffers."""
     from novic.runtime.backends.ort import _StepGraphs
 
     _, graphs = tiny
@@ -263,6 +263,8 @@ def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
         for kw in ({}, {"trie": trie}):
             assert search.beam_search(plain, embeds, 10, **kw) == search.beam_search(graphed, embeds, 10, **kw)
     assert graphed._graphs is not None and graphed._graphs.ids  # the graph path really ran
+    sources = {key[2] for key in graphed._graphs.ids}
+    assert sources == {"A", "B", "prefill12"} and graphed._graphs.uncaptured == 0   # every step has its graph
 
 
 def test_session_reports_topk_and_clear_errors(tiny, tmp_path):

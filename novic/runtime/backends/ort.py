@@ -164,8 +164,10 @@ class OrtDecoderSession:
         if not self.iobinding:
             *scores, self._cache = self._prefill.run(list(SCORE_OUTPUTS) + ["kv_cache"], feeds)
             return self._scores(scores)
-        # The cache output is allocated by onnxruntime on the device; steps then ping-pong.
-        scores, self._cache = self._run_bound(self._prefill, feeds, "kv_cache", None)
+        # The cache goes to a device buffer (fixed per batch size when steps are CUDA graphs, so
+        # that the first step can be captured too; else allocated by onnxruntime); steps then ping-pong.
+        out = self._graphs.prefill_cache(len(embeds)) if self._graphs is not None else None
+        scores, self._cache = self._run_bound(self._prefill, feeds, "kv_cache", out)
         self._buffers = []
         return self._scores(scores)
 
@@ -230,10 +232,11 @@ class _StepGraphs:
     A captured graph reads and writes fixed device addresses, so every input and output of the
     step lives in a buffer allocated once per shape: inputs/scores per (rows N, candidates G),
     the two ping-pong cache buffers per N (guided search changes G from step to step, the cache
-    flows on). New host values are copied into the buffers (``update_inplace``) and the scores
-    read back from them. One graph per (N, G, cache side): one reads A and writes B, the other
-    the reverse. A step whose cache is not one of those buffers (the first after a prefill: the
-    prefill's cache, whose address changes every batch) runs uncaptured (graph id -1) into A.
+    flows on), and the prefill's cache buffer per batch size M. New host values are copied into
+    the buffers (``update_inplace``) and the scores read back from them. One graph per (N, G,
+    source): A -> B, B -> A, and prefill(M) -> A for the first step after a prefill (uncaptured it
+    took 2.4 ms against 0.66 ms for a captured step on an H100, docs/benchmarks.md "GPU", run 2).
+    A step whose cache is none of those buffers runs uncaptured (graph id -1) into A.
     Per step the host then does: five tiny copies in, one graph launch, three small copies out.
     """
 
@@ -243,6 +246,16 @@ class _StepGraphs:
         self.ids: dict[tuple, int] = {}
         self.io: dict[tuple, dict] = {}
         self.caches: dict[int, list] = {}
+        self.prefill_caches: dict[int, object] = {}
+        self.uncaptured = 0   # steps that ran without a graph (their cache came from elsewhere)
+
+    def prefill_cache(self, images: int):
+        """The fixed buffer the prefill writes its cache to, for `images` rows."""
+        if images not in self.prefill_caches:
+            cfg, o = self.owner.config, self.owner
+            shape = [cfg.layers, 2, images, cfg.heads, cfg.seq_len, cfg.head_dim]
+            self.prefill_caches[images] = self._make(shape, o.cache_dtype)
+        return self.prefill_caches[images]
 
     def _make(self, shape, dtype):
         o = self.owner
@@ -265,12 +278,16 @@ class _StepGraphs:
         o = self.owner
         rows, cands = feeds["cand_ids"].shape
         io, (a, b) = self._buffers(rows, cands)
+        prefill_rows = next((m for m, buf in self.prefill_caches.items() if buf is o._cache), None)
         if o._cache is a or o._cache is b:
-            side = 0 if o._cache is a else 1
-            src, dst = (a, b) if side == 0 else (b, a)
-            graph_id = self.ids.setdefault((rows, cands, side), len(self.ids) + 1)
-        else:   # e.g. reading the prefill's cache: run uncaptured, write side A
+            src, dst = (a, b) if o._cache is a else (b, a)
+            graph_id = self.ids.setdefault((rows, cands, "A" if src is a else "B"), len(self.ids) + 1)
+        elif prefill_rows is not None:   # the first step after a prefill: its own graph per batch size
+            src, dst = o._cache, a
+            graph_id = self.ids.setdefault((rows, cands, f"prefill{prefill_rows}"), len(self.ids) + 1)
+        else:   # a cache from elsewhere: run uncaptured, write side A
             src, dst, graph_id = o._cache, a, -1
+            self.uncaptured += 1
         names = ("tokens", "position", "beam_idx", "temperature", "cand_ids")
         for name in names:
             io[name].update_inplace(np.ascontiguousarray(feeds[name]))
