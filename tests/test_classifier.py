@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -233,3 +234,35 @@ def test_startup_is_small(runtime_bundle, tmp_path):
     imp, load, torch_loaded = out.stdout.split()
     assert torch_loaded == "False"
     assert float(imp) + float(load) < 10, out.stdout  # generous for a shared 2-core CI box
+
+
+def test_cli_prints_any_file_name_as_it_is(runtime_bundle, photo_dir, tmp_path):
+    """Names with [brackets] (rich markup syntax) and with bytes that are not UTF-8 are printed, in
+    the table, error lines and JSON, as valid text; stdin is read once and an empty stdin says so."""
+    src = Path(_photo_paths(photo_dir)[0]).read_bytes()
+    (tmp_path / "raw[/x]").mkdir(parents=True)   # "raw[" holding "x]"
+    for name in ("photo [edited].jpg", "raw[/x]/a.jpg"):
+        (tmp_path / name).write_bytes(src)
+    (tmp_path / "broken [y].jpg").write_text("not an image")
+    os.makedirs(os.fsencode(tmp_path / "uni"))
+    with open(os.fsencode(tmp_path / "uni") + b"/caf\xe9.jpg", "wb") as f:
+        f.write(src)
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "-k", 1, "-r", tmp_path)
+    assert out.exit_code == 1, out.output                      # the broken file, and only it
+    assert "photo [edited].jpg" in out.stdout and "raw[/x]/a.jpg" in out.stdout
+    assert "uni/caf\\xe9.jpg" in out.stdout
+    assert [line.split(": ")[0] for line in out.stderr.splitlines()] == ["error", ] and \
+        f"{tmp_path}/broken [y].jpg: not an image file" in out.stderr
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", "-r", tmp_path)
+    rows = [json.loads(line) for line in out.stdout_bytes.decode("utf-8").splitlines()]   # strict UTF-8
+    assert sorted(Path(r["source"]).name for r in rows) == ["a.jpg", "broken [y].jpg", "caf\\xe9.jpg",
+                                                             "photo [edited].jpg"]
+    vocab = tmp_path / "nouns [1].txt"
+    vocab.write_text("cat\n[/x] dog\n")
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--vocab", vocab, tmp_path / "photo [edited].jpg")
+    assert out.exit_code == 0 and "'[/x] dog'" in out.stderr and out.stderr.count("cannot be produced") == 1
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--vocab", tmp_path, tmp_path / "photo [edited].jpg")
+    assert isinstance(out.exception, ClassifierError) and "is a directory; pass a text file" in str(out.exception)
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", "-", "-", input=b"")
+    assert out.exit_code == 1 and len(out.stdout.splitlines()) == 1
+    assert out.stderr.strip() == "error: <stdin>: empty data (0 bytes); pass the encoded image file contents"

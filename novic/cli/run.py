@@ -24,7 +24,9 @@ from typing import List, Optional
 
 import typer
 
-from novic.cli._common import err, run_app
+from rich.markup import escape
+
+from novic.cli._common import err, fail, printable, run_app
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
@@ -48,14 +50,18 @@ def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[
         walker = d.rglob("*") if recursive else d.iterdir()
         found = sorted(str(p) for p in walker if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            hint = "" if recursive else " (use --recursive for subdirectories)"
-            problems.append(f"{d}: directory has no image files{hint}")
+            subdirs = not recursive and any(p.is_dir() for p in d.iterdir())
+            problems.append(f"{d}: directory has no image files" + (" (use --recursive for its subdirectories)"
+                                                                     if subdirs else ""))
         for f in found:
             add(f)
 
+    stdin = None
     for arg in args:
-        if arg == "-":
-            add(_Stdin())
+        if arg == "-":   # standard input holds one image: a second '-' would read nothing
+            if stdin is None:
+                stdin = _Stdin()
+                add(stdin)
             continue
         p = Path(arg)
         if p.is_dir():
@@ -75,10 +81,9 @@ def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[
     return inputs, problems
 
 
-def fail(message: str, code: int = 1):
-    """One line on stderr (never wrapped), no traceback."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise SystemExit(code)
+def error_line(text: str) -> None:
+    """One error line on stderr; `text` is shown as is (file names may hold [brackets])."""
+    err.print(f"[bold red]error:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 class _Stdin:
@@ -131,7 +136,7 @@ def main_command(
         fail(f"--verify {verify!r}: use full, cached or size", code=2)
     inputs, problems = expand_inputs(images, recursive)
     for line in problems:
-        err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+        error_line(line)
     if not inputs:
         raise SystemExit(1)
 
@@ -139,6 +144,7 @@ def main_command(
         from novic.registry import default_bundle
         bundle = default_bundle(model, console=err)
 
+    import logging
     import warnings
 
     from PIL import Image
@@ -146,14 +152,17 @@ def main_command(
     from novic.runtime.classifier import Classifier
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the hard limit still errors
-    clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads, verify=modes[verify])
+    logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
+    clf = Classifier.load(bundle, backend=backend, precision=precision.lower() if precision else None,
+                          threads=threads, verify=modes[verify])
     startup = time.perf_counter() - _T0
     if not quiet:
-        err.print(f"novic-run: {clf.describe()} (startup {startup:.2f} s)", highlight=False, soft_wrap=True)
+        err.print(f"novic-run: {escape(printable(clf.describe()))} (startup {startup:.2f} s)", highlight=False,
+                  soft_wrap=True)
     if guided:
         summary = clf.vocabulary(vocab).skipped_summary()
         if summary:
-            err.print(f"[yellow]warning:[/] {summary}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(printable(summary))}", highlight=False, soft_wrap=True)
 
     results_iter = clf.iter_classify(inputs, topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
                                      temperature=temperature, alpha=alpha, batch_size=batch_size)
@@ -164,7 +173,7 @@ def main_command(
         for result in results_iter:
             if result.error is not None:
                 failed += 1
-                err.print(f"[bold red]error:[/] {result.error}", highlight=False, markup=True, soft_wrap=True)
+                error_line(result.error)
             if json_lines:
                 _write_json(result)
             elif result.error is None:
@@ -184,7 +193,11 @@ def main_command(
 def _write_json(result) -> None:
     import json
 
-    sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    record = result.to_dict()
+    record["source"] = printable(record["source"])
+    if record.get("error"):
+        record["error"] = printable(record["error"])
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 
@@ -193,13 +206,14 @@ def _print_table(rows, topk: int) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text   # plain text: no markup in file names or labels
 
     table = Table(show_lines=topk > 1)
     table.add_column("image", overflow="fold")
     table.add_column("label")
     table.add_column("prob", justify="right")
     for r in rows:
-        table.add_row(r.source, "\n".join(l.text for l in r.labels),
+        table.add_row(Text(printable(r.source)), Text("\n".join(printable(l.text) for l in r.labels)),
                       "\n".join(_prob(l.prob) for l in r.labels))
     Console().print(table)
 

@@ -235,6 +235,8 @@ class Classifier:
             except OSError:
                 raise ClassifierError(f"{p}: vocabulary file not found; pass a text file with one noun "
                                       f"per line, or a list of nouns") from None
+            if p.is_dir():
+                raise ClassifierError(f"{p}: is a directory; pass a text file with one noun per line")
             key = ("file", str(p.resolve()), st.st_mtime_ns, st.st_size)
         else:
             if isinstance(vocab, (bytes, bytearray)):

@@ -86,13 +86,15 @@ def load_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
         return _from_array(source, name)
     if isinstance(source, (str, os.PathLike)):
         return _from_path(os.fspath(source), name)
+    if hasattr(source, "read"):   # a file object (or stdin): its bytes, so that empty input is named as such
+        source = source.read()
+        if isinstance(source, str):
+            raise ImageError(name, "file object opened in text mode", "open the image with mode 'rb'")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageError(name, "empty data (0 bytes)", "pass the encoded image file contents")
         return _decode(io.BytesIO(data), name)
-    if hasattr(source, "read"):
-        return _decode(source, name)
     if hasattr(source, "__array__"):
         return _from_array(np.asarray(source), name)
     raise ImageError(name, f"unsupported input type {type(source).__name__}",
