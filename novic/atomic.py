@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,8 +25,11 @@ def fsync_dir(path) -> None:
 @contextmanager
 def _replacing(path: Path):
     """A temp file next to `path`, open for writing; when the block ends without an error it is
-    fsynced and renamed over `path` (and the directory fsynced), else removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fsynced and renamed over `path` (and the directory fsynced), else removed.
+    Created with mode 0o666 minus the umask, like any new file (mkstemp's 0o600 would make a
+    bundle or checkpoint unreadable to the service user that loads it)."""
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -39,3 +39,15 @@ def test_move_file_atomic_failure_keeps_the_old_file(tmp_path, monkeypatch):
         atomic.move_file_atomic(src, dst)
     assert dst.read_bytes() == b"old" and src.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.onnx", "new.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Like any new file: a bundle or checkpoint written by a build user stays readable by the
+    service user (mkstemp's 0o600 made them private)."""
+    old = os.umask(umask)
+    try:
+        atomic.write_bytes_atomic(tmp_path / "manifest.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
