@@ -150,6 +150,11 @@ def test_manifest_problems(copy, tmp_path):
     with pytest.raises(BundleError, match="points outside the bundle"):
         Bundle.open(copy)
     bad = json.loads(text)
+    bad["embedder"]["preprocess"]["size"] = [0, "x"]
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(BundleError, match=r"manifest.json: embedder.preprocess is invalid \(.*size"):
+        Bundle.open(copy).preprocess
+    bad = json.loads(text)
     bad["artifacts"][0]["sha256"] = "xyz"
     mpath.write_text(json.dumps(bad))
     with pytest.raises(BundleError, match="sha256 must be 64 lowercase hex digits"):

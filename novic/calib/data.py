@@ -182,7 +182,7 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
                 pixels.append(pre(src))
                 names.append(name)
             except Exception as exc:  # noqa: BLE001 - one bad file does not stop calibration
-                skipped.append(f"{name}: {exc}")
+                skipped.append(str(exc) if str(exc).startswith(str(src)) else f"{name}: {exc}")   # no name twice
                 continue
             progress.advance(task)
     if len(pixels) < 2:

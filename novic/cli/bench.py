@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from novic.cli._common import run_app
+from novic.atomic import write_bytes_atomic
+from novic.cli._common import fail, run_app
 
 app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.",
                   add_completion=False, no_args_is_help=True)
@@ -23,17 +25,36 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _check_writable(path: Optional[Path]) -> None:
+    """Fail now, before minutes of measuring, if the --json file clearly cannot be written."""
+    if path is None:
+        return
+    parent = path.parent
+    if path.is_dir():
+        fail(f"{path}: is a directory; --json takes a file name", code=2)
+    if not parent.is_dir():
+        fail(f"{parent}: directory not found; create it or choose another --json path", code=2)
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{path}: not writable; choose another --json path", code=2)
+
+
+def _write_json(path: Optional[Path], result: dict) -> None:
+    if path is not None:
+        write_bytes_atomic(path, json.dumps(result, indent=1).encode())
+
+
 @app.command("run")
 def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
                 backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
                 precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
                 batches: str = typer.Option("1,8,32,256", help="Batch sizes for throughput."),
-                reps: int = typer.Option(10, help="Timed repetitions per measurement (after warm-up)."),
-                threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+                reps: int = typer.Option(10, min=1, help="Timed repetitions per measurement (after warm-up)."),
+                threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads."),
                 json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here.")):
     """Time one bundle on one backend: latency, throughput, encoder, decoder, step time, memory."""
     from novic.bench.measure import run
 
+    _check_writable(json_out)   # before minutes of measuring, not after
     result = run(str(bundle), backend=backend, precision=precision, batches=_ints(batches), reps=reps,
                  threads=threads)
     typer.echo(f"backend {result['backend']} ({result['precision']}): {result['reason']}")
@@ -45,17 +66,17 @@ def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
     steps = result["step_ms_by_position"]
     typer.echo("step ms by position: " + " ".join(f"{s:.2f}" for s in steps))
     typer.echo(f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+    _write_json(json_out, result)
 
 
 @app.command("compare")
-def compare_command(config: str = typer.Option("paper", help="paper, large or tiny (random weights)."),
+def compare_command(config: str = typer.Option("paper", help="paper, large or tiny (random weights); paper "
+                                               "and large build real-size models first (minutes, GBs)."),
                     backend: str = typer.Option("ort-cpu", help="Our backend."),
                     device: str = typer.Option("cpu", help="Device of the PyTorch baseline (cpu, cuda)."),
                     precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
                     batches: str = typer.Option("1,8", help="Batch sizes for throughput."),
-                    reps: int = typer.Option(10, help="Timed repetitions per measurement."),
+                    reps: int = typer.Option(10, min=1, help="Timed repetitions per measurement."),
                     workdir: Path = typer.Option(Path.home() / ".cache" / "novic" / "bench",
                                                  help="Where the random-weight models and bundles live."),
                     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers here.")):
@@ -67,12 +88,12 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
 
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+    _check_writable(json_out)
     result = compare(config, str(workdir), backend=backend, device=device, precision=precision,
                      batches=_ints(batches), reps=reps, console=Console(stderr=True))
     typer.echo(f"config {config}: {result['note']}")
     typer.echo(result["markdown"])
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+    _write_json(json_out, result)
 
 
 def main():

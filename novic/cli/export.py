@@ -39,7 +39,7 @@ def onnx_command(
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write fp16 graphs (for GPU backends and TensorRT)."),
     topk: int = typer.Option(10, "--topk", min=1, help="Candidates per row returned by the decoder graphs (>= beam width)."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Default beam width recorded in the bundle."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (the whole directory, with anything else in it)."),
 ):
     """Checkpoint + CLIP image tower -> bundle (ONNX graphs, fp16 variants, manifest)."""
     from rich.table import Table
@@ -153,7 +153,7 @@ def calib_command(
                   highlight=False)
         raise typer.Exit(1)
     err.print(f"{prec} encoder {'written to ' + result['path'] if result['written'] else 'passed (dry run, not written)'}"
-              f" in {result['seconds']:.0f} s", highlight=False)
+              f" in {result['seconds']:.1f} s", highlight=False)
 
 
 def main():

@@ -384,7 +384,15 @@ class Bundle:
 
     @property
     def preprocess(self) -> dict:
-        return self.manifest["embedder"].get("preprocess", {})
+        """The embedder's preprocessing (open_clip keys), checked: a bad value is a BundleError."""
+        from novic.runtime.preprocess import PreprocessConfig
+
+        data = self.manifest["embedder"].get("preprocess", {})
+        try:
+            PreprocessConfig.from_dict(data)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise _fail(self.path / MANIFEST, f"embedder.preprocess is invalid ({exc})") from None
+        return data
 
     @property
     def embed_dim(self) -> int:

@@ -87,16 +87,22 @@ class PreprocessConfig:
         if mode not in (None, "RGB"):
             raise ValueError(f"invalid preprocessing config: mode {mode!r} (only RGB is supported)")
 
-        def triple(value, default):
+        def triple(key, default):
+            value = data.get(key)
             if value is None:
                 return default
-            if isinstance(value, (int, float)):
-                return (float(value),) * 3
-            return tuple(float(v) for v in value)
+            try:
+                return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"invalid preprocessing config: {key} {value!r} must be 3 numbers (R, G, B)") from None
 
-        return cls(size=(int(size[0]), int(size[1])),
-                   mean=triple(data.get("mean"), OPENAI_MEAN),
-                   std=triple(data.get("std"), OPENAI_STD),
+        try:
+            size = (int(size[0]), int(size[1]))
+        except (TypeError, ValueError, IndexError):
+            raise ValueError(f"invalid preprocessing config: size {size!r} must be an int or [height, width]") from None
+        return cls(size=size,
+                   mean=triple("mean", OPENAI_MEAN),
+                   std=triple("std", OPENAI_STD),
                    interpolation=data.get("interpolation") or "bicubic",
                    resize_mode=data.get("resize_mode") or "shortest",
                    fill_color=int(data.get("fill_color") or 0))
