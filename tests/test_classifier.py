@@ -175,7 +175,9 @@ def test_python_api_inputs_and_results(classifier, photo_dir):
     for kwargs, match in [(dict(topk=0), "topk"), (dict(topk=11), "beam_width"),
                           (dict(temperature=0), "temperature"), (dict(batch_size=0), "batch_size"),
                           (dict(guided=False, vocab=["cat"]), "vocab"),
-                          (dict(guided=False, beam_width=50, topk=1), "top-k")]:
+                          (dict(guided=False, beam_width=50, topk=1), "top-k"),
+                          (dict(guided="no"), "guided must be True or False"),
+                          (dict(vocab=["cat", None]), r"vocab must hold nouns as strings; got None")]:
         with pytest.raises(ClassifierError, match=match):
             classifier.classify([path], **kwargs)
 
@@ -191,6 +193,8 @@ def test_load_reports_backend_and_reason(runtime_bundle, capsys):
         Classifier.load(runtime_bundle.bundle, backend="trt")
     with pytest.raises(BackendError, match="unknown backend"):
         Classifier.load(runtime_bundle.bundle, backend="tpu")
+    with pytest.raises(ClassifierError, match="bundle must be a directory path or a Bundle, got NoneType"):
+        Classifier.load(None)
 
 
 def test_cli_table_stdin_and_exit_codes(runtime_bundle, photo_dir, tmp_path):

@@ -173,6 +173,9 @@ class Classifier:
         from novic.runtime.bundle import Bundle
 
         t0 = time.perf_counter()
+        if not isinstance(bundle, (Bundle, str, os.PathLike)):
+            raise ClassifierError(f"bundle must be a directory path or a Bundle, got {type(bundle).__name__}; "
+                                  "export one with novic-export onnx")
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         choice = select_for_bundle(bundle, backend)
@@ -241,7 +244,11 @@ class Classifier:
         else:
             if isinstance(vocab, (bytes, bytearray)):
                 raise ClassifierError("vocab must be a list of nouns or a path, not bytes")
-            nouns = [str(v).strip() for v in vocab]
+            vocab = list(vocab)
+            odd = [v for v in vocab if not isinstance(v, str)]
+            if odd:
+                raise ClassifierError(f"vocab must hold nouns as strings; got {odd[0]!r} ({type(odd[0]).__name__})")
+            nouns = [v.strip() for v in vocab]
             key = ("list", tuple(nouns))
         with self._vocab_lock:
             hit = self._vocabs.get(key)
@@ -372,6 +379,8 @@ class Classifier:
             raise ClassifierError(f"alpha must be a finite number, got {alpha!r}")
         if names is not None and len(names) != len(sources):
             raise ClassifierError("names must have one entry per image")
+        if not isinstance(guided, (bool, np.bool_)):
+            raise ClassifierError(f"guided must be True or False, got {guided!r}")
         if guided:
             vocabulary = self.vocabulary(vocab)
         else:
