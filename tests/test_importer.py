@@ -13,6 +13,8 @@ import builtins
 import functools
 import math
 import pickle
+import re
+import shlex
 import zipfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from torch import nn
 from novic.config import EOS
 from novic.model.checkpoint import load_checkpoint
 from novic.model.importer import CheckpointImportError, import_checkpoint, parse_embedder_spec, read_original
+
+NOT_ORIGINAL = "not an original NOVIC checkpoint (.train inside a release zip)"
 from novic.model.reference import beam_search
 from novic.runtime.trie import TokenTrie
 
@@ -344,13 +348,16 @@ class _Evil:
         return (builtins.open, (self.target, "w"))   # unpickling would create a file
 
 
-@pytest.mark.parametrize("how", ["torch.save", "pickle", "zip"])
-def test_malicious_pickle_refused(tmp_path, how):
+@pytest.mark.parametrize("how,message", [("torch.save", "refusing to load"), ("pickle", "refusing to load"),
+                                         ("zip", "refusing to load"), ("pickle4", "not a torch.save file")])
+def test_malicious_pickle_refused(tmp_path, how, message):
     target = tmp_path / "pwned.txt"
     raw = {"model_state_dict": {"x": torch.zeros(2)}, "target_config": _Evil(target), "target_nouns": []}
     path = tmp_path / "evil.train"
-    if how == "pickle":
-        path.write_bytes(pickle.dumps(raw))
+    if how == "pickle":      # the protocol torch.save uses: the unpickler meets the global and names it
+        path.write_bytes(pickle.dumps(raw, protocol=2))
+    elif how == "pickle4":   # pickle.dump's default: not a torch.save file at all, never unpickled
+        path.write_bytes(pickle.dumps(raw, protocol=4))
     else:
         torch.save(raw, path)
     if how == "zip":
@@ -359,7 +366,7 @@ def test_malicious_pickle_refused(tmp_path, how):
             zf.write(path, "release/evil.train")
         path.unlink()
         path = z
-    with pytest.raises(CheckpointImportError, match="refusing to load") as exc:
+    with pytest.raises(CheckpointImportError, match=message) as exc:
         import_checkpoint(path, tmp_path / "out.safetensors")
     assert "\n" not in str(exc.value)
     assert not target.exists()
@@ -379,6 +386,70 @@ def test_bad_files_give_one_line_errors(tmp_path, original):
         zf.writestr("README.txt", "no checkpoint")
     with pytest.raises(CheckpointImportError, match="without a .train"):
         read_original(z)
+
+
+@pytest.mark.parametrize("content", [
+    b"hello world\n",                                                   # KeyError in torch's unpickler
+    b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n",       # a failed download
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4,            # a JPEG
+    b"",
+    b"PKG notes\n",
+    b"\x80\x02cmod\x00ule\nname\n.",   # a pickle 'naming' a global of garbage bytes: damaged, not code
+], ids=["text", "html", "jpeg", "empty", "pk-text", "garbage-global"])
+def test_files_that_are_not_checkpoints(tmp_path, content):
+    """Junk gives one line: the file, 'not an original NOVIC checkpoint', no claim that it could run code."""
+    path = tmp_path / "junk.train"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointImportError) as exc:
+        import_checkpoint(path, tmp_path / "out.safetensors")
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: {NOT_ORIGINAL}: ")
+    assert "could run code" not in msg and not re.search(r"[\x00-\x1f]", msg)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_code_reference_is_refused_by_name(tmp_path):
+    path = tmp_path / "os.train"
+    path.write_bytes(b"\x80\x02cos\nsystem\n.")
+    with pytest.raises(CheckpointImportError, match=r"refusing to load .*os\.system.*could run code"):
+        read_original(path)
+
+
+def test_damaged_checkpoint_message_is_whole(tmp_path):
+    """torch's paragraph about a damaged zip is cut to its first sentence, not in the middle of a word."""
+    trunc = tmp_path / "trunc.train"
+    trunc.write_bytes(b"PK\x03\x04" + bytes(100))   # a zip's first bytes, then nothing usable
+    with pytest.raises(CheckpointImportError) as exc:
+        read_original(trunc)
+    msg = str(exc.value)
+    assert msg.startswith(f"{trunc}: {NOT_ORIGINAL}: damaged")
+    assert re.search(r"\(RuntimeError: [^()]*central directory\.\); re-download it$", msg), msg
+
+
+def test_unwritable_out_is_refused_before_the_import(tmp_path, original, monkeypatch):
+    from novic.model import importer
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "x.safetensors"            # its 'directory' is a file: nothing can be created there
+
+    def must_not_read(*a, **k):
+        raise AssertionError("the original was read before --out was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(importer, "read_original", must_not_read)
+        with pytest.raises(CheckpointImportError, match=rf"cannot write {re.escape(str(out))} \("):
+            import_checkpoint(original[0], out)
+        with pytest.raises(CheckpointImportError, match="is a directory"):
+            import_checkpoint(original[0], tmp_path)
+
+    def denied(path, ckpt):   # the write itself fails (e.g. permissions change meanwhile): the path, one line
+        raise PermissionError(13, "Permission denied", str(Path(path).parent / ".x.safetensors.1234.tmp"))
+
+    monkeypatch.setattr(importer, "save_checkpoint", denied)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(CheckpointImportError, match=rf"^cannot write {re.escape(str(out))} \(Permission denied\)"):
+        import_checkpoint(original[0], out)
 
 
 def test_architecture_mismatch_is_refused(tmp_path):
@@ -517,6 +588,9 @@ def test_embedder_spec_parsing():
 
 
 def test_cli_import(original, tmp_path, monkeypatch, capsys):
+    import typer
+
+    from novic.cli import export as export_cli
     from novic.cli import importer as cli
 
     path, _, _ = original
@@ -526,10 +600,69 @@ def test_cli_import(original, tmp_path, monkeypatch, capsys):
         cli.main()
     assert exc.value.code in (0, None)
     assert load_checkpoint(out).nouns == NOUNS
-    assert "imported" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "imported" in err
+    # the suggested next command is one novic-export accepts
+    next_cmd = re.search(r"next: (novic-export .*)$", err, re.M).group(1)
+    args = shlex.split(next_cmd.replace("BUNDLE_DIR", str(tmp_path / "bundle")))
+    export_cmd = typer.main.get_command(export_cli.app).commands[args[1]]
+    params = export_cmd.make_context(args[1], args[2:]).params   # parses only; raises on a missing option
+    assert params["checkpoint"] == out
     # existing output without --force: refused, one line
     monkeypatch.setattr("sys.argv", ["novic-import", str(path), "--out", str(out)])
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 2
     assert "--force" in capsys.readouterr().err
+
+
+def _cli(monkeypatch, *argv) -> int:
+    from novic.cli import importer as cli
+
+    monkeypatch.setattr("sys.argv", ["novic-import", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code or 0
+
+
+def test_cli_junk_file_one_line(tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "h.txt"
+    junk.write_text("hello world\n")
+    out = tmp_path / "o.safetensors"
+    assert _cli(monkeypatch, junk, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{junk}: {NOT_ORIGINAL}" in err.replace("\n", "")
+    assert not out.exists()
+
+
+def test_cli_out_directory_is_refused(original, tmp_path, monkeypatch, capsys):
+    """--out DIR/ (existing or not) names a directory: refused with the file to give instead; nothing written."""
+    existing = tmp_path / "outdir"
+    existing.mkdir()
+    for argv in ([existing], [existing, "--force"], [f"{existing}/"], [f"{tmp_path / 'newdir'}/"]):
+        assert _cli(monkeypatch, original[0], "--out", *argv) == 2
+        err = capsys.readouterr().err
+        assert "names a directory" in err and f"{original[0].stem}.safetensors" in err and err.count("\n") == 1
+    assert list(existing.iterdir()) == [] and not (tmp_path / "newdir").exists()
+
+
+def test_cli_unwritable_out_one_line(original, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "x.safetensors"
+    assert _cli(monkeypatch, original[0], "--out", out) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {out}" in err and "Traceback" not in err
+
+
+def test_cli_help_names_the_other_commands(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert _cli(monkeypatch, "--help") == 0
+    text = capsys.readouterr().out
+    description = text.split("Arguments")[0]   # the command's description, above the argument table
+    assert "novic-import models" in description and "novic-import fetch" in description
+    for sub in ("models", "fetch"):
+        assert _cli(monkeypatch, sub, "--help") == 0
+        text = capsys.readouterr().out
+        assert "REFERENCE.md" not in text and "DESIGN.md" not in text

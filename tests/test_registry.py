@@ -218,6 +218,23 @@ def test_ensure_bundle_offline_names_the_release(cache, monkeypatch):
     assert "vitb16_ft2_ta4_ovod_20240610_105233.zip" in msg and "--bundle" in msg and "novic-import" in msg
 
 
+def test_offline_hint_commands_parse(tmp_path):
+    """The commands the offline error suggests are accepted by novic-import and novic-export as written."""
+    import shlex
+
+    import typer
+
+    from novic.cli import export as export_cli
+    from novic.cli import importer as import_cli
+
+    msg = registry.offline_hint("x", tmp_path / "x.zip")
+    imp = shlex.split(re.search(r"(novic-import [^,;]*?) *, then", msg).group(1))
+    exp = shlex.split(re.search(r"(novic-export onnx [^,;]*)", msg).group(1))
+    typer.main.get_command(import_cli.app).make_context(imp[0], imp[1:])   # parses only: raises on a bad option
+    params = typer.main.get_command(export_cli.app).commands["onnx"].make_context("onnx", exp[2:]).params
+    assert params["checkpoint"] == Path(imp[imp.index("--out") + 1])
+
+
 # --- registry -------------------------------------------------------------------------------------------
 def test_registry_entries(monkeypatch):
     assert set(registry.MODELS) == {"ta4", "yb3", "ya2", "ye2"}

@@ -10,6 +10,8 @@ unpickling is refused. Imports of torch/open_clip are lazy so that --help and `m
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,9 +28,9 @@ fetch_app = typer.Typer(help="Download, import and export a released model into 
 
 @app.command()
 def main_command(
-    file: Path = typer.Argument(..., help="Original checkpoint: a .train file or a release .zip. "
-                                          "(Subcommands: 'novic-import models', 'novic-import fetch ID'.)"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output novic checkpoint (.safetensors)."),
+    file: Path = typer.Argument(..., help="Original checkpoint: a .train file or a release .zip."),
+    out_text: str = typer.Option(..., "--out", "-o", metavar="<path>",
+                                 help="Output novic checkpoint file (.safetensors)."),
     embedder: Optional[str] = typer.Option(None, "--embedder",
                                            help="CLIP model instead of the one cfg_flat names, in the original's "
                                                 "form (e.g. openclip:timm/ViT-B-16-SigLIP)."),
@@ -38,7 +40,16 @@ def main_command(
     heads: Optional[int] = typer.Option(None, "--heads", min=1, help="Attention heads (default: from cfg_flat, else 8)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ):
-    """Convert an original NOVIC checkpoint into novic's checkpoint format."""
+    """Convert an original NOVIC checkpoint into novic's checkpoint format.
+
+    Other commands: 'novic-import models' lists the released models and what the cache holds;
+    'novic-import fetch [ID]' downloads, imports and exports a released model into the cache.
+    """
+    out = Path(out_text)
+    # Path() drops a trailing slash: look at the text, so that 'outdir/' is not written as a file 'outdir'
+    if out_text.endswith(("/", os.sep)) or out.is_dir():
+        fail(f"--out {out_text} names a directory: give the checkpoint file to write, e.g. "
+             f"--out {out / (file.stem + '.safetensors')}", code=2)
     if out.exists() and not force:
         fail(f"{out} exists; pass --force to overwrite it", code=2)
     if out.suffix != ".safetensors":
@@ -50,14 +61,15 @@ def main_command(
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     err.print(f"imported {summary(result)}", highlight=False, soft_wrap=True)
-    err.print(f"wrote {out}; next: novic-export onnx {out} --out BUNDLE_DIR", highlight=False, soft_wrap=True)
+    err.print(f"wrote {out}; next: novic-export onnx --checkpoint {shlex.quote(str(out))} --out BUNDLE_DIR",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 @models_app.command()
 def models_command(
     json_out: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
 ):
-    """The released models (REFERENCE.md) and what the cache ($NOVIC_CACHE) holds for each."""
+    """The released models and what the cache ($NOVIC_CACHE) holds for each."""
     from novic.registry import cache_dir, list_models
 
     rows = list_models()

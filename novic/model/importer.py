@@ -27,6 +27,7 @@ import math
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,32 +60,54 @@ class ImportResult:
 
 
 # --- reading the file safely -----------------------------------------------------------------------
-def _refusal(path, exc: BaseException) -> CheckpointImportError:
-    text = " ".join(str(exc).split())
-    m = re.search(r"(Unsupported global: GLOBAL [^\s]+|Unsupported operand [^\s]+|"
-                  r"Trying to call reduce for [^\s]+|Unsupported class [^\s]+)", text)
-    what = m.group(1) if m else text[:160]
+NOT_ORIGINAL = "not an original NOVIC checkpoint (.train inside a release zip)"
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _not_original(label, why: str) -> CheckpointImportError:
+    return CheckpointImportError(f"{label}: {NOT_ORIGINAL}: {why}")
+
+
+def _refusal(path, what: str) -> CheckpointImportError:
     return CheckpointImportError(
         f"refusing to load {path}: it needs arbitrary unpickling ({what}), which could run code; novic reads "
         f"only .train files made of tensors and plain data (use the official release files, or re-save the "
         f"checkpoint with only tensors, dicts, lists and numbers)")
 
 
+def _first_sentence(text: str) -> str:
+    """torch's messages go on for lines of advice: keep the first sentence, cut at a word if long."""
+    text = re.split(r"(?<=\.) ", " ".join(text.split()), maxsplit=1)[0]
+    text = re.sub(r"[\x00-\x1f\x7f]+", "?", text)   # a damaged file's bytes can end up in the message
+    return text if len(text) <= 200 else text[:text.rfind(" ", 0, 200)] + " ..."
+
+
 def _torch_load(path: Path, label: str) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    # torch.save writes a zip archive, or in its legacy format a protocol-2 pickle (b'\x80\x02'):
+    # anything else is no checkpoint, and the unpickler would fail on it with a cryptic error.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = ("an empty file" if not head else "an HTML/XML page (a failed download?)"
+                if head.lstrip().startswith(b"<") else "neither a PyTorch zip archive nor a pickle")
+        raise _not_original(label, f"it is {what}; pass the release .zip or the .train file inside it")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _refusal(label, e) from None
-    except RuntimeError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise _refusal(label, e) from None
-        raise CheckpointImportError(f"{label} is not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})"
-                                    f": re-download it") from None
-    except (EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointImportError(f"{label} is truncated or not a PyTorch checkpoint "
-                                    f"({type(e).__name__}: {str(e)[:160]}): re-download it") from None
+        with warnings.catch_warnings():   # "Detected pickle protocol 4": noise before the error line
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything (KeyError, IndexError, ...)
+        # torch wraps the unpickler's own error (in __context__) in paragraphs of advice
+        cause = e.__context__ if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None else e
+        m = re.search(r"GLOBAL (\S+)", str(cause))
+        if m and _DOTTED.fullmatch(m.group(1)):   # a damaged file can 'name' a global of garbage bytes
+            raise _refusal(label, f"global {m.group(1)}") from None
+        if head[:1] == b"\x80" and head[1:2] > b"\x02":   # pickle.dump output: torch.save writes protocol 2
+            raise _not_original(label, f"a plain pickle (protocol {head[1]}), not a torch.save file; novic does "
+                                       f"not unpickle it") from None
+        raise _not_original(label, f"damaged or truncated ({type(cause).__name__}: {_first_sentence(str(cause))}); "
+                                   f"re-download it") from None
     if not isinstance(data, dict):
-        raise CheckpointImportError(f"{label} holds a {type(data).__name__}, not an original NOVIC checkpoint dict")
+        raise _not_original(label, f"it holds a {type(data).__name__}, not the checkpoint dict")
     return data
 
 
@@ -120,8 +143,8 @@ def read_original(path: str | Path) -> tuple[dict, str]:
                         label = f"{path}:{member}"
                         return _torch_load(target, label), label
                 if not any(n.endswith("data.pkl") for n in zf.namelist()):
-                    raise CheckpointImportError(f"{path} is a zip file without a {TRAIN_SUFFIX} checkpoint inside "
-                                                f"(expected a NOVIC release zip)")
+                    raise _not_original(path, f"a zip file without a {TRAIN_SUFFIX} file inside (a NOVIC "
+                                              f"release zip holds one)")
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
             raise CheckpointImportError(f"{path} is a damaged zip file ({e}): re-download it") from None
     return _torch_load(path, str(path)), str(path)
@@ -390,8 +413,7 @@ def convert(raw: dict, *, label: str = "checkpoint", embedder: EmbedderSpec | No
     `tokenizer_file` (path) override the tokenizer loaded for it; `heads` the head count."""
     for key in ("model_state_dict", "target_config", "target_nouns"):
         if key not in raw:
-            raise CheckpointImportError(f"{label} has no '{key}': not an original NOVIC training checkpoint "
-                                        f"(keys: {sorted(map(str, raw))[:8]})")
+            raise _not_original(label, f"it has no '{key}' (keys: {sorted(map(str, raw))[:8]})")
     cfg_flat = raw.get("cfg_flat") or {}
     if not isinstance(cfg_flat, dict):
         raise CheckpointImportError(f"{label}: cfg_flat is a {type(cfg_flat).__name__}, expected a dict")
@@ -480,12 +502,39 @@ def convert(raw: dict, *, label: str = "checkpoint", embedder: EmbedderSpec | No
 def import_checkpoint(path: str | Path, out: str | Path | None = None, **kwargs) -> ImportResult:
     """Read an original `.train` / release `.zip`, convert it, and (if `out`) save it atomically.
     Keyword arguments go to `convert` (embedder, heads, tokenizer, tokenizer_file)."""
+    if out is not None:
+        _check_out(out)   # before the import, which can take minutes
     raw, label = read_original(path)
     result = convert(raw, label=label, **kwargs)
     del raw
     if out is not None:
-        save_checkpoint(out, result.checkpoint)
+        try:
+            save_checkpoint(out, result.checkpoint)
+        except OSError as e:
+            raise _unwritable(out, e) from None
     return result
+
+
+def _unwritable(out, e: OSError) -> CheckpointImportError:
+    return CheckpointImportError(f"cannot write {out} ({e.strerror or e}): choose an output path in a "
+                                 f"writable directory")
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an output path that is a directory or whose directory cannot take a new file (tried with a
+    temp file in the nearest existing directory: the checkpoint writer creates missing ones)."""
+    out = Path(out)
+    if out.is_dir():
+        raise CheckpointImportError(f"{out} is a directory: give the checkpoint file to write, e.g. "
+                                    f"{out / 'model.safetensors'}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise _unwritable(out, e) from None
 
 
 def summary(result: ImportResult) -> str:
