@@ -29,7 +29,10 @@ def _replacing(path: Path):
     Created with mode 0o666 minus the umask, like any new file (mkstemp's 0o600 would make a
     bundle or checkpoint unreadable to the service user that loads it)."""
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:   # name the file the caller asked for, not our hidden temp file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

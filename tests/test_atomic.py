@@ -51,3 +51,13 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):
+    """The error names the file asked for, not the hidden temp file (the console scripts print it)."""
+    def refuse(name, *args):
+        raise PermissionError(13, "Permission denied", name)
+    monkeypatch.setattr(atomic.os, "open", refuse)
+    with pytest.raises(PermissionError) as info:
+        atomic.write_bytes_atomic(tmp_path / "manifest.json", b"{}")
+    assert info.value.filename == str(tmp_path / "manifest.json")

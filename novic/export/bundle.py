@@ -130,7 +130,10 @@ class StagedBundle:
             if pid != os.getpid() and not _pid_alive(pid):
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp = parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:   # name the --out the user gave, not the hidden staging directory
+            raise OSError(exc.errno, exc.strerror, str(self.target)) from None
         return self
 
     def commit(self, manifest: dict) -> Path:
