@@ -17,6 +17,7 @@ fi
 mkdir -p "$WORK/photos"
 
 echo "== 1/3 train a small decoder on captions of examples/nouns.txt (text only)"
+rm -rf "$WORK/train"   # a fresh run each time (novic-train refuses a folder that holds one, unless --resume)
 novic-train train -o data.nouns=examples/nouns.txt -o captions.variants_per_noun=20 \
   -o model.width=128 -o model.layers=2 -o model.heads=4 -o model.ffn_width=64 \
   -o optim.batch_size=64 -o optim.steps=300 -o noise.noise_norm=0.5 -o out_dir="$WORK/train" \

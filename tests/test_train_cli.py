@@ -32,11 +32,98 @@ def test_default_config_roundtrips_and_overrides(tmp_path):
     (["cache", "-o", "embedder.type=word2vec"], "embedder.type"),
 ])
 def test_bad_config_is_one_line(args, match):
-    res = runner.invoke(main, args)
-    assert res.exit_code == 1
+    assert_one_line_error(runner.invoke(main, args), match)
+
+
+def assert_one_line_error(res, match):
+    assert res.exit_code == 1, res.output
     out = res.stderr if hasattr(res, "stderr") else res.output
     lines = [l for l in out.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], out
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the command gets as far as loading the embedder (the first real work)."""
+    import novic.train.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input was not caught before the work started")
+    monkeypatch.setattr(novic.train.data, "load_embedder", refuse)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.width=abc", 'config model.width: expected an integer, got "abc"'),
+    ("seed=1.5", "config seed: expected an integer, got 1.5"),
+    ("seed=-1", "config seed: expected an integer >= 0, got -1"),
+    ("optim.lr=fast", 'config optim.lr: expected a number, got "fast"'),
+    ("optim.lr=NaN", "config optim.lr: expected a number, got NaN"),
+    ("optim.lr=0", "config optim.lr: expected a number > 0, got 0"),
+    ("bf16=maybe", 'config bf16: expected true or false, got "maybe"'),
+    ("out_dir=null", "config out_dir: expected a string, got null"),
+    ("model.heads=3", "config model.width: expected a multiple of model.heads (3), got 512"),
+    ("model.dropout=1", "config model.dropout: expected a number in [0, 1)"),
+    ("optim.batch_size=0", "config optim.batch_size: expected an integer >= 1, got 0"),
+    ("optim.epochs=0", "config optim.epochs: expected a number > 0, got 0"),
+    ("optim.steps=0", "config optim.steps: expected an integer >= 1, or null"),
+    ("optim.steps=-1", "config optim.steps: expected an integer >= 1, or null"),
+    ("log_every=0", "config log_every: expected an integer >= 1, got 0"),
+    ("eval_every=-5", "config eval_every: expected an integer >= 0"),
+    ("keep_checkpoints=0", "config keep_checkpoints: expected an integer >= 1, got 0"),
+    ("device=tpu", 'config device: expected auto, cpu, cuda or cuda:N, got "tpu"'),
+    ("data.wordnet_max_nouns=0", "config data.wordnet_max_nouns: expected an integer >= 1, or null"),
+    ("data.eval_samples=-1", "config data.eval_samples: expected an integer >= 1, got -1"),
+    ("embedder.batch_size=0", "config embedder.batch_size: expected an integer >= 1, got 0"),
+    ("captions.seed=-2", "captions.seed must be >= 0, got -2"),
+])
+@pytest.mark.parametrize("command", ["train", "cache"])
+def test_bad_config_values_are_refused_before_any_work(command, override, match, no_work, tmp_path):
+    res = runner.invoke(main, [command, "-o", f"out_dir={tmp_path / 'run'}", "-o", override])
+    assert_one_line_error(res, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_optim_steps_null_means_epochs_decide():
+    assert load_config(None, ["optim.steps=null"]).optim.steps is None
+    assert load_config(None, ["optim.steps=1"]).optim.steps == 1
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("list.json", "[1, 2, 3]", "list.json: expected an object of sections and keys at the top, got [1, 2, 3]"),
+    ("c.yaml", "seed: 1\n", "c.yaml: cannot read .yaml; config files are .json or .toml"),
+    ("c.toml", "seed = 1.5\n", "config seed: expected an integer, got 1.5"),
+    ("c.json", '{"optim": {"lr": "1e-3"}}', 'config optim.lr: expected a number, got "1e-3"'),
+])
+def test_bad_config_files_are_one_line(tmp_path, no_work, name, text, match):
+    (tmp_path / name).write_text(text)
+    res = runner.invoke(main, ["train", str(tmp_path / name), "-o", "progress=false"])
+    assert_one_line_error(res, match)
+
+
+def test_config_command_writes_json_only(tmp_path):
+    res = runner.invoke(main, ["config", str(tmp_path / "out.toml")])
+    assert_one_line_error(res, "out.toml: the config is written as JSON; name the file .json")
+    assert not (tmp_path / "out.toml").exists()
+    res = runner.invoke(main, ["config", str(tmp_path / "sub" / "out.json")])
+    assert res.exit_code == 0, res.output
+    assert load_config(tmp_path / "sub" / "out.json") == TrainConfig()
+
+
+@pytest.mark.parametrize("left", ["latest.json", "metrics.jsonl", "checkpoint-00000004.safetensors"])
+def test_train_refuses_an_out_dir_that_holds_a_run(tmp_path, no_work, left):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / left).write_text("old\n")
+    res = runner.invoke(main, ["train", "-o", f"out_dir={run}"])
+    assert_one_line_error(res, f"{run} already holds a training run; pass --resume")
+    assert sorted(p.name for p in run.iterdir()) == [left] and (run / left).read_text() == "old\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_nouns_max_nouns_must_be_positive(tmp_path, value):
+    res = runner.invoke(main, ["nouns", str(tmp_path / "n.json"), "--max-nouns", value])
+    assert res.exit_code == 2 and "--max-nouns" in res.output
+    assert not (tmp_path / "n.json").exists()
 
 
 def test_nouns_command(tmp_path):
@@ -66,7 +153,10 @@ def test_tiny_open_clip_training_end_to_end(tmp_path):
     ckpt = load_checkpoint(run / json.loads((run / "latest.json").read_text())["checkpoint"])
     assert ckpt.embedder.model == "novic-tiny-clip" and ckpt.config.embed_dim > 0
     assert ckpt.token_table.decode(ckpt.noun_tokens[3][:-1]) == "red velvet cake"
-    # --resume of a finished run does no further training steps.
+    # Without --resume the finished run is left alone; with it no further training steps are done.
+    before = (run / "metrics.jsonl").read_text()
+    assert_one_line_error(runner.invoke(main, args), "already holds a training run")
+    assert (run / "metrics.jsonl").read_text() == before
     res = runner.invoke(main, args + ["--resume"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -103,6 +103,13 @@ def test_wordnet_builder_objects_ranked_with_plurals():
     assert len(wordnet_nouns(min_zipf=3.0, max_nouns=100)) == 100
 
 
+@pytest.mark.parametrize("max_nouns", [0, -3])
+def test_wordnet_max_nouns_must_be_positive(tmp_path, max_nouns):
+    # 0 used to mean "no limit" and -3 "all but the last 3"; both are refused before any reading.
+    with pytest.raises(ValueError, match="max_nouns must be >= 1"):
+        wordnet_nouns(tmp_path, max_nouns=max_nouns)
+
+
 def test_wordnet_missing_dir_is_clear(tmp_path):
     pytest.importorskip("wordfreq")
     with pytest.raises(FileNotFoundError, match="wordnet-base"):

@@ -6,8 +6,9 @@
     novic-train train my.json -o optim.lr=1e-3 -o out_dir=runs/a [--resume]
     torchrun --nproc_per_node 4 -m novic.cli.train train my.json    # multi-GPU (DDP)
 
-Config files are JSON or TOML (sections as in novic/train/config.py); `-o section.key=value`
-overrides any key (values are parsed as JSON where possible). Imports are lazy so that --help is fast.
+Config files are .json or .toml (sections as in novic/train/config.py); `-o section.key=value`
+overrides any key (values are parsed as JSON where possible). Every value is type- and range-checked
+before any work. Imports are lazy so that --help is fast.
 """
 from __future__ import annotations
 
@@ -43,19 +44,24 @@ def _config(path: Optional[Path], overrides: Optional[List[str]]):
 
 @app.command()
 def config(out: Optional[Path] = typer.Argument(None, help="Write here instead of stdout (.json).")):
-    """Print (or write) the default training config."""
-    from novic.train.config import TrainConfig
-    text = json.dumps(TrainConfig().to_dict(), indent=2) + "\n"
-    if out:
-        out.write_text(text)
-    else:
-        typer.echo(text, nl=False)
+    """Print (or write) the default training config (JSON)."""
+    with clear_errors():
+        from novic.atomic import write_bytes_atomic
+        from novic.train.config import ConfigError, TrainConfig
+        # JSON only: TOML has no null for the unset keys, and no TOML writer is a dependency.
+        if out and out.suffix.lower() != ".json":
+            raise ConfigError(f"{out}: the config is written as JSON; name the file .json")
+        text = json.dumps(TrainConfig().to_dict(), indent=2) + "\n"
+        if out:
+            write_bytes_atomic(out, text.encode())
+        else:
+            typer.echo(text, nl=False)
 
 
 @app.command()
 def nouns(out: Path = typer.Argument(..., help="Noun list to write (.json, .csv or .txt)."),
           min_zipf: float = typer.Option(3.0, help="wordfreq Zipf frequency threshold."),
-          max_nouns: Optional[int] = typer.Option(None, help="Keep at most this many (most frequent)."),
+          max_nouns: Optional[int] = typer.Option(None, min=1, help="Keep at most this many (most frequent)."),
           wordnet_dir: Path = typer.Option(Path("/usr/share/wordnet"), help="WordNet 3.0 database.")):
     """Build an object-noun list from WordNet, ranked by word frequency."""
     with clear_errors():
@@ -81,7 +87,8 @@ def cache(config_file: Optional[Path] = typer.Argument(None, help="Config (.json
 @app.command()
 def train(config_file: Optional[Path] = typer.Argument(None, help="Config (.json/.toml)."),
           overrides: Optional[List[str]] = OVERRIDE,
-          resume: bool = typer.Option(False, "--resume", help="Continue from out_dir/latest.json.")):
+          resume: bool = typer.Option(False, "--resume", help="Continue from out_dir/latest.json "
+                                      "(without it, an out_dir that holds a run is refused).")):
     """Train (single process, or one rank under torchrun)."""
     with clear_errors():
         from novic.train.trainer import train as run

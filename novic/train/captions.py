@@ -142,6 +142,8 @@ class CaptionConfig:
             raise ValueError(f"captions.user_ratio must be in [0, 1), got {self.user_ratio}")
         if self.user_ratio > 0 and not self.user_captions:
             raise ValueError("captions.user_ratio > 0 needs captions.user_captions (a JSONL file)")
+        if self.seed < 0:
+            raise ValueError(f"captions.seed must be >= 0, got {self.seed}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,11 +6,29 @@ needs something else; example configs are in docs/training.md.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
+from novic.errors import NovicError
 from novic.train.captions import CaptionConfig
 from novic.train.noise import NoiseConfig
+
+
+class ConfigError(NovicError, ValueError):
+    """A bad config file or value; one line naming the key, the value and what is expected."""
+
+
+def _show(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."  # the message stays one readable line
+
+
+def _need(ok: bool, key: str, value, expected: str):
+    if not ok:
+        raise ConfigError(f"config {key}: expected {expected}, got {_show(value)}")
 
 
 @dataclass(frozen=True)
@@ -23,7 +41,8 @@ class EmbedderConfig:
 
     def __post_init__(self):
         if self.type not in ("open_clip", "sentence_transformers"):
-            raise ValueError(f"embedder.type must be open_clip or sentence_transformers, got {self.type!r}")
+            raise ConfigError(f"embedder.type must be open_clip or sentence_transformers, got {self.type!r}")
+        _need(self.batch_size >= 1, "embedder.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,12 @@ class DataConfig:
     eval_samples: int = 2000          # held-out noise draws of training captions for evaluation
     eval_templates: str | None = None  # also evaluate on captions from these (held-out) templates
 
+    def __post_init__(self):
+        _need(self.wordnet_max_nouns is None or self.wordnet_max_nouns >= 1, "data.wordnet_max_nouns",
+              self.wordnet_max_nouns, "an integer >= 1, or null for all")
+        _need(self.shard_size >= 1, "data.shard_size", self.shard_size, "an integer >= 1")
+        _need(self.eval_samples >= 1, "data.eval_samples", self.eval_samples, "an integer >= 1")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -47,6 +72,13 @@ class ModelConfig:
     heads: int = 8
     ffn_width: int = 128
     dropout: float = 0.1
+
+    def __post_init__(self):
+        for name in ("prefix_len", "width", "layers", "heads", "ffn_width"):
+            _need(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        _need(self.width % self.heads == 0, "model.width", self.width,
+              f"a multiple of model.heads ({self.heads})")
+        _need(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -61,13 +93,23 @@ class OptimConfig:
     batch_size: int = 8192            # global batch (all ranks, all accumulation steps)
     micro_batch: int | None = None    # per rank and forward pass; None = batch_size / world
     epochs: float = 18.0
-    steps: int | None = None          # overrides epochs
+    steps: int | None = None          # total optimizer steps; None: epochs decide
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1:
-            raise ValueError("optim.lr must be > 0 and optim.batch_size >= 1")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError("optim.micro_batch must be >= 1")
+        _need(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        for name in ("beta1", "beta2"):
+            _need(0 <= getattr(self, name) < 1, f"optim.{name}", getattr(self, name), "a number in [0, 1)")
+        for name in ("weight_decay", "grad_clip"):
+            _need(getattr(self, name) >= 0, f"optim.{name}", getattr(self, name), "a number >= 0")
+        _need(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _need(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _need(self.batch_size >= 1, "optim.batch_size", self.batch_size, "an integer >= 1")
+        _need(self.micro_batch is None or self.micro_batch >= 1, "optim.micro_batch", self.micro_batch,
+              "an integer >= 1, or null for batch_size / world size")
+        _need(self.epochs > 0, "optim.epochs", self.epochs, "a number > 0")
+        # 0 is not "unset": a run of zero steps is a mistake, and null already means "use epochs".
+        _need(self.steps is None or self.steps >= 1, "optim.steps", self.steps,
+              "an integer >= 1, or null to train optim.epochs epochs")
 
 
 @dataclass(frozen=True)
@@ -89,6 +131,15 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def __post_init__(self):
+        _need(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", self.device,
+              "auto, cpu, cuda or cuda:N")
+        _need(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        for name in ("eval_every", "ckpt_every"):
+            _need(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0 (0: only at the end)")
+        _need(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -97,18 +148,35 @@ class TrainConfig:
         return _from_dict(cls, data, "")
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(key: str, value, hint):
+    """Types first, so that range checks and the trainer never see a string where a number goes."""
+    allowed = get_args(hint) or (hint,)          # `int | None` -> (int, NoneType)
+    if value is None and type(None) in allowed:
+        return
+    kind = next(t for t in allowed if t is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int),
+          float: number and math.isfinite(value), str: isinstance(value, str)}[kind]
+    _need(ok, key, value, _EXPECTED[kind] + (" or null" if type(None) in allowed else ""))
+
+
 def _from_dict(cls, data, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"config {where or 'root'}: expected a table/object, got {data!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+        raise ConfigError(f"config {where[:-1] or 'root'}: expected a table/object of keys, got {_show(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
-    kwargs = {}
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    hints, kwargs = get_type_hints(cls), {}
     for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
-        kwargs[name] = (_from_dict(type(default), value, f"{where}{name}.")
-                        if is_dataclass(default) else value)
+        if is_dataclass(hints[name]):
+            kwargs[name] = _from_dict(hints[name], value, f"{where}{name}.")
+        else:
+            _check_type(where + name, value, hints[name])
+            kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -123,34 +191,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """'optim.lr=1e-3' style overrides (values parsed as JSON where possible)."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         node = data
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
+                raise ConfigError(f"override {item!r}: {p} is not a section")
         node[leaf] = _parse_value(value.strip())
     return data
 
 
+CONFIG_FORMATS = (".json", ".toml")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Every value is type- and range-checked here, before any data or model work starts."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix not in CONFIG_FORMATS:
+            raise ConfigError(f"config file {path}: cannot read {suffix or 'a file without suffix'}; "
+                              f"config files are .json or .toml")
         text = path.read_text(encoding="utf-8")
         try:
-            if path.suffix.lower() == ".toml":
+            if suffix == ".toml":
                 import tomllib
                 data = tomllib.loads(text)
             else:
                 data = json.loads(text)
         except Exception as e:  # noqa: BLE001 - JSON and TOML raise different errors
-            raise ValueError(f"{path}: cannot parse config ({' '.join(str(e).split())})") from None
-    try:
-        return TrainConfig.from_dict(apply_overrides(data, list(overrides)))
-    except TypeError as e:
-        raise ValueError(f"bad config value: {e}") from None
+            raise ConfigError(f"{path}: cannot parse config ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected an object of sections and keys at the top, "
+                              f"got {_show(data)}")
+    return TrainConfig.from_dict(apply_overrides(data, list(overrides)))

@@ -291,6 +291,8 @@ def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
     min_zipf: wordfreq Zipf frequency threshold (1.0 keeps nearly everything wordfreq knows; 3.0
     keeps the common nouns, like the paper's FT2 subset). Nouns are lower-cased (CLIP tokenisers
     lower-case too); named individuals (instance synsets) are not included."""
+    if max_nouns is not None and max_nouns < 1:
+        raise ValueError(f"max_nouns must be >= 1 (or None for all), got {max_nouns}")
     try:
         from wordfreq import zipf_frequency
     except ImportError:
@@ -320,4 +322,4 @@ def wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR, min_zipf: float = 1.0,
             else:
                 nouns.append(Noun(name, freq, irregular.get(name) or pluralize(name, irregular)))
     nouns.sort(key=lambda n: (-n.frequency, n.noun))
-    return nouns[:max_nouns] if max_nouns else nouns
+    return nouns if max_nouns is None else nouns[:max_nouns]

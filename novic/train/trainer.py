@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from novic.config import EOS, DecoderConfig
 from novic.model.decoder import ObjectDecoder
-from novic.train.config import TrainConfig
+from novic.train.config import ConfigError, TrainConfig
 from novic.train.data import EvalSet, TrainData
 from novic.train.noise import EmbeddingNoise
 from novic.train.progress import progress_bar
@@ -69,7 +69,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
     return torch.device(name)
 
 
@@ -227,7 +227,7 @@ class Trainer:
         self.steps_per_epoch = n // self.G
         if self.steps_per_epoch < 1:
             raise ValueError(f"optim.batch_size {self.G} is larger than the {n} training samples")
-        self.total_steps = o.steps or max(1, int(o.epochs * self.steps_per_epoch))
+        self.total_steps = o.steps if o.steps is not None else max(1, int(o.epochs * self.steps_per_epoch))
         self.step = 0
         self.out = Path(cfg.out_dir)
         self.tokens_dev = data.noun_tokens.to(self.device)
@@ -382,10 +382,25 @@ def embedder_spec_of(cfg: TrainConfig):
     return EmbedderSpec(f"{e.type}:{e.model}")  # recorded for provenance; not an open_clip model
 
 
+def holds_run(out_dir: Path) -> bool:
+    """Whether out_dir already has what a run writes (metrics, checkpoints, latest.json)."""
+    return out_dir.is_dir() and any(
+        next(out_dir.glob(pattern), None) is not None
+        for pattern in ("latest.json", "metrics.jsonl", "state-*.safetensors", "checkpoint-*.safetensors"))
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     """Everything `novic-train train` does: data (cache built by rank 0), model, loop."""
     from novic.train.data import load_embedder, prepare_data
 
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir (-o out_dir=...)")
+    # Before any work: a second run into the same folder would append to its metrics and mix
+    # its checkpoints with the old ones.
+    if not resume and holds_run(out):
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or "
+                          f"choose another out_dir (-o out_dir=...) or remove it")
     d = init_distributed(cfg.device)
     device = pick_device(cfg.device, d.local_rank)
     embedder = load_embedder(cfg.embedder, device)
@@ -395,8 +410,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     if resume and not trainer.resume() and d.main:
         print(f"--resume: nothing to resume in {cfg.out_dir}; starting from step 0")
     if d.main:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(Path(cfg.out_dir) / "config.json", cfg.to_dict())
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / "config.json", cfg.to_dict())
     history = trainer.fit()
     if d.world > 1:
         dist.destroy_process_group()
