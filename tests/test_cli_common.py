@@ -32,3 +32,15 @@ def test_bench_checks_arguments_before_measuring(tmp_path, args, message):
 
     out = CliRunner().invoke(app, ["run", str(tmp_path / "not-a-bundle"), *args])
     assert out.exit_code == 2 and message in out.output   # before the bundle is even opened
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trt", "B", "--precision", "int4"], "'int4' is not one of fp32, fp16, int8, fp8"),
+    (["calib", "B", "--min-cosine", "2"], "Invalid value for '--min-cosine'"),
+    (["calib", "B", "--min-agreement", "1.5"], "Invalid value for '--min-agreement'"),
+])
+def test_export_rejects_impossible_values(args, message):
+    from novic.cli.export import app
+
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and message in out.output

@@ -78,6 +78,10 @@ def trt_command(
     from novic.export.tensorrt import build_engines
     from novic.runtime.trt_plan import PlanError, normalize_buckets
 
+    from novic.runtime.bundle import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(PRECISIONS)}", param_hint="--precision")
     try:
         parsed = normalize_buckets(buckets)
     except PlanError as exc:
@@ -135,8 +139,10 @@ def calib_command(
                                                   help="Python of a venv with nvidia-modelopt[onnx] "
                                                        "(bash scripts/modelopt-venv.sh DIR)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image draw."),
-    min_cosine: float = typer.Option(0.99, "--min-cosine", help="Gate: mean embedding cosine vs fp32."),
-    min_agreement: float = typer.Option(0.97, "--min-agreement", help="Gate: top-1 label agreement vs fp32."),
+    min_cosine: float = typer.Option(0.99, "--min-cosine", min=-1.0, max=1.0,
+                                     help="Gate: mean embedding cosine vs fp32."),
+    min_agreement: float = typer.Option(0.97, "--min-agreement", min=0.0, max=1.0,
+                                        help="Gate: top-1 label agreement vs fp32 (0 turns it off)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Quantise and gate, but do not write into the bundle."),
 ):
     """Quantise the image encoder (INT8, or FP8 for TensorRT), check it against fp32 on held-out
