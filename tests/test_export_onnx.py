@@ -248,23 +248,26 @@ def test_iobinding_path_equals_plain_run(tiny):
 
 
 def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
-    """The CUDA-graph step path (fixed buffers per shape, two ping-pong sides, the prefill's cache
-    in a fixed buffer per batch size so that the first step has its graph too) run against host
-    memory: same tokens and scores as plain runs, also when consecutive searches reuse the buffers."""
-    from novic.runtime.backends.ort import _StepGraphs
+    """The CUDA-graph path of the decoder (fixed buffers per shape, the prefill's cache in a fixed
+    buffer per batch size, two ping-pong sides for the steps, one graph id per (graph, shape,
+    source)) run against host memory: same tokens and scores as plain runs, also when consecutive
+    searches reuse the buffers, and no call runs uncaptured."""
+    from novic.runtime.backends.ort import _DecoderGraphs
 
     _, graphs = tiny
     plain, graphed = session(graphs, TINY), session(graphs, TINY, iobinding=True)
-    graphed._graph_step = graphed._step
-    graphed._graphs = _StepGraphs(graphed)
+    graphed._graph_prefill, graphed._graph_step = graphed._prefill, graphed._step
+    graphed._graphs = _DecoderGraphs(graphed)
     trie = random_trie(TINY, 40)
     for seed in (5, 6):  # a second search reuses the buffers of the first
         embeds = unit_embeddings(12, 32, seed=seed)
         for kw in ({}, {"trie": trie}):
             assert search.beam_search(plain, embeds, 10, **kw) == search.beam_search(graphed, embeds, 10, **kw)
-    assert graphed._graphs is not None and graphed._graphs.ids  # the graph path really ran
-    sources = {key[2] for key in graphed._graphs.ids}
-    assert sources == {"A", "B", "prefill12"} and graphed._graphs.uncaptured == 0   # every step has its graph
+    assert graphed._graphs is not None   # no fallback happened
+    ids = graphed._graphs.ids
+    assert {(graph, source) for graph, _rows, _cands, source in ids} == {
+        ("prefill", "embedding"), ("step", "prefill12"), ("step", "A"), ("step", "B")}
+    assert graphed._graphs.uncaptured == 0 and len(set(ids.values())) == len(ids)   # one id per graph
 
 
 def test_session_reports_topk_and_clear_errors(tiny, tmp_path):

@@ -107,8 +107,8 @@ class OrtDecoderSession:
                  iobinding: bool | None = None, cuda_graph: bool = True):
         """iobinding: None = only with "cuda" (keeps the cache on the device); True on the CPU
         runs the same binding code against host memory (used by the tests).
-        cuda_graph (CUDA only): replay the step as CUDA graphs, one per (rows, candidates,
-        ping-pong side); falls back to plain IOBinding if onnxruntime cannot capture the graph."""
+        cuda_graph (CUDA only): replay the prefill and the step as CUDA graphs (`_DecoderGraphs`);
+        falls back to plain IOBinding if onnxruntime cannot capture them."""
         self.config = config
         self.provider, self.device_id = provider, device_id
         kw = dict(threads=threads, device_id=device_id, optimize=optimize)
@@ -116,8 +116,9 @@ class OrtDecoderSession:
         self._graphs = None
         if provider == "cuda" and cuda_graph:
             try:
+                self._graph_prefill = make_session(prefill_path, provider, cuda_graph=True, **kw)
                 self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
-                self._graphs = _StepGraphs(self)
+                self._graphs = _DecoderGraphs(self)
             except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
                 self.cuda_graph_error = str(exc).splitlines()[0]
         self._step = make_session(step_path, provider, **kw)
@@ -164,11 +165,14 @@ class OrtDecoderSession:
         if not self.iobinding:
             *scores, self._cache = self._prefill.run(list(SCORE_OUTPUTS) + ["kv_cache"], feeds)
             return self._scores(scores)
-        # The cache goes to a device buffer (fixed per batch size when steps are CUDA graphs, so
-        # that the first step can be captured too; else allocated by onnxruntime); steps then ping-pong.
-        out = self._graphs.prefill_cache(len(embeds)) if self._graphs is not None else None
-        scores, self._cache = self._run_bound(self._prefill, feeds, "kv_cache", out)
         self._buffers = []
+        if self._graphs is not None:
+            try:
+                return self._graphs.prefill(feeds)
+            except Exception as exc:  # noqa: BLE001 - capture failed at run time: go on without
+                self._graphs_off(exc)
+        # The cache output is allocated by onnxruntime on the device; steps then ping-pong.
+        scores, self._cache = self._run_bound(self._prefill, feeds, "kv_cache", None)
         return self._scores(scores)
 
     def step(self, tokens, position: int, beam_idx, temperature: float, cand_ids) -> StepScores:
@@ -189,13 +193,16 @@ class OrtDecoderSession:
             try:
                 return self._graphs.step(feeds)
             except Exception as exc:  # noqa: BLE001 - capture failed at run time: go on without
-                self.cuda_graph_error = str(exc).splitlines()[0]
-                self._graphs = None
+                self._graphs_off(exc)
                 if self._cache is None:
                     raise
         scores, self._cache = self._run_bound(self._step, feeds, "kv_cache_out",
                                               self._next_buffer(len(tokens)))
         return self._scores(scores)
+
+    def _graphs_off(self, exc: BaseException) -> None:
+        self.cuda_graph_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._graphs = None
 
     # --- IOBinding --------------------------------------------------------------------------
     def _next_buffer(self, rows: int):
@@ -226,83 +233,98 @@ class OrtDecoderSession:
         return scores, (outputs[len(SCORE_OUTPUTS)] if out_buffer is None else out_buffer)
 
 
-class _StepGraphs:
-    """The step graph replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
+class _DecoderGraphs:
+    """The prefill and the step replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
 
-    A captured graph reads and writes fixed device addresses, so every input and output of the
-    step lives in a buffer allocated once per shape: inputs/scores per (rows N, candidates G),
-    the two ping-pong cache buffers per N (guided search changes G from step to step, the cache
-    flows on), and the prefill's cache buffer per batch size M. New host values are copied into
-    the buffers (``update_inplace``) and the scores read back from them. One graph per (N, G,
-    source): A -> B, B -> A, and prefill(M) -> A for the first step after a prefill (uncaptured it
-    took 2.4 ms against 0.66 ms for a captured step on an H100, docs/benchmarks.md "GPU", run 2).
-    A step whose cache is none of those buffers runs uncaptured (graph id -1) into A.
-    Per step the host then does: five tiny copies in, one graph launch, three small copies out.
+    A captured graph reads and writes fixed device addresses, so every input and output lives in
+    a buffer allocated once per shape: inputs/scores per (graph, rows N, candidates G); the
+    prefill's cache per batch size M; the two ping-pong step caches per N (guided search changes
+    G from step to step, the cache flows on). New host values are copied into the buffers
+    (``update_inplace``) and the scores read back from them. One graph per (N, G, source):
+    the prefill, and steps reading the prefill's cache (the first step), A or B. Uncaptured,
+    the first step took 2.4 ms against 0.66 ms for a captured one on an H100 (docs/benchmarks.md
+    "GPU", run 2). A step whose cache is none of those buffers runs uncaptured (graph id -1) into
+    A. Per call the host does: a few tiny copies in, one graph launch, three small copies out.
     """
+
+    INPUTS = {"prefill": PREFILL_INPUTS, "step": tuple(n for n in STEP_INPUTS if n != "kv_cache")}
 
     def __init__(self, owner: "OrtDecoderSession"):
         self.owner = owner
-        self.session = owner._graph_step
+        self.sessions = {"prefill": owner._graph_prefill, "step": owner._graph_step}
         self.ids: dict[tuple, int] = {}
         self.io: dict[tuple, dict] = {}
         self.caches: dict[int, list] = {}
         self.prefill_caches: dict[int, object] = {}
         self.uncaptured = 0   # steps that ran without a graph (their cache came from elsewhere)
 
-    def prefill_cache(self, images: int):
-        """The fixed buffer the prefill writes its cache to, for `images` rows."""
-        if images not in self.prefill_caches:
-            cfg, o = self.owner.config, self.owner
-            shape = [cfg.layers, 2, images, cfg.heads, cfg.seq_len, cfg.head_dim]
-            self.prefill_caches[images] = self._make(shape, o.cache_dtype)
-        return self.prefill_caches[images]
-
     def _make(self, shape, dtype):
         o = self.owner
         return o._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, o._device, o.device_id)
 
-    def _buffers(self, rows: int, cands: int):
-        o, cfg = self.owner, self.owner.config
-        if (rows, cands) not in self.io:
-            shapes = {"tokens": ([rows], np.int64), "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
+    def _cache_shape(self, rows: int) -> list:
+        cfg = self.owner.config
+        return [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
+
+    def _io(self, graph: str, rows: int, cands: int) -> dict:
+        """The input and score buffers of `graph` ("prefill" or "step") for one shape."""
+        key = (graph, rows, cands)
+        if key not in self.io:
+            o, cfg = self.owner, self.owner.config
+            shapes = {"embedding": ([rows, cfg.embed_dim], np.float32), "tokens": ([rows], np.int64),
+                      "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
                       "temperature": ([1], np.float32), "cand_ids": ([rows, cands], np.int64),
                       "topk_logprobs": ([rows, o.topk], np.float32), "topk_ids": ([rows, o.topk], np.int64),
                       "cand_logprobs": ([rows, cands], np.float32)}
-            self.io[rows, cands] = {name: self._make(*spec) for name, spec in shapes.items()}
-        if rows not in self.caches:
-            shape = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
-            self.caches[rows] = [self._make(shape, o.cache_dtype) for _ in range(2)]
-        return self.io[rows, cands], self.caches[rows]
+            self.io[key] = {name: self._make(*shapes[name]) for name in self.INPUTS[graph] + SCORE_OUTPUTS}
+        return self.io[key]
 
-    def step(self, feeds: dict):
+    def prefill_cache(self, images: int):
+        if images not in self.prefill_caches:
+            self.prefill_caches[images] = self._make(self._cache_shape(images), self.owner.cache_dtype)
+        return self.prefill_caches[images]
+
+    def _run(self, graph: str, feeds: dict, cache_in, cache_out, source) -> StepScores:
+        """Copy `feeds` into the buffers of this shape, bind, run graph `source` (or uncaptured)."""
         o = self.owner
         rows, cands = feeds["cand_ids"].shape
-        io, (a, b) = self._buffers(rows, cands)
-        prefill_rows = next((m for m, buf in self.prefill_caches.items() if buf is o._cache), None)
-        if o._cache is a or o._cache is b:
-            src, dst = (a, b) if o._cache is a else (b, a)
-            graph_id = self.ids.setdefault((rows, cands, "A" if src is a else "B"), len(self.ids) + 1)
-        elif prefill_rows is not None:   # the first step after a prefill: its own graph per batch size
-            src, dst = o._cache, a
-            graph_id = self.ids.setdefault((rows, cands, f"prefill{prefill_rows}"), len(self.ids) + 1)
-        else:   # a cache from elsewhere: run uncaptured, write side A
-            src, dst, graph_id = o._cache, a, -1
-            self.uncaptured += 1
-        names = ("tokens", "position", "beam_idx", "temperature", "cand_ids")
-        for name in names:
+        io = self._io(graph, rows, cands)
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name in self.INPUTS[graph]:
             io[name].update_inplace(np.ascontiguousarray(feeds[name]))
-        binding = self.session.io_binding()
-        for name in names:
             binding.bind_ortvalue_input(name, io[name])
-        binding.bind_ortvalue_input("kv_cache", src)
+        if cache_in is not None:
+            binding.bind_ortvalue_input("kv_cache", cache_in)
         for name in SCORE_OUTPUTS:
             binding.bind_ortvalue_output(name, io[name])
-        binding.bind_ortvalue_output("kv_cache_out", dst)
+        binding.bind_ortvalue_output("kv_cache" if graph == "prefill" else "kv_cache_out", cache_out)
+        graph_id = -1 if source is None else self.ids.setdefault((graph, rows, cands, source), len(self.ids) + 1)
         run_options = o._ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self.session.run_with_iobinding(binding, run_options)
-        o._cache = dst
+        session.run_with_iobinding(binding, run_options)
+        o._cache = cache_out
         return StepScores(*(io[name].numpy() for name in SCORE_OUTPUTS))
+
+    def prefill(self, feeds: dict) -> StepScores:
+        rows = len(feeds["embedding"])
+        return self._run("prefill", feeds, None, self.prefill_cache(rows), "embedding")
+
+    def step(self, feeds: dict) -> StepScores:
+        o = self.owner
+        rows = len(feeds["tokens"])
+        if rows not in self.caches:
+            self.caches[rows] = [self._make(self._cache_shape(rows), o.cache_dtype) for _ in range(2)]
+        a, b = self.caches[rows]
+        prefill_rows = next((m for m, buf in self.prefill_caches.items() if buf is o._cache), None)
+        if o._cache is a or o._cache is b:
+            src, dst, source = (a, b, "A") if o._cache is a else (b, a, "B")
+        elif prefill_rows is not None:   # the first step after a prefill: its own graph per batch size
+            src, dst, source = o._cache, a, f"prefill{prefill_rows}"
+        else:   # a cache from elsewhere: run uncaptured, write side A
+            src, dst, source = o._cache, a, None
+            self.uncaptured += 1
+        return self._run("step", feeds, src, dst, source)
 
 
 class OrtImageEncoder:
