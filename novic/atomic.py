@@ -1,9 +1,11 @@
 """Atomic file writes (torch-free): a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +24,14 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def named(exc: OSError, path) -> OSError:
+    """`exc` about `path` (the file the user gave) instead of the temp file it hit; as is if it
+    carries no errno (nothing to rebuild it from)."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(path))
+
+
 @contextmanager
 def _replacing(path: Path):
     """A temp file next to `path`, open for writing; when the block ends without an error it is
@@ -32,18 +42,47 @@ def _replacing(path: Path):
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:   # name the file the caller asked for, not our hidden temp file
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise named(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:   # e.g. `path` is a directory: name it, not the temp file
+            raise named(exc, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable_dir(directory) -> None:
+    """Raise the OSError that creating a file in `directory` (or, if it does not exist yet, in its
+    nearest existing parent, where it would be made) would raise: checked before long work, so that
+    an unwritable output fails at once. A real probe (a temp file), not os.access, which root and
+    read-only mounts fool."""
+    directory = Path(directory).absolute()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(probe))
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise named(exc, directory) from None
+
+
+def check_writable_file(path) -> None:
+    """`check_writable_dir` for a file about to be written; a directory at `path` is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (give a file name)", str(path))
+    check_writable_dir(path.parent)
 
 
 def write_bytes_atomic(path, data) -> None:

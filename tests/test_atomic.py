@@ -61,3 +61,22 @@ def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):
     with pytest.raises(PermissionError) as info:
         atomic.write_bytes_atomic(tmp_path / "manifest.json", b"{}")
     assert info.value.filename == str(tmp_path / "manifest.json")
+
+
+def test_writing_over_a_directory_names_it(tmp_path):
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        atomic.write_bytes_atomic(tmp_path / "d.json", b"{}")
+    assert info.value.filename == str(tmp_path / "d.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]   # the temp file is gone
+
+
+def test_writability_checks(tmp_path):
+    atomic.check_writable_dir(tmp_path / "new" / "deeper")   # would be created: fine
+    atomic.check_writable_file(tmp_path / "out.json")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        atomic.check_writable_dir(tmp_path / "f" / "run")
+    with pytest.raises(IsADirectoryError):
+        atomic.check_writable_file(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]   # the probes leave nothing behind

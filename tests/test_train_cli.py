@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from novic.cli.train import main
+from novic.cli.train import app as main
 from novic.train.config import TrainConfig, load_config
 
 runner = CliRunner()
@@ -58,6 +58,8 @@ def no_work(monkeypatch):
     ("seed=-1", "config seed: expected an integer >= 0, got -1"),
     ("optim.lr=fast", 'config optim.lr: expected a number, got "fast"'),
     ("optim.lr=NaN", "config optim.lr: expected a number, got NaN"),
+    ("optim.lr=" + "9" * 400, "config optim.lr: expected a number, got 999"),
+    ("out_dir=2024", """config out_dir: expected a string (quote it as JSON text: -o 'out_dir="2024"'), got 2024"""),
     ("optim.lr=0", "config optim.lr: expected a number > 0, got 0"),
     ("bf16=maybe", 'config bf16: expected true or false, got "maybe"'),
     ("out_dir=null", "config out_dir: expected a string, got null"),
@@ -162,3 +164,21 @@ def test_tiny_open_clip_training_end_to_end(tmp_path):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [4]  # log_every 10: only the last step
     assert [r["step"] for r in rows if "loss" not in r] == [4, 4]  # final eval of each invocation
+
+
+def test_unwritable_out_dir_fails_before_any_work(tmp_path, no_work):
+    (tmp_path / "a_file").write_text("x")
+    res = runner.invoke(main, ["train", "-o", f"out_dir={tmp_path / 'a_file' / 'run'}"])
+    assert isinstance(res.exception, NotADirectoryError) and res.exception.filename == str(tmp_path / "a_file")
+
+
+def test_console_script_turns_os_errors_into_one_line(tmp_path, monkeypatch, capsys):
+    from novic.cli.train import main as console_script
+
+    (tmp_path / "d.json").mkdir()
+    monkeypatch.setattr("sys.argv", ["novic-train", "config", str(tmp_path / "d.json")])
+    with pytest.raises(SystemExit) as info:
+        console_script()
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'd.json'}: Is a directory; check the path and its permissions, or choose another location"]

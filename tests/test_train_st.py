@@ -90,7 +90,7 @@ def test_minilm_cache_and_tiny_training(minilm, tmp_path, monkeypatch):
     """novic-train with embedder.type=sentence_transformers: cache keyed by the space's name,
     CLIP BPE output tokens, a checkpoint that records the embedder."""
     import novic.train.data as data_mod
-    from novic.cli.train import main
+    from novic.cli.train import app as main
     from typer.testing import CliRunner
 
     monkeypatch.setattr(data_mod, "load_embedder", lambda cfg, device="cpu": minilm)  # no reload

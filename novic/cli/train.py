@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import typer
 
-from novic.cli._common import fail
+from novic.cli._common import fail, run_app
 
 app = typer.Typer(help="Train a NOVIC object decoder from text (captions of nouns) alone.",
                   add_completion=False, no_args_is_help=True)
@@ -98,7 +98,8 @@ def train(config_file: Optional[Path] = typer.Argument(None, help="Config (.json
         typer.echo(f"done: {cfg.out_dir} {json.dumps(final)}")
 
 
-main = app
+def main():
+    run_app(app)   # and any OSError (an unwritable out_dir or config path) is one line too
 
 if __name__ == "__main__":
-    app()
+    main()

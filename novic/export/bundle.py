@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from novic.atomic import fsync_dir, write_bytes_atomic  # noqa: F401 (re-exported)
+from novic.atomic import fsync_dir, named, write_bytes_atomic  # noqa: F401 (re-exported)
 from novic.errors import NovicError
 from novic.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError,
                                   sha256_file)
@@ -133,7 +133,7 @@ class StagedBundle:
         try:
             self.tmp.mkdir()
         except OSError as exc:   # name the --out the user gave, not the hidden staging directory
-            raise OSError(exc.errno, exc.strerror, str(self.target)) from None
+            raise named(exc, self.target) from None
         return self
 
     def commit(self, manifest: dict) -> Path:

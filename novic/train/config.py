@@ -159,8 +159,12 @@ def _check_type(key: str, value, hint):
     kind = next(t for t in allowed if t is not type(None))
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {bool: isinstance(value, bool), int: number and isinstance(value, int),
-          float: number and math.isfinite(value), str: isinstance(value, str)}[kind]
-    _need(ok, key, value, _EXPECTED[kind] + (" or null" if type(None) in allowed else ""))
+          float: number and math.isfinite(float(value)) if number and abs(value) < 1e308 else False,
+          str: isinstance(value, str)}[kind]
+    expected = _EXPECTED[kind] + (" or null" if type(None) in allowed else "")
+    if kind is str and number:   # -o out_dir=2024 parses as a number: say how to pass it as text
+        expected += f" (quote it as JSON text: -o '{key}=\"{value}\"')"
+    _need(ok, key, value, expected)
 
 
 def _from_dict(cls, data, where: str):

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from novic.atomic import check_writable_dir
 from novic.config import EOS, DecoderConfig
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
@@ -401,6 +402,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     if not resume and holds_run(out):
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or "
                           f"choose another out_dir (-o out_dir=...) or remove it")
+    check_writable_dir(out)   # now, not after hours of building the caption cache
     d = init_distributed(cfg.device)
     device = pick_device(cfg.device, d.local_rank)
     embedder = load_embedder(cfg.embedder, device)
