@@ -25,9 +25,7 @@ from torch import nn
 
 from novic.config import EOS
 from novic.model.checkpoint import load_checkpoint
-from novic.model.importer import CheckpointImportError, import_checkpoint, parse_embedder_spec, read_original
-
-NOT_ORIGINAL = "not an original NOVIC checkpoint (.train inside a release zip)"
+from novic.model.importer import NOT_ORIGINAL, CheckpointImportError, import_checkpoint, parse_embedder_spec, read_original
 from novic.model.reference import beam_search
 from novic.runtime.trie import TokenTrie
 
@@ -349,14 +347,15 @@ class _Evil:
 
 
 @pytest.mark.parametrize("how,message", [("torch.save", "refusing to load"), ("pickle", "refusing to load"),
-                                         ("zip", "refusing to load"), ("pickle4", "not a torch.save file")])
+                                         ("zip", "refusing to load"),
+                                         ("pickle4", "written with pickle protocol 4, which torch's safe loader")])
 def test_malicious_pickle_refused(tmp_path, how, message):
     target = tmp_path / "pwned.txt"
     raw = {"model_state_dict": {"x": torch.zeros(2)}, "target_config": _Evil(target), "target_nouns": []}
     path = tmp_path / "evil.train"
     if how == "pickle":      # the protocol torch.save uses: the unpickler meets the global and names it
         path.write_bytes(pickle.dumps(raw, protocol=2))
-    elif how == "pickle4":   # pickle.dump's default: not a torch.save file at all, never unpickled
+    elif how == "pickle4":   # pickle.dump's default protocol: the safe loader stops at its first opcode
         path.write_bytes(pickle.dumps(raw, protocol=4))
     else:
         torch.save(raw, path)
@@ -666,3 +665,20 @@ def test_cli_help_names_the_other_commands(monkeypatch, capsys):
         assert _cli(monkeypatch, sub, "--help") == 0
         text = capsys.readouterr().out
         assert "REFERENCE.md" not in text and "DESIGN.md" not in text
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_newer_pickle_protocol_is_named_with_the_fix(tmp_path, legacy):
+    """A real torch.save checkpoint written with pickle_protocol=4 is not 'damaged': say how to re-save it."""
+    raw = {"model_state_dict": {"x": torch.zeros(2)}, "target_config": {}, "target_nouns": []}
+    path = tmp_path / "p4.train"
+    torch.save(raw, path, pickle_protocol=4, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointImportError, match=r"p4.train: written with pickle protocol 4, .*re-save it with "
+                                                    r"torch.save\(checkpoint, path\)"):
+        import_checkpoint(path)
+
+
+def test_long_torch_messages_are_cut():
+    from novic.model.importer import _first_sentence
+
+    assert len(_first_sentence("x" * 500)) == 204 and _first_sentence("a b. c") == "a b."

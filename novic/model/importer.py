@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from novic.atomic import check_writable_file
 from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
 from novic.model.checkpoint import Checkpoint, save_checkpoint
@@ -79,7 +80,20 @@ def _first_sentence(text: str) -> str:
     """torch's messages go on for lines of advice: keep the first sentence, cut at a word if long."""
     text = re.split(r"(?<=\.) ", " ".join(text.split()), maxsplit=1)[0]
     text = re.sub(r"[\x00-\x1f\x7f]+", "?", text)   # a damaged file's bytes can end up in the message
-    return text if len(text) <= 200 else text[:text.rfind(" ", 0, 200)] + " ..."
+    cut = text.rfind(" ", 0, 200)
+    return text if len(text) <= 200 else text[:cut if cut > 0 else 200] + " ..."
+
+
+def _pickle_protocol(path: Path, head: bytes) -> int:
+    """The pickle protocol of a torch.save file (its data.pkl for the zip format); 0 if unknown."""
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                head = zf.read(pkl)[:2] if pkl else b""
+        except (zipfile.BadZipFile, OSError):
+            return 0
+    return head[1] if len(head) > 1 and head[0] == 0x80 else 0
 
 
 def _torch_load(path: Path, label: str) -> dict:
@@ -101,9 +115,12 @@ def _torch_load(path: Path, label: str) -> dict:
         m = re.search(r"GLOBAL (\S+)", str(cause))
         if m and _DOTTED.fullmatch(m.group(1)):   # a damaged file can 'name' a global of garbage bytes
             raise _refusal(label, f"global {m.group(1)}") from None
-        if head[:1] == b"\x80" and head[1:2] > b"\x02":   # pickle.dump output: torch.save writes protocol 2
-            raise _not_original(label, f"a plain pickle (protocol {head[1]}), not a torch.save file; novic does "
-                                       f"not unpickle it") from None
+        protocol = _pickle_protocol(path, head)
+        if protocol > 2 and "Unsupported operand" in str(cause):   # e.g. torch.save(..., pickle_protocol=4)
+            raise CheckpointImportError(
+                f"{label}: written with pickle protocol {protocol}, which torch's safe loader (weights_only) "
+                f"does not read; re-save it with torch.save(checkpoint, path) (protocol 2, the default) "
+                f"and import that") from None
         raise _not_original(label, f"damaged or truncated ({type(cause).__name__}: {_first_sentence(str(cause))}); "
                                    f"re-download it") from None
     if not isinstance(data, dict):
@@ -521,18 +538,13 @@ def _unwritable(out, e: OSError) -> CheckpointImportError:
 
 
 def _check_out(out: str | Path) -> None:
-    """Refuse an output path that is a directory or whose directory cannot take a new file (tried with a
-    temp file in the nearest existing directory: the checkpoint writer creates missing ones)."""
+    """Refuse an output path that is a directory or cannot be written (novic.atomic's probe)."""
     out = Path(out)
     if out.is_dir():
         raise CheckpointImportError(f"{out} is a directory: give the checkpoint file to write, e.g. "
                                     f"{out / 'model.safetensors'}")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
     try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        check_writable_file(out)
     except OSError as e:
         raise _unwritable(out, e) from None
 
