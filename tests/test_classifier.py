@@ -245,7 +245,7 @@ def test_cli_prints_any_file_name_as_it_is(runtime_bundle, photo_dir, tmp_path):
     the table, error lines and JSON, as valid text; stdin is read once and an empty stdin says so."""
     src = Path(_photo_paths(photo_dir)[0]).read_bytes()
     (tmp_path / "raw[/x]").mkdir(parents=True)   # "raw[" holding "x]"
-    for name in ("photo [edited].jpg", "raw[/x]/a.jpg"):
+    for name in ("photo [edited].jpg", "raw[/x]/a.jpg", "esc\x1b[2Jx.jpg"):   # the last: a terminal escape
         (tmp_path / name).write_bytes(src)
     (tmp_path / "broken [y].jpg").write_text("not an image")
     os.makedirs(os.fsencode(tmp_path / "uni"))
@@ -255,12 +255,13 @@ def test_cli_prints_any_file_name_as_it_is(runtime_bundle, photo_dir, tmp_path):
     assert out.exit_code == 1, out.output                      # the broken file, and only it
     assert "photo [edited].jpg" in out.stdout and "raw[/x]/a.jpg" in out.stdout
     assert "uni/caf\\xe9.jpg" in out.stdout
+    assert "esc\\x1b[2Jx.jpg" in out.stdout and "\x1b" not in out.stdout
     assert [line.split(": ")[0] for line in out.stderr.splitlines()] == ["error", ] and \
         f"{tmp_path}/broken [y].jpg: not an image file" in out.stderr
     out = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", "-r", tmp_path)
     rows = [json.loads(line) for line in out.stdout_bytes.decode("utf-8").splitlines()]   # strict UTF-8
     assert sorted(Path(r["source"]).name for r in rows) == ["a.jpg", "broken [y].jpg", "caf\\xe9.jpg",
-                                                             "photo [edited].jpg"]
+                                                             "esc\\x1b[2Jx.jpg", "photo [edited].jpg"]
     vocab = tmp_path / "nouns [1].txt"
     vocab.write_text("cat\n[/x] dog\n")
     out = _cli("--bundle", runtime_bundle.bundle, "-q", "--vocab", vocab, tmp_path / "photo [edited].jpg")

@@ -240,3 +240,14 @@ def test_cli_reports_each_bad_file_and_exits_1(inputs, runtime_bundle):
         assert path in line
     for row, (path, valid) in zip(rows, inputs.values()):
         assert (row["error"] is None) == valid and (len(row["labels"]) == 2) == valid
+
+
+def test_file_objects_text_mode_and_empty(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(skdata.chelsea()).save(path)
+    with open(path) as text_mode, pytest.raises(ImageError, match="opened in text mode; open the image with mode 'rb'"):
+        load_image(text_mode)
+    with open(path, "rb") as binary:
+        assert load_image(binary).size == (451, 300)
+    with pytest.raises(ImageError, match=r"empty data \(0 bytes\)"):
+        load_image(io.BytesIO(b""))

@@ -1,26 +1,35 @@
 """Small helpers shared by the console scripts."""
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
 err = Console(stderr=True)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def printable(text: str) -> str:
-    """`text` as valid UTF-8 for the terminal and JSON: bytes of a file name that are not UTF-8
-    (which Python keeps as lone surrogates) become \\xNN escapes."""
+    """`text` safe for one terminal line and for JSON as UTF-8: bytes of a file name that are not
+    UTF-8 (kept by Python as lone surrogates) and control characters (a newline, an escape
+    sequence planted in a file name) become \\xNN escapes."""
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:   # other lone surrogates
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def error_line(message: str) -> None:
+    """One error line on stderr, `message` shown as is (no rich markup: names may hold [brackets])."""
+    err.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
     """One clear line on stderr, no traceback."""
-    err.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+    error_line(message)
     raise SystemExit(code)
 
 

@@ -26,7 +26,7 @@ import typer
 
 from rich.markup import escape
 
-from novic.cli._common import err, fail, printable, run_app
+from novic.cli._common import err, error_line, fail, printable, run_app
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
@@ -79,11 +79,6 @@ def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[
             for f in files:
                 add(f)
     return inputs, problems
-
-
-def error_line(text: str) -> None:
-    """One error line on stderr; `text` is shown as is (file names may hold [brackets])."""
-    err.print(f"[bold red]error:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 class _Stdin:

@@ -86,10 +86,12 @@ def load_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
         return _from_array(source, name)
     if isinstance(source, (str, os.PathLike)):
         return _from_path(os.fspath(source), name)
+    if isinstance(source, io.TextIOBase):   # read() would fail decoding the image as text
+        raise ImageError(name, "file object opened in text mode", "open the image with mode 'rb'")
     if hasattr(source, "read"):   # a file object (or stdin): its bytes, so that empty input is named as such
         source = source.read()
         if isinstance(source, str):
-            raise ImageError(name, "file object opened in text mode", "open the image with mode 'rb'")
+            raise ImageError(name, "file object returned text, not bytes", "open the image with mode 'rb'")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
