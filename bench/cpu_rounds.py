@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from novic.bench.compare import step_flatness
+from novic.bench.compare import phase_cell, step_flatness
 from novic.bench.setup import CONFIGS, build
 
 SIDE = ("import sys, json\n"
@@ -85,10 +85,7 @@ def main():
     lines.append("| decoder step, first -> last position | (recomputes all) | " + " | ".join(cells) + " |")
     cells = []
     for v in variants:   # medians over rounds of each phase's per-round median
-        ph = {k: statistics.median(x["phases"][k] for x in runs[v]) for k in runs[v][0]["phases"]}
-        cells.append(f"preprocess {ph['preprocess_ms']:.1f}, encoder {ph['encoder_ms']:.1f}, prefill "
-                     f"{ph['prefill_ms']:.2f}, first step {ph['first_step_ms']:.2f}, {ph['steps'] - 1:.0f} later "
-                     f"steps {ph['later_steps_ms']:.2f}, host search {ph['host_search_ms']:.2f} ms")
+        cells.append(phase_cell({k: statistics.median(x["phases"][k] for x in runs[v]) for k in runs[v][0]["phases"]}))
     lines.append("| one image, by phase | | " + " | ".join(cells) + " |")
     same = [sum(p == q for p, q in zip(runs[v][0]["labels"], runs["baseline"][0]["labels"])) for v in variants]
     lines.append("| top-1 labels equal to the baseline on the photos | | "

@@ -612,6 +612,18 @@ def test_trt_build_records_engines_and_resumes(copy, fake_trt, monkeypatch):
     b = Bundle.open(copy, verify="eager")
     assert len(b.engines) == 3 and {e.tensorrt_version for e in b.engines} == {"11.4.0.200"}
     assert b.engines_for("decoder_step")[0].file == "engines/decoder_step.fp16.sm90.trt11.4.0.engine"
+    # an engine recorded under an older name (before names carried the patch release) is replaced
+    # by a rebuild, and its file deleted
+    manifest = json.loads((copy / MANIFEST).read_text())
+    step_entry = next(e for e in manifest["engines"] if e["role"] == "decoder_step")
+    old_name = step_entry["file"].replace(".trt11.4.0.", ".trt11.4.")
+    (copy / step_entry["file"]).rename(copy / old_name)
+    step_entry["file"] = old_name
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    build_engines(copy, buckets=(1, 4), beam_width=3, force=True, roles=("decoder_step",), console=quiet)
+    assert not (copy / old_name).exists()
+    b = Bundle.open(copy, verify="eager")
+    assert sorted(p.name for p in (copy / "engines").glob("*.engine")) == sorted(Path(e.file).name for e in b.engines)
     monkeypatch.setattr(FakeTrt, "__version__", "11.4.0.106")
     # other buckets: a different plan, so the engines are rebuilt and replaced
     assert len(build_engines(copy, buckets=(2,), beam_width=3, console=quiet)["engines"]) == 3

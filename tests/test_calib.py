@@ -184,7 +184,7 @@ def test_cli_calib(bundle_copy):
     from novic.cli.export import app
 
     runner = CliRunner()
-    bad = runner.invoke(app, ["calib", str(bundle_copy), "--n", "8", "--heldout", "8", "--min-agreement", "1.5"])
+    bad = runner.invoke(app, ["calib", str(bundle_copy), "--n", "8", "--heldout", "8", "--min-cosine", "1.0"])  # unmeetable
     assert bad.exit_code == 1
     assert not (bundle_copy / "image_encoder.int8.onnx").exists()
     ok = runner.invoke(app, ["calib", str(bundle_copy), "--n", "8", "--heldout", "8"])

@@ -35,6 +35,13 @@ def step_flatness(steps: list[float]) -> float:
     return steps[-1] / steps[0] if steps and steps[0] > 0 else float("nan")
 
 
+def phase_cell(ph: dict) -> str:
+    """measure.phases() as one table cell."""
+    return (f"preprocess {ph['preprocess_ms']:.1f}, encoder {ph['encoder_ms']:.1f}, prefill {ph['prefill_ms']:.2f}, "
+            f"first step {ph['first_step_ms']:.2f}, {ph['steps'] - 1:.0f} later steps {ph['later_steps_ms']:.2f}, "
+            f"host search {ph['host_search_ms']:.2f} ms")
+
+
 def table(result: dict) -> str:
     ours, base, r = result["ours"], result["baseline"], result["ratios"]
     lines = [f"| measurement | original-style ({base['device']}) | novic ({ours['backend']}, {ours['precision']}) | speed-up |",
@@ -51,11 +58,7 @@ def table(result: dict) -> str:
     lines.append(f"| decoder step time, first -> last position | (recomputes all) | {steps[0]:.2f} -> "
                  f"{steps[-1]:.2f} ms ({step_flatness(steps):.2f}x) | |")
     if "phases" in ours:
-        ph = ours["phases"]
-        lines.append(f"| one image, by phase (medians) | | preprocess {ph['preprocess_ms']:.1f}, encoder "
-                     f"{ph['encoder_ms']:.1f}, prefill {ph['prefill_ms']:.2f}, first step {ph['first_step_ms']:.2f}, "
-                     f"{ph['steps'] - 1:.0f} later steps {ph['later_steps_ms']:.2f}, host search "
-                     f"{ph['host_search_ms']:.2f} ms | |")
+        lines.append(f"| one image, by phase (medians) | | {phase_cell(ours['phases'])} | |")
     mem = f"{base['peak_rss_mb']:.0f} MB RSS" + (f", {base['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in base else "")
     lines.append(f"| peak memory | {mem} | {ours['peak_rss_mb']:.0f} MB RSS | |")
     if ours.get("cuda_graphs") or ours.get("cuda_graph_error"):

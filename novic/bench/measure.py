@@ -97,11 +97,7 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
     t0 = time.perf_counter()
     clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
     out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
-           "load_s": time.perf_counter() - t0,
-           "cuda_graphs": getattr(clf.decoder, "cuda_graphs", False),
-           "cuda_graph_error": getattr(clf.decoder, "cuda_graph_error", None),
-           "encoder_cuda_graphs": getattr(clf.encoder, "cuda_graphs", False),
-           "encoder_cuda_graph_error": getattr(clf.encoder, "cuda_graph_error", None)}
+           "load_s": time.perf_counter() - t0}
     images = sample_images(max(batches))
     vocab = clf.vocabulary(None)
     opts = dict(topk=5, guided=True, beam_width=beam_width)
@@ -124,4 +120,9 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
                                             reps=max(3, reps // 2))
     out["phases"] = phases(clf, images[0], reps=max(3, reps // 2), beam_width=beam_width)
     out["peak_rss_mb"] = peak_rss_mb()
+    # After measuring: a capture that failed during the runs switched the graphs off.
+    out.update(cuda_graphs=getattr(clf.decoder, "cuda_graphs", False),
+               cuda_graph_error=getattr(clf.decoder, "cuda_graph_error", None),
+               encoder_cuda_graphs=getattr(clf.encoder, "cuda_graphs", False),
+               encoder_cuda_graph_error=getattr(clf.encoder, "cuda_graph_error", None))
     return out

@@ -80,6 +80,7 @@ def trt_command(
 
     from novic.runtime.bundle import PRECISIONS
 
+    precision = precision.lower()
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"{precision!r} is not one of {', '.join(PRECISIONS)}", param_hint="--precision")
     try:

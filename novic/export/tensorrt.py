@@ -295,8 +295,9 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
 
 
 def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
-    """Replace engines of the same role/precision/GPU/TensorRT release in the manifest (they had the
-    same file name); atomic rewrite."""
+    """Replace engines of the same role/precision/GPU/TensorRT release in the manifest (atomic
+    rewrite), then delete a replaced engine's file if it had another name (bundles built before
+    engine names carried the patch release) so that it does not linger unlisted."""
     from novic.export.bundle import write_json_atomic
 
     def key(e):
@@ -304,7 +305,13 @@ def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
 
     data = read_manifest(root)
     new = {key(e) for e in entries}
-    kept = [e for e in data.get("engines", []) or [] if key(e) not in new]
-    data["engines"] = kept + entries
+    old = data.get("engines", []) or []
+    data["engines"] = [e for e in old if key(e) not in new] + entries
     data["tensorrt"] = {"timing_cache": f"{ENGINE_DIR}/{cache_path.name}"}
     write_json_atomic(root / MANIFEST, data)
+    listed = {e["file"] for e in data["engines"]}
+    engines = (root / ENGINE_DIR).resolve()
+    for e in old:
+        replaced = (root / str(e.get("file", ""))).resolve()
+        if key(e) in new and e.get("file") not in listed and replaced.parent == engines:
+            replaced.unlink(missing_ok=True)

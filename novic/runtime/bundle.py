@@ -8,7 +8,8 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
     decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
     image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
-    engines/*.engine, engines/timing.cache       added by ``novic-export trt`` (optional)
+    engines/*.engine, engines/timing.*.cache     added by ``novic-export trt`` (optional; one timing
+                                                 cache per GPU architecture and TensorRT release)
 
 Verification (what we chose and why): every artifact's size is checked when the bundle is
 opened (cheap; catches truncation and missing files at once). The sha256 of an artifact is

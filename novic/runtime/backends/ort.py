@@ -113,7 +113,7 @@ class OrtDecoderSession:
         self.provider, self.device_id = provider, device_id
         kw = dict(threads=threads, device_id=device_id, optimize=optimize)
         self._prefill = make_session(prefill_path, provider, **kw)
-        self._graphs = None
+        self._graphs, self.cuda_graph_error = None, None
         if provider == "cuda" and cuda_graph:
             try:
                 self._graph_prefill = make_session(prefill_path, provider, cuda_graph=True, **kw)

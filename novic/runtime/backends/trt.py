@@ -215,7 +215,8 @@ def _scratch_size(engine) -> int:
     """Activation memory an execution context of `engine` needs (max over profiles).
     TensorRT 11 removed device_memory_size for device_memory_size_v2 ("Removed Python APIs")."""
     if not hasattr(engine, "device_memory_size_v2"):
-        raise TrtError("this TensorRT has no ICudaEngine.device_memory_size_v2; novic needs TensorRT >= 10")
+        raise TrtError(f"this TensorRT has no ICudaEngine.device_memory_size_v2; novic needs TensorRT >= 11: "
+                       f"{INSTALL['trt']}")
     return int(engine.device_memory_size_v2)
 
 
@@ -293,8 +294,10 @@ class _Graph:
         try:
             self._enqueue(ctx)
         except Exception as exc:  # noqa: BLE001 - TrtError or TensorRT's RuntimeError
-            try:
-                self.cuda.end_capture(self.stream)   # leave capture mode; its own error is secondary
+            try:   # leave capture mode; its own error is secondary, a graph it still made is dropped
+                graph = self.cuda.end_capture(self.stream)
+                if graph is not None:
+                    self.cuda.rt.cudaGraphExecDestroy(graph)
             except TrtError:
                 pass
             return self._graphs_off(exc)
