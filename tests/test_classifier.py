@@ -271,3 +271,13 @@ def test_cli_prints_any_file_name_as_it_is(runtime_bundle, photo_dir, tmp_path):
     out = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", "-", "-", input=b"")
     assert out.exit_code == 1 and len(out.stdout.splitlines()) == 1
     assert out.stderr.strip() == "error: <stdin>: empty data (0 bytes); pass the encoded image file contents"
+
+
+def test_cli_max_pixels(runtime_bundle, photo_dir, monkeypatch):
+    """A decompression-bomb refusal names the CLI's own way out, which works."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)   # restored after the test
+    path = _photo_paths(photo_dir)[0]                                        # 512 x 512 = 262k pixels
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--max-pixels", 100_000, path)
+    assert out.exit_code == 1 and "image too large" in out.stderr and "novic-run --max-pixels N" in out.stderr
+    out = _cli("--bundle", runtime_bundle.bundle, "-q", "--max-pixels", 200_000, path)
+    assert out.exit_code == 0, out.output

@@ -109,6 +109,9 @@ def main_command(
     verify: str = typer.Option("cached", help="Artifact hash check: full (sha256 every start), cached "
                                "(sha256 once, then remembered by size+mtime), size (sizes only)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subdirectories."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
+                                             help="Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, "
+                                                  "default ~89 M): images over twice it are refused."),
     json_lines: bool = typer.Option(False, "--json", help="Write JSON lines to stdout instead of a table."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bar (default: on for more than one batch on a terminal)."),
@@ -147,6 +150,8 @@ def main_command(
     from novic.runtime.classifier import Classifier
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the hard limit still errors
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
     clf = Classifier.load(bundle, backend=backend, precision=precision.lower() if precision else None,
                           threads=threads, verify=modes[verify])

@@ -60,6 +60,10 @@ class ImageError(NovicError):
         super().__init__(f"{source}: {problem}; {fix}")
 
 
+BOMB_FIX = ("downscale it, or if you trust it raise the limit (novic-run --max-pixels N; in Python "
+            "PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 def describe(source: Any) -> str:
     """A short, printable name for an input (used in results and error lines)."""
     if isinstance(source, (str, os.PathLike)):
@@ -130,7 +134,7 @@ def _decode(handle, name: str) -> Image.Image:
         image = Image.open(handle)
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({_first_line(exc)})",
-                         "downscale it, or if you trust it raise PIL.Image.MAX_IMAGE_PIXELS") from None
+                         BOMB_FIX) from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image file Pillow can read (unknown or corrupt header)",
                          "check that it really is a JPEG/PNG/GIF/WebP/... file and re-export it") from None
@@ -158,7 +162,7 @@ def _load_pil(image: Image.Image, name: str) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({_first_line(exc)})",
-                         "downscale it, or if you trust it raise PIL.Image.MAX_IMAGE_PIXELS") from None
+                         BOMB_FIX) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         problem = _first_line(exc)
         if "truncated" in problem.lower() or isinstance(exc, EOFError):
