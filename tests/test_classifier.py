@@ -220,6 +220,8 @@ def test_cli_table_stdin_and_exit_codes(runtime_bundle, photo_dir, tmp_path):
     assert _cli("--bundle", runtime_bundle.bundle).exit_code == 2
     out = _cli("--bundle", runtime_bundle.bundle, "--topk", 20, paths[0])
     assert out.exit_code == 2 and "--beam-width" in out.stderr
+    out = _cli("--bundle", runtime_bundle.bundle, "--free", "--beam-width", 50, paths[0])
+    assert out.exit_code == 2 and "--free with --beam-width 50 needs" in out.stderr and "--topk 50" in out.stderr
     out = _cli("--bundle", tmp_path / "no_bundle", paths[0])
     assert out.exit_code != 0
 

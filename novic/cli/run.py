@@ -155,6 +155,10 @@ def main_command(
     logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
     clf = Classifier.load(bundle, backend=backend, precision=precision.lower() if precision else None,
                           threads=threads, verify=modes[verify])
+    if not guided and beam_width > clf.decoder.topk:   # checked by the API too, in its own words
+        fail(f"--free with --beam-width {beam_width} needs decoder graphs with top-k >= {beam_width}; this "
+             f"bundle's have {clf.decoder.topk}: use --beam-width <= {clf.decoder.topk}, or re-export with "
+             f"novic-export onnx --topk {beam_width}", code=2)
     startup = time.perf_counter() - _T0
     if not quiet:
         err.print(f"novic-run: {escape(printable(clf.describe()))} (startup {startup:.2f} s)", highlight=False,
