@@ -167,10 +167,12 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
         raise CalibDataError(f"{source}: {len(items)} image(s); need at least 2 (calibration + held-out)")
     want = n_calib + n_heldout
     order = np.random.default_rng(seed).permutation(len(items))
+    console = console or Console(stderr=True)
     if len(items) < want:   # shrink both, keep at least one held out
         n_heldout = max(1, round(len(items) * n_heldout / want))
         n_calib = len(items) - n_heldout
-    console = console or Console(stderr=True)
+        console.print(f"{source}: {len(items)} images, fewer than the {want} asked for: using {n_calib} for "
+                      f"calibration and {n_heldout} held out", highlight=False, markup=False)
     chosen = [items[i] for i in order]
     pixels, names, skipped = [], [], []
     with _progress(console) as progress:

@@ -10,6 +10,7 @@ Two methods, both from ``onnxruntime.quantization``:
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -29,7 +30,14 @@ def _quant():
         from onnxruntime import quantization as q
     except ImportError as exc:  # pragma: no cover - onnxruntime without the quantization extras
         raise QuantError(f"onnxruntime.quantization is unavailable ({exc}); pip install onnxruntime onnx") from None
+    logging.getLogger().addFilter(_skip_preprocess_advice)
     return q
+
+
+def _skip_preprocess_advice(record: logging.LogRecord) -> bool:
+    """onnxruntime's quantizers log "Please consider to run pre-processing before quantization" on
+    every call; our graphs come straight from the exporter (shapes inferred), so it is only noise."""
+    return not str(record.msg).startswith("Please consider to run pre-processing")
 
 
 class PixelReader:
