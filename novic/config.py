@@ -47,6 +47,10 @@ class DecoderConfig:
         """At most Cmax - 1 content tokens are generated (the last slot is for EOS)."""
         return self.max_tokens - 1
 
+    def cache_shape(self, rows) -> tuple:
+        """The KV cache of `rows` sequences: [layers, 2 (K, V), rows, heads, Smax, head_dim]."""
+        return (self.layers, 2, rows, self.heads, self.seq_len, self.head_dim)
+
     def num_params(self) -> int:
         """Closed form of REFERENCE.md, generalised to any width/depth."""
         H, L = self.width, self.layers

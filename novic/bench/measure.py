@@ -121,8 +121,6 @@ def run(bundle: str, backend: str = "auto", precision: str | None = None, batche
     out["phases"] = phases(clf, images[0], reps=max(3, reps // 2), beam_width=beam_width)
     out["peak_rss_mb"] = peak_rss_mb()
     # After measuring: a capture that failed during the runs switched the graphs off.
-    out.update(cuda_graphs=getattr(clf.decoder, "cuda_graphs", False),
-               cuda_graph_error=getattr(clf.decoder, "cuda_graph_error", None),
-               encoder_cuda_graphs=getattr(clf.encoder, "cuda_graphs", False),
-               encoder_cuda_graph_error=getattr(clf.encoder, "cuda_graph_error", None))
+    out.update(cuda_graphs=clf.decoder.cuda_graphs, cuda_graph_error=clf.decoder.cuda_graph_error,
+               encoder_cuda_graphs=clf.encoder.cuda_graphs, encoder_cuda_graph_error=clf.encoder.cuda_graph_error)
     return out

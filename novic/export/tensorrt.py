@@ -35,7 +35,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from novic.errors import NovicError
+from novic.errors import NovicError, first_line
 from novic.export.bundle import write_bytes_atomic
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, probe, trt_release
@@ -58,8 +58,7 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (missing libs)
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TensorRTMissing(f"TensorRT is not installed ({detail}); install it with: {INSTALL['trt']} "
+        raise TensorRTMissing(f"TensorRT is not installed ({first_line(exc)}); install it with: {INSTALL['trt']} "
                               "(needs an NVIDIA GPU and driver), then run novic-export trt again") from None
     return trt
 
@@ -251,13 +250,13 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     entries, skipped = [], []
-    recorded = {(e.role, e.precision, e.compute_capability, trt_release(e.tensorrt_version)): e
+    recorded = {_engine_key(e.role, e.precision, e.compute_capability, e.tensorrt_version): e
                 for e in bundle.engines}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         for role, (artifact, plan) in plans.items():
             graph_precision = artifact.precision
-            old = recorded.get((role, graph_precision, cc, trt_release(version)))
+            old = recorded.get(_engine_key(role, graph_precision, cc, version))
             old_entry = {**old.extra, "file": old.file, "size": old.size, "tensorrt_version": old.tensorrt_version,
                          "compute_capability": old.compute_capability} if old else None
             if not force and _up_to_date(root, old_entry, artifact, params, version, cc):
@@ -294,6 +293,11 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
             "compute_capability": cc, "tensorrt_version": version}
 
 
+def _engine_key(role, precision, compute_capability, tensorrt_version) -> tuple:
+    """What one engine is for: a rebuild for the same key replaces it (same file name)."""
+    return role, precision, compute_capability, trt_release(tensorrt_version)
+
+
 def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
     """Replace engines of the same role/precision/GPU/TensorRT release in the manifest (atomic
     rewrite), then delete a replaced engine's file if it had another name (bundles built before
@@ -301,7 +305,7 @@ def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
     from novic.export.bundle import write_json_atomic
 
     def key(e):
-        return e.get("role"), e.get("precision"), e.get("compute_capability"), trt_release(e.get("tensorrt_version", ""))
+        return _engine_key(e.get("role"), e.get("precision"), e.get("compute_capability"), e.get("tensorrt_version", ""))
 
     data = read_manifest(root)
     new = {key(e) for e in entries}

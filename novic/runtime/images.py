@@ -43,7 +43,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from novic.errors import NovicError
+from novic.errors import NovicError, first_line
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, Any]
 
@@ -133,13 +133,13 @@ def _decode(handle, name: str) -> Image.Image:
     try:
         image = Image.open(handle)
     except Image.DecompressionBombError as exc:
-        raise ImageError(name, f"image too large ({_first_line(exc)})",
+        raise ImageError(name, f"image too large ({first_line(exc)})",
                          BOMB_FIX) from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image file Pillow can read (unknown or corrupt header)",
                          "check that it really is a JPEG/PNG/GIF/WebP/... file and re-export it") from None
     except OSError as exc:
-        raise ImageError(name, f"cannot read image ({_first_line(exc)})", "re-export the image") from None
+        raise ImageError(name, f"cannot read image ({first_line(exc)})", "re-export the image") from None
     try:
         result = _load_pil(image, name)
     except BaseException:
@@ -161,20 +161,15 @@ def _load_pil(image: Image.Image, name: str) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(name, f"image too large ({_first_line(exc)})",
+        raise ImageError(name, f"image too large ({first_line(exc)})",
                          BOMB_FIX) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
-        problem = _first_line(exc)
+        problem = first_line(exc)
         if "truncated" in problem.lower() or isinstance(exc, EOFError):
             raise ImageError(name, f"truncated or corrupt image data ({problem})",
                              "re-download or re-export the file") from None
         raise ImageError(name, f"cannot decode image ({type(exc).__name__}: {problem})",
                          "re-export it as JPEG or PNG") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _finish(image: Image.Image, name: str) -> Image.Image:
@@ -190,7 +185,7 @@ def _finish(image: Image.Image, name: str) -> Image.Image:
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(name, f"cannot convert {image.mode} image to RGB ({_first_line(exc)})",
+        raise ImageError(name, f"cannot convert {image.mode} image to RGB ({first_line(exc)})",
                          "re-export it as 8-bit RGB") from None
 
 

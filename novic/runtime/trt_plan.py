@@ -273,10 +273,6 @@ def plan_encoder(signature: dict, buckets=DEFAULT_BUCKETS, image_size=None) -> G
     return _with_profiles(GraphPlan(ENCODER, "B", buckets, tensors, {}))
 
 
-def _cache_shape(cfg, rows_var):
-    return (cfg.layers, 2, rows_var, cfg.heads, cfg.seq_len, cfg.head_dim)
-
-
 def plan_prefill(signature: dict, cfg, topk: int, buckets=DEFAULT_BUCKETS, max_cands: int | None = None,
                  opt_cands: int = OPT_CANDS) -> GraphPlan:
     buckets = normalize_buckets(buckets)
@@ -284,7 +280,7 @@ def plan_prefill(signature: dict, cfg, topk: int, buckets=DEFAULT_BUCKETS, max_c
     _check_cands(g_max, opt_cands)
     expected = {"embedding": (0, cfg.embed_dim), "temperature": (1,), "cand_ids": (0, 0),
                 "topk_logprobs": (0, topk), "topk_ids": (0, topk), "cand_logprobs": (0, 0),
-                "kv_cache": _cache_shape(cfg, 0)}
+                "kv_cache": cfg.cache_shape(0)}
     tensors = _tensors_from_signature(signature, PREFILL_AXES, expected, PREFILL, PREFILL_IO)
     ranges = {"G": (1, min(opt_cands, g_max), g_max)}
     return _with_profiles(GraphPlan(PREFILL, "B", buckets, tensors, ranges))
@@ -296,9 +292,9 @@ def plan_step(signature: dict, cfg, topk: int, buckets=DEFAULT_BUCKETS, beam_wid
     rows = row_buckets(buckets, beam_width)
     g_max = min(cfg.vocab_size, STEP_MAX_CANDS) if max_cands is None else int(max_cands)
     _check_cands(g_max, opt_cands)
-    expected = {"tokens": (0,), "position": (1,), "beam_idx": (0,), "kv_cache": _cache_shape(cfg, 0),
+    expected = {"tokens": (0,), "position": (1,), "beam_idx": (0,), "kv_cache": cfg.cache_shape(0),
                 "temperature": (1,), "cand_ids": (0, 0), "topk_logprobs": (0, topk), "topk_ids": (0, topk),
-                "cand_logprobs": (0, 0), "kv_cache_out": _cache_shape(cfg, 0)}
+                "cand_logprobs": (0, 0), "kv_cache_out": cfg.cache_shape(0)}
     tensors = _tensors_from_signature(signature, STEP_AXES, expected, STEP, STEP_IO)
     # M (previous rows) is independent of N: B after the prefill, N later, anything <= max rows.
     ranges = {"M": (1, None, rows[-1]), "G": (1, min(opt_cands, g_max), g_max)}

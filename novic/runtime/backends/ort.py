@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from novic.config import DecoderConfig
-from novic.errors import NovicError
+from novic.errors import NovicError, first_line
 from novic.runtime.search import StepScores
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -120,7 +120,7 @@ class OrtDecoderSession:
                 self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
                 self._graphs = _DecoderGraphs(self)
             except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
-                self.cuda_graph_error = str(exc).splitlines()[0]
+                self.cuda_graph_error = first_line(exc)
         self._step = make_session(step_path, provider, **kw)
         _check_io(self._prefill, prefill_path, PREFILL_INPUTS, SCORE_OUTPUTS + ("kv_cache",))
         _check_io(self._step, step_path, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",))
@@ -129,7 +129,7 @@ class OrtDecoderSession:
         cache = {i.name: i for i in self._step.get_inputs()}["kv_cache"]
         self.cache_dtype = ORT_DTYPES[cache.type]
         cfg = config
-        expect = [cfg.layers, 2, None, cfg.heads, cfg.seq_len, cfg.head_dim]
+        expect = list(cfg.cache_shape(None))
         got = [d if isinstance(d, int) else None for d in cache.shape]
         if got != expect:
             raise OrtError(f"{Path(step_path).name}: kv_cache shape {cache.shape} does not match "
@@ -201,14 +201,14 @@ class OrtDecoderSession:
         return self._scores(scores)
 
     def _graphs_off(self, exc: BaseException) -> None:
-        self.cuda_graph_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.cuda_graph_error = first_line(exc)
         self._graphs = None
 
     # --- IOBinding --------------------------------------------------------------------------
     def _next_buffer(self, rows: int):
         """The ping-pong buffer that is not the current cache, for `rows` rows."""
         cfg = self.config
-        shape = [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
+        shape = list(cfg.cache_shape(rows))
         if not self._buffers or list(self._buffers[0].shape()) != shape:
             make = self._ort.OrtValue.ortvalue_from_shape_and_type
             self._buffers = [make(shape, self.cache_dtype, self._device, self.device_id)
@@ -262,10 +262,6 @@ class _DecoderGraphs:
         o = self.owner
         return o._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, o._device, o.device_id)
 
-    def _cache_shape(self, rows: int) -> list:
-        cfg = self.owner.config
-        return [cfg.layers, 2, rows, cfg.heads, cfg.seq_len, cfg.head_dim]
-
     def _io(self, graph: str, rows: int, cands: int) -> dict:
         """The input and score buffers of `graph` ("prefill" or "step") for one shape."""
         key = (graph, rows, cands)
@@ -281,7 +277,7 @@ class _DecoderGraphs:
 
     def prefill_cache(self, images: int):
         if images not in self.prefill_caches:
-            self.prefill_caches[images] = self._make(self._cache_shape(images), self.owner.cache_dtype)
+            self.prefill_caches[images] = self._make(list(self.owner.config.cache_shape(images)), self.owner.cache_dtype)
         return self.prefill_caches[images]
 
     def _run(self, graph: str, feeds: dict, cache_in, cache_out, source) -> StepScores:
@@ -314,7 +310,7 @@ class _DecoderGraphs:
         o = self.owner
         rows = len(feeds["tokens"])
         if rows not in self.caches:
-            self.caches[rows] = [self._make(self._cache_shape(rows), o.cache_dtype) for _ in range(2)]
+            self.caches[rows] = [self._make(list(o.config.cache_shape(rows)), o.cache_dtype) for _ in range(2)]
         a, b = self.caches[rows]
         prefill_rows = next((m for m, buf in self.prefill_caches.items() if buf is o._cache), None)
         if o._cache is a or o._cache is b:
@@ -350,7 +346,7 @@ class OrtImageEncoder:
                 self._graphs = _EncoderGraphs(make_session(path, provider, cuda_graph=True, **kw),
                                               import_ort(provider), device_id)
             except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
-                self.cuda_graph_error = str(exc).splitlines()[0]
+                self.cuda_graph_error = first_line(exc)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -365,7 +361,7 @@ class OrtImageEncoder:
             try:
                 return self._graphs(pixels)
             except Exception as exc:  # noqa: BLE001 - capture failed at run time: go on without
-                self.cuda_graph_error = str(exc).splitlines()[0]
+                self.cuda_graph_error = first_line(exc)
                 self._graphs = None
         return self._session.run([self._output], {self._input: pixels})[0]
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from novic.config import DecoderConfig
-from novic.errors import NovicError
+from novic.errors import NovicError, first_line
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, _versions_match
 from novic.runtime.search import StepScores
@@ -52,7 +52,7 @@ def import_trt():
     try:
         import tensorrt as trt
     except Exception as exc:  # noqa: BLE001 - ImportError or missing shared libraries
-        raise TrtError(f"TensorRT is not installed ({_first_line(exc)}); {INSTALL['trt']}") from None
+        raise TrtError(f"TensorRT is not installed ({first_line(exc)}); {INSTALL['trt']}") from None
     return trt
 
 
@@ -60,13 +60,8 @@ def import_cudart():
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (the [trt] extra)
     except Exception as exc:  # noqa: BLE001
-        raise TrtError(f"cuda-python is not installed ({_first_line(exc)}); {INSTALL['trt']}") from None
+        raise TrtError(f"cuda-python is not installed ({first_line(exc)}); {INSTALL['trt']}") from None
     return cudart
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --- a thin layer over the CUDA runtime (cuda.bindings.runtime) ----------------------------------
@@ -255,7 +250,7 @@ class _Graph:
             ctx.set_optimization_profile_async(profile, self.stream_handle)
         except RuntimeError as exc:
             raise TrtError(f"{self.plan.role}: TensorRT refused optimization profile {profile} "
-                           f"({_first_line(exc)}); rebuild the engines with novic-export trt BUNDLE --force") from None
+                           f"({first_line(exc)}); rebuild the engines with novic-export trt BUNDLE --force") from None
         for t in self.plan.inputs:
             if not ctx.set_input_shape(t.name, shapes[t.name]):
                 raise TrtError(f"{self.plan.role}: input {t.name!r} shape {shapes[t.name]} rejected by profile {profile}")
@@ -307,7 +302,7 @@ class _Graph:
             return self._graphs_off(exc)
 
     def _graphs_off(self, exc: BaseException) -> None:
-        why = _first_line(exc)
+        why = first_line(exc)
         self.use_graphs = False
         self.graph_error = why if why.startswith(self.plan.role) else f"{self.plan.role}: {why}"
         return None
