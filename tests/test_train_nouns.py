@@ -114,3 +114,16 @@ def test_wordnet_missing_dir_is_clear(tmp_path):
     pytest.importorskip("wordfreq")
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         wordnet_nouns(tmp_path)
+
+
+def test_plural_only_noun_without_a_plural_field_in_multi_noun_captions():
+    """A user's {"noun": "scissors", "plural_only": true} has no `plural`: single and multi-noun
+    captions must both use the noun itself (multi-noun captions made "scissorses")."""
+    from novic.train.captions import CaptionConfig, template_captions
+
+    nouns = [Noun("scissors", plural_only=True), Noun("apple"), Noun("dog")]
+    caps = template_captions(nouns, ["a photo of a {}.", "a photo of many {}."],
+                             CaptionConfig(multi_ratio=1.0, seed=0))
+    texts = " ".join(caps.texts)
+    assert "scissors" in texts and "scissorses" not in texts
+    assert any("scissors" in t and ("apple" in t or "dog" in t) for t in caps.texts)   # multi-noun ones ran

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from novic.atomic import fsync_dir, named, write_bytes_atomic  # noqa: F401 (re-exported)
+from novic.atomic import fsync_dir, named, write_bytes_atomic
 from novic.errors import NovicError
 from novic.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError,
                                   sha256_file)

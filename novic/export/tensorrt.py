@@ -35,8 +35,8 @@ import hashlib
 import time
 from pathlib import Path
 
+from novic.atomic import write_bytes_atomic
 from novic.errors import NovicError, first_line
-from novic.export.bundle import write_bytes_atomic
 from novic.runtime import trt_plan
 from novic.runtime.backends.select import INSTALL, probe, trt_release
 from novic.runtime.bundle import MANIFEST, QUANTIZED, ROLES, Bundle, BundleError, read_manifest
@@ -237,13 +237,13 @@ def build_engines(bundle_dir, *, buckets=trt_plan.DEFAULT_BUCKETS, beam_width: i
     cc, gpu, version = facts.compute_capability, facts.gpu_name or "", str(trt.__version__)
     if precision == "fp8" and tuple(int(x) for x in cc.split(".")) < FP8_MIN_CC:
         raise TensorRTMissing(f"FP8 engines need an Ada or Hopper GPU (compute capability >= 8.9); {gpu or 'this GPU'} "
-                              f"is sm_{cc.replace('.', '')}: use --precision int8 or fp16")
+                              f"is {facts.sm}: use --precision int8 or fp16")
     engine_dir = root / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
     cache_path = engine_dir / timing_cache_name(cc, version)
     timing = cache_path.read_bytes() if cache_path.is_file() else None
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    console.print(f"TensorRT {version} on {gpu} (sm_{cc.replace('.', '')}); buckets {list(params.buckets)} "
+    console.print(f"TensorRT {version} on {gpu} ({facts.sm}); buckets {list(params.buckets)} "
                   f"images, beam width {params.beam_width}"
                   + (f"; timing cache {cache_path.name} ({len(timing)} bytes)" if timing else ""), highlight=False)
 

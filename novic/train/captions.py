@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from novic.train.nouns import Noun, pluralize
+from novic.train.nouns import Noun
 
 # CIFAR-style prompts (as used for CLIP zero-shot on CIFAR-10/100): 18 templates.
 CIFAR_TEMPLATES = [
@@ -204,10 +204,10 @@ def _forms(noun: Noun, cfg: CaptionConfig) -> list[tuple[str, bool]]:
     """(surface form, is plural) of a noun: singular, plural, aliases (singular). A plural-only
     noun ('eggs', 'scissors') has only the plural form: no 'a photo of an eggs'."""
     if noun.plural_only:
-        return [(noun.noun, True)] + ([(a, False) for a in noun.aliases] if cfg.aliases else [])
+        return [(noun.plural_form, True)] + ([(a, False) for a in noun.aliases] if cfg.aliases else [])
     out = [(noun.noun, False)]
     if cfg.plural:
-        out.append((noun.plural or pluralize(noun.noun), True))
+        out.append((noun.plural_form, True))
     if cfg.aliases:
         out += [(a, False) for a in noun.aliases]
     return out
@@ -235,7 +235,7 @@ def template_captions(nouns: list[Noun], templates: list[str], cfg: CaptionConfi
         pl = bool(rng.choice(t.numbers))
         if True in t.numbers and any(nouns[j].plural_only for j in ids):
             pl = True   # a plural-only noun makes the phrase plural
-        forms = [(nouns[j].plural or pluralize(nouns[j].noun)) if pl else nouns[j].noun for j in ids]
+        forms = [nouns[j].plural_form if pl else nouns[j].noun for j in ids]
         texts.append(t.render(forms, pl))
         targets.append(ids)
     return CaptionSet.build(texts, targets)

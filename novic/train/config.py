@@ -151,6 +151,13 @@ class TrainConfig:
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:   # an int too large for a float
+        return False
+
+
 def _check_type(key: str, value, hint):
     """Types first, so that range checks and the trainer never see a string where a number goes."""
     allowed = get_args(hint) or (hint,)          # `int | None` -> (int, NoneType)
@@ -159,8 +166,7 @@ def _check_type(key: str, value, hint):
     kind = next(t for t in allowed if t is not type(None))
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {bool: isinstance(value, bool), int: number and isinstance(value, int),
-          float: number and math.isfinite(float(value)) if number and abs(value) < 1e308 else False,
-          str: isinstance(value, str)}[kind]
+          float: number and _finite(value), str: isinstance(value, str)}[kind]
     expected = _EXPECTED[kind] + (" or null" if type(None) in allowed else "")
     if kind is str and number:   # -o out_dir=2024 parses as a number: say how to pass it as text
         expected += f" (quote it as JSON text: -o '{key}=\"{value}\"')"

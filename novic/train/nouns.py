@@ -35,6 +35,11 @@ class Noun:
     aliases: list[str] = field(default_factory=list)  # other surface forms with the same target
     plural_only: bool = False  # the noun is itself plural ('eggs', 'scissors'): no singular captions
 
+    @property
+    def plural_form(self) -> str:
+        """The plural captions use: the noun itself when it is plural-only, else its plural."""
+        return self.noun if self.plural_only else (self.plural or pluralize(self.noun))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: v for k, v in d.items() if v not in (None, [], False)}
