@@ -33,7 +33,7 @@ def named(exc: OSError, path) -> OSError:
 
 
 @contextmanager
-def _replacing(path: Path):
+def open_atomic(path: Path):
     """A temp file next to `path`, open for writing; when the block ends without an error it is
     fsynced and renamed over `path` (and the directory fsynced), else removed.
     Created with mode 0o666 minus the umask, like any new file (mkstemp's 0o600 would make a
@@ -89,7 +89,7 @@ def write_bytes_atomic(path, data) -> None:
     """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path) as f:
+    with open_atomic(path) as f:
         f.write(data)
 
 
@@ -102,7 +102,7 @@ def move_file_atomic(src, dst) -> None:
     try:
         os.replace(src, dst)
     except OSError:   # another file system: copy
-        with _replacing(dst) as out, open(src, "rb") as f:
+        with open_atomic(dst) as out, open(src, "rb") as f:
             shutil.copyfileobj(f, out, 1 << 24)
         src.unlink()
         return

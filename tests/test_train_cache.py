@@ -71,12 +71,12 @@ def test_resume_after_partial_run_recomputes_only_missing_shards(tmp_path):
     (d / "index.json").unlink()
     for i in (2, 5, 9):
         (d / f"shard_{i:05d}.npy").unlink()
-    (d / "shard_00002.npy.tmp-123").write_bytes(b"torn")
+    (d / ".shard_00002.npy.5f3a9c2e1b7d.tmp").write_bytes(b"torn")   # novic.atomic's temp name
     emb = HashEmbedder()
     cache = build_cache(part, emb, TEXTS, "h", shard_size=100, batch_size=50, progress=False)
     assert emb.calls == 3 * 2  # 3 shards x 2 batches
     assert np.array_equal(cache.all(), ref.all())
-    assert not list(d.glob("*.tmp-*"))
+    assert not list(d.glob(".*.tmp"))
 
 
 SCRIPT = """

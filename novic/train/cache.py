@@ -16,7 +16,6 @@ come through `novic.model.embedder.Embedder`, which computes under fp16 autocast
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -25,6 +24,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from novic.atomic import open_atomic
 from novic.train.progress import progress_bar
 
 FORMAT = 1
@@ -50,12 +50,8 @@ def _slug(text: str) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with open_atomic(path) as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -116,7 +112,7 @@ def build_cache(root: str | Path, embedder, texts: Sequence[str], data_hash: str
     if (path / "meta.json").is_file() and json.loads((path / "meta.json").read_text()) != meta:
         shutil.rmtree(path)  # same key, other settings: start over
     path.mkdir(parents=True, exist_ok=True)
-    for leftover in path.glob("*.tmp-*"):  # partial writes of a killed run
+    for leftover in path.glob(".*.tmp"):  # partial writes of a killed run (novic.atomic's temp files)
         leftover.unlink()
     if not (path / "meta.json").is_file():
         _write_json(path / "meta.json", meta)

@@ -16,11 +16,14 @@ not processes), and ranks them by the English word frequencies of the ``wordfreq
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from novic.atomic import write_bytes_atomic
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 PHYSICAL_ENTITY = "00001930"    # physical_entity.n.01 in WordNet 3.0
@@ -123,20 +126,19 @@ def save_nouns(path: str | Path, nouns: list[Noun]) -> None:
     """Write a noun list as .json (all fields), .csv or .txt (nouns only)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    tmp = path.with_name(path.name + ".tmp")
     if suffix == ".json":
-        tmp.write_text(json.dumps([n.to_dict() for n in nouns], indent=0, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
+        text = json.dumps([n.to_dict() for n in nouns], indent=0, ensure_ascii=False) + "\n"
     elif suffix == ".csv":
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["noun", "frequency", "plural", "aliases", "plural_only"])
-            for n in nouns:
-                w.writerow([n.noun, "" if n.frequency is None else n.frequency, n.plural or "",
-                            ";".join(n.aliases), "true" if n.plural_only else ""])
+        out = io.StringIO(newline="")
+        w = csv.writer(out)
+        w.writerow(["noun", "frequency", "plural", "aliases", "plural_only"])
+        for n in nouns:
+            w.writerow([n.noun, "" if n.frequency is None else n.frequency, n.plural or "",
+                        ";".join(n.aliases), "true" if n.plural_only else ""])
+        text = out.getvalue()
     else:
-        tmp.write_text("".join(n.noun + "\n" for n in nouns), encoding="utf-8")
-    tmp.replace(path)
+        text = "".join(n.noun + "\n" for n in nouns)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 # --- plurals ---------------------------------------------------------------------------------

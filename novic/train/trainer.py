@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from novic.atomic import check_writable_dir
+from novic.atomic import check_writable_dir, write_bytes_atomic
 from novic.config import EOS, DecoderConfig
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
@@ -158,17 +158,11 @@ def evaluate(model: ObjectDecoder, es: EvalSet, data: TrainData, noise: Embeddin
 
 # --- checkpoints ----------------------------------------------------------------------------
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict):
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 def _write_json_atomic(path: Path, data: dict):
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def save_train_state(path: Path, model, optimizer, step: int, config: dict):
