@@ -147,7 +147,9 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
             raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
                              f"try --method {'static' if method == 'dynamic' else 'dynamic'}") from None
-        weights = one_weight_file(out)   # [] or [<name>.data]
+        # A self-contained source gives a self-contained variant; else its weights go in <name>.data
+        # (onnxruntime names them so already; modelopt_quantize tidies ModelOpt's own files).
+        weights = one_weight_file(out) if external else []
         info["calibration_data"] = data.summary()
         info["tensorrt"] = method != "dynamic"   # Q/DQ graphs; dynamic uses onnxruntime-only operators
 
