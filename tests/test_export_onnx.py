@@ -263,8 +263,8 @@ def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
         embeds = unit_embeddings(12, 32, seed=seed)
         for kw in ({}, {"trie": trie}):
             assert search.beam_search(plain, embeds, 10, **kw) == search.beam_search(graphed, embeds, 10, **kw)
-    assert graphed._graphs is not None   # no fallback happened
-    ids = graphed._graphs.ids
+    assert graphed._graphs is not None and graphed.cuda_graph_error is None   # no fallback happened
+    ids = graphed._graphs.runs.ids   # each id was always bound to the same buffers (checked per run)
     assert {(graph, source) for graph, _rows, _cands, source in ids} == {
         ("prefill", "embedding"), ("step", "prefill12"), ("step", "A"), ("step", "B")}
     assert graphed._graphs.uncaptured == 0 and len(set(ids.values())) == len(ids)   # one id per graph
@@ -368,10 +368,18 @@ def test_encoder_graph_buckets_equal_plain_run(tiny_clip):
         pixels = rng.standard_normal((n, 3, 64, 64)).astype(np.float32)
         got = graphed(pixels)
         assert got.shape == (n, 32) and np.allclose(got, plain(pixels), atol=1e-6), n
-    assert sorted(graphed._graphs.io) == [1, 4, 8, 32] and GRAPH_BUCKETS[-1] == 32   # 40 ran plainly
+    runs = graphed._graphs.runs
+    assert sorted(key[1] for key in runs.buffers if key[0] == "pixels") == [1, 4, 8, 32]   # 40 ran plainly
+    assert GRAPH_BUCKETS[-1] == 32 and len(set(runs.ids.values())) == 4   # one graph per bucket
     first = graphed(pixels[:2])
     graphed(pixels[2:4] * 0)                                  # reuse bucket 2: results are copies
     assert np.allclose(first, plain(pixels[:2]), atol=1e-6)
+    assert graphed.cuda_graph_error is None                   # every replay found its own buffers
+    # a graph bound to other buffers than it was captured with would replay stale memory: refused
+    runs.buffers[("embedding", 4)] = runs._ort.OrtValue.ortvalue_from_shape_and_type([4, 32], np.float32, "cpu", 0)
+    assert np.allclose(graphed(pixels[:3]), plain(pixels[:3]), atol=1e-6)
+    assert graphed._graphs is None and "other buffers" in graphed.cuda_graph_error
+    graphed._graphs = _EncoderGraphs(make_session(graph["path"]), onnxruntime, device="cpu")
     graphed._graphs.session = None                            # a failing replay falls back to plain runs
     assert np.allclose(graphed(pixels[:3]), plain(pixels[:3]), atol=1e-6)
     assert graphed._graphs is None and graphed.cuda_graph_error

@@ -113,14 +113,6 @@ class OrtDecoderSession:
         self.provider, self.device_id = provider, device_id
         kw = dict(threads=threads, device_id=device_id, optimize=optimize)
         self._prefill = make_session(prefill_path, provider, **kw)
-        self._graphs, self.cuda_graph_error = None, None
-        if provider == "cuda" and cuda_graph:
-            try:
-                self._graph_prefill = make_session(prefill_path, provider, cuda_graph=True, **kw)
-                self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
-                self._graphs = _DecoderGraphs(self)
-            except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
-                self.cuda_graph_error = first_line(exc)
         self._step = make_session(step_path, provider, **kw)
         _check_io(self._prefill, prefill_path, PREFILL_INPUTS, SCORE_OUTPUTS + ("kv_cache",))
         _check_io(self._step, step_path, STEP_INPUTS, SCORE_OUTPUTS + ("kv_cache_out",))
@@ -140,6 +132,14 @@ class OrtDecoderSession:
         self._ort = import_ort(provider)
         self._cache = None          # np.ndarray (plain run) or OrtValue (IOBinding)
         self._buffers: list = []    # the two ping-pong OrtValues of the current row count
+        self._graphs, self.cuda_graph_error = None, None
+        if provider == "cuda" and cuda_graph:
+            try:
+                self._graph_prefill = make_session(prefill_path, provider, cuda_graph=True, **kw)
+                self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
+                self._graphs = _DecoderGraphs(self)
+            except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
+                self.cuda_graph_error = first_line(exc)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -233,18 +233,56 @@ class OrtDecoderSession:
         return scores, (outputs[len(SCORE_OUTPUTS)] if out_buffer is None else out_buffer)
 
 
-class _DecoderGraphs:
-    """The prefill and the step replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
+class _CapturedRuns:
+    """Runs onnxruntime sessions as CUDA graphs (``enable_cuda_graph``) from fixed buffers.
 
-    A captured graph reads and writes fixed device addresses, so every input and output lives in
-    a buffer allocated once per shape: inputs/scores per (graph, rows N, candidates G); the
-    prefill's cache per batch size M; the two ping-pong step caches per N (guided search changes
-    G from step to step, the cache flows on). New host values are copied into the buffers
-    (``update_inplace``) and the scores read back from them. One graph per (N, G, source):
-    the prefill, and steps reading the prefill's cache (the first step), A or B. Uncaptured,
-    the first step took 2.4 ms against 0.66 ms for a captured one on an H100 (docs/benchmarks.md
-    "GPU", run 2). A step whose cache is none of those buffers runs uncaptured (graph id -1) into
-    A. Per call the host does: a few tiny copies in, one graph launch, three small copies out.
+    A captured graph replays with the device addresses it was captured with. So every buffer is
+    allocated once per key (`buffer`), and `run` checks that a graph is always bound to the same
+    buffers: a mismatch would replay against stale memory and give wrong results silently, so it
+    raises instead, and the caller falls back to plain runs. Graph ids start at 1; -1 runs
+    uncaptured (onnxruntime's convention)."""
+
+    def __init__(self, ort, device: str, device_id: int):
+        self._ort, self.device, self.device_id = ort, device, device_id
+        self.buffers: dict[tuple, object] = {}
+        self.ids: dict[tuple, int] = {}
+        self._bound: dict[int, dict] = {}
+
+    def buffer(self, key: tuple, shape, dtype):
+        if key not in self.buffers:
+            self.buffers[key] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(shape), dtype, self.device, self.device_id)
+        return self.buffers[key]
+
+    def run(self, session, inputs: dict, outputs: dict, graph: tuple | None) -> None:
+        """Run `session` on bound OrtValues as captured graph `graph` (None: uncaptured)."""
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        graph_id = -1
+        if graph is not None:
+            graph_id = self.ids.setdefault(graph, len(self.ids) + 1)
+            addresses = {name: value.data_ptr() for name, value in {**inputs, **outputs}.items()}
+            if self._bound.setdefault(graph_id, addresses) != addresses:
+                raise RuntimeError(f"CUDA graph {graph} was bound to other buffers than it was captured with")
+        run_options = self._ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        session.run_with_iobinding(binding, run_options)
+
+
+class _DecoderGraphs:
+    """The prefill and the step replayed as CUDA graphs (`_CapturedRuns`).
+
+    Buffers: inputs and scores per (graph, rows N, candidates G); the prefill's cache per batch
+    size M; the two ping-pong step caches A/B per N (guided search changes G from step to step,
+    the cache flows on). New host values are copied into the buffers (``update_inplace``) and the
+    scores read back from them. One graph per (N, G, source): the prefill, and steps reading the
+    prefill's cache (the first step), A or B. Uncaptured, the first step took 2.4 ms against
+    0.66 ms for a captured one on an H100 (docs/benchmarks.md "GPU", run 2). A step whose cache
+    is none of those buffers runs uncaptured into A. Per call the host does: a few tiny copies
+    in, one graph launch, three small copies out.
     """
 
     INPUTS = {"prefill": PREFILL_INPUTS, "step": tuple(n for n in STEP_INPUTS if n != "kv_cache")}
@@ -252,73 +290,56 @@ class _DecoderGraphs:
     def __init__(self, owner: "OrtDecoderSession"):
         self.owner = owner
         self.sessions = {"prefill": owner._graph_prefill, "step": owner._graph_step}
-        self.ids: dict[tuple, int] = {}
-        self.io: dict[tuple, dict] = {}
-        self.caches: dict[int, list] = {}
-        self.prefill_caches: dict[int, object] = {}
+        self.runs = _CapturedRuns(owner._ort, owner._device, owner.device_id)
         self.uncaptured = 0   # steps that ran without a graph (their cache came from elsewhere)
-
-    def _make(self, shape, dtype):
-        o = self.owner
-        return o._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, o._device, o.device_id)
 
     def _io(self, graph: str, rows: int, cands: int) -> dict:
         """The input and score buffers of `graph` ("prefill" or "step") for one shape."""
-        key = (graph, rows, cands)
-        if key not in self.io:
-            o, cfg = self.owner, self.owner.config
-            shapes = {"embedding": ([rows, cfg.embed_dim], np.float32), "tokens": ([rows], np.int64),
-                      "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
-                      "temperature": ([1], np.float32), "cand_ids": ([rows, cands], np.int64),
-                      "topk_logprobs": ([rows, o.topk], np.float32), "topk_ids": ([rows, o.topk], np.int64),
-                      "cand_logprobs": ([rows, cands], np.float32)}
-            self.io[key] = {name: self._make(*shapes[name]) for name in self.INPUTS[graph] + SCORE_OUTPUTS}
-        return self.io[key]
+        o, cfg = self.owner, self.owner.config
+        shapes = {"embedding": ([rows, cfg.embed_dim], np.float32), "tokens": ([rows], np.int64),
+                  "position": ([1], np.int64), "beam_idx": ([rows], np.int64),
+                  "temperature": ([1], np.float32), "cand_ids": ([rows, cands], np.int64),
+                  "topk_logprobs": ([rows, o.topk], np.float32), "topk_ids": ([rows, o.topk], np.int64),
+                  "cand_logprobs": ([rows, cands], np.float32)}
+        return {name: self.runs.buffer((graph, rows, cands, name), *shapes[name])
+                for name in self.INPUTS[graph] + SCORE_OUTPUTS}
 
-    def prefill_cache(self, images: int):
-        if images not in self.prefill_caches:
-            self.prefill_caches[images] = self._make(list(self.owner.config.cache_shape(images)), self.owner.cache_dtype)
-        return self.prefill_caches[images]
+    def _cache(self, key: tuple, rows: int):
+        o = self.owner
+        return self.runs.buffer(key, o.config.cache_shape(rows), o.cache_dtype)
 
     def _run(self, graph: str, feeds: dict, cache_in, cache_out, source) -> StepScores:
-        """Copy `feeds` into the buffers of this shape, bind, run graph `source` (or uncaptured)."""
-        o = self.owner
+        """Copy `feeds` into the buffers of this shape and run graph `source` (None: uncaptured)."""
         rows, cands = feeds["cand_ids"].shape
         io = self._io(graph, rows, cands)
-        session = self.sessions[graph]
-        binding = session.io_binding()
-        for name in self.INPUTS[graph]:
-            io[name].update_inplace(np.ascontiguousarray(feeds[name]))
-            binding.bind_ortvalue_input(name, io[name])
+        inputs = {name: io[name] for name in self.INPUTS[graph]}
+        for name, value in inputs.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name]))
         if cache_in is not None:
-            binding.bind_ortvalue_input("kv_cache", cache_in)
-        for name in SCORE_OUTPUTS:
-            binding.bind_ortvalue_output(name, io[name])
-        binding.bind_ortvalue_output("kv_cache" if graph == "prefill" else "kv_cache_out", cache_out)
-        graph_id = -1 if source is None else self.ids.setdefault((graph, rows, cands, source), len(self.ids) + 1)
-        run_options = o._ort.RunOptions()
-        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        session.run_with_iobinding(binding, run_options)
-        o._cache = cache_out
+            inputs["kv_cache"] = cache_in
+        outputs = {name: io[name] for name in SCORE_OUTPUTS}
+        outputs["kv_cache" if graph == "prefill" else "kv_cache_out"] = cache_out
+        self.runs.run(self.sessions[graph], inputs, outputs,
+                      None if source is None else (graph, rows, cands, source))
+        self.owner._cache = cache_out
         return StepScores(*(io[name].numpy() for name in SCORE_OUTPUTS))
 
     def prefill(self, feeds: dict) -> StepScores:
         rows = len(feeds["embedding"])
-        return self._run("prefill", feeds, None, self.prefill_cache(rows), "embedding")
+        return self._run("prefill", feeds, None, self._cache(("prefill cache", rows), rows), "embedding")
 
     def step(self, feeds: dict) -> StepScores:
-        o = self.owner
+        current = self.owner._cache
         rows = len(feeds["tokens"])
-        if rows not in self.caches:
-            self.caches[rows] = [self._make(list(o.config.cache_shape(rows)), o.cache_dtype) for _ in range(2)]
-        a, b = self.caches[rows]
-        prefill_rows = next((m for m, buf in self.prefill_caches.items() if buf is o._cache), None)
-        if o._cache is a or o._cache is b:
-            src, dst, source = (a, b, "A") if o._cache is a else (b, a, "B")
+        a, b = (self._cache((side, rows), rows) for side in ("A", "B"))
+        prefill_rows = next((key[1] for key, buf in self.runs.buffers.items()
+                             if key[0] == "prefill cache" and buf is current), None)
+        if current is a or current is b:
+            src, dst, source = (a, b, "A") if current is a else (b, a, "B")
         elif prefill_rows is not None:   # the first step after a prefill: its own graph per batch size
-            src, dst, source = o._cache, a, f"prefill{prefill_rows}"
+            src, dst, source = current, a, f"prefill{prefill_rows}"
         else:   # a cache from elsewhere: run uncaptured, write side A
-            src, dst, source = o._cache, a, None
+            src, dst, source = current, a, None
             self.uncaptured += 1
         return self._run("step", feeds, src, dst, source)
 
@@ -370,41 +391,31 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32)   # images per captured encoder graph
 
 
 class _EncoderGraphs:
-    """The image encoder replayed as CUDA graphs, one per batch bucket (GRAPH_BUCKETS).
+    """The image encoder replayed as CUDA graphs (`_CapturedRuns`), one per batch bucket.
 
     A ViT runs a few hundred kernels; at small batches their launches, not the arithmetic, set
-    the time (measured on an H100: 4.3 ms for one image on plain onnxruntime-cuda, fp16). A
-    captured graph reads and writes fixed device addresses, so each bucket has its own input and
-    output buffers; a batch is copied into the smallest bucket that holds it (the padding rows
-    are zeros and their outputs are dropped: images do not interact in the encoder)."""
+    the time (measured on an H100: 4.3 ms for one image on plain onnxruntime-cuda, fp16). Each
+    bucket (GRAPH_BUCKETS) has its own input and output buffers; a batch is copied into the
+    smallest bucket that holds it (the padding rows are zeros and their outputs are dropped:
+    images do not interact in the encoder)."""
 
     def __init__(self, session, ort, device_id: int = 0, device: str = "cuda"):
-        self.session, self._ort, self.device_id, self.device = session, ort, device_id, device
+        self.session = session
+        self.runs = _CapturedRuns(ort, device, device_id)
         (inp,), (out,) = session.get_inputs(), session.get_outputs()
         self.input, self.output = inp.name, out.name
         self.in_shape, self.embed_dim = [int(d) for d in inp.shape[1:]], int(out.shape[1])
         self.in_dtype, self.out_dtype = ORT_DTYPES[inp.type], ORT_DTYPES[out.type]
-        self.io: dict[int, tuple] = {}
-
-    def _buffers(self, bucket: int):
-        if bucket not in self.io:
-            make = self._ort.OrtValue.ortvalue_from_shape_and_type
-            self.io[bucket] = (make([bucket, *self.in_shape], self.in_dtype, self.device, self.device_id),
-                               make([bucket, self.embed_dim], self.out_dtype, self.device, self.device_id),
-                               np.zeros([bucket, *self.in_shape], self.in_dtype))
-        return self.io[bucket]
+        self.host: dict[int, np.ndarray] = {}   # per bucket: the padded batch before upload
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         n = len(pixels)
         bucket = next(b for b in GRAPH_BUCKETS if b >= n)
-        src, dst, host = self._buffers(bucket)
+        host = self.host.setdefault(bucket, np.zeros([bucket, *self.in_shape], self.in_dtype))
         host[:n] = pixels
         host[n:] = 0
+        src = self.runs.buffer(("pixels", bucket), [bucket, *self.in_shape], self.in_dtype)
+        dst = self.runs.buffer(("embedding", bucket), [bucket, self.embed_dim], self.out_dtype)
         src.update_inplace(host)
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input, src)
-        binding.bind_ortvalue_output(self.output, dst)
-        run_options = self._ort.RunOptions()
-        run_options.add_run_config_entry("gpu_graph_id", str(GRAPH_BUCKETS.index(bucket) + 1))
-        self.session.run_with_iobinding(binding, run_options)
+        self.runs.run(self.session, {self.input: src}, {self.output: dst}, ("bucket", bucket))
         return dst.numpy()[:n].astype(np.float32)   # a copy: the buffer is rewritten by the next call
