@@ -12,30 +12,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from novic.bench.compare import phase_cell, step_flatness
+from novic.bench.compare import phase_cell, run_side, step_flatness
 from novic.bench.setup import CONFIGS, build
-
-SIDE = ("import sys, json\n"
-        "if sys.argv[4] == '1':\n"
-        "    import novic.runtime.backends.ort as o; o.make_session.__kwdefaults__['spinning'] = True\n"
-        "from novic.bench.compare import _side_main\n"
-        "_side_main(sys.argv[1:4])\n")
-
-
-def side(name: str, args: dict, spinning: bool = False) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "r.json"
-        proc = subprocess.run([sys.executable, "-c", SIDE, name, json.dumps(args), str(out), "1" if spinning else "0"],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
-        return json.loads(out.read_text())
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -53,11 +34,11 @@ def main():
     runs = {"baseline": [], **{v: [] for v in variants}}
     for r in range(a.rounds):
         load = os.getloadavg()[0]
-        runs["baseline"].append(side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
+        runs["baseline"].append(run_side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
         for v in variants:
             precision, _, spin = v.partition("-")
-            runs[v].append(side("ours", dict(bundle=paths["bundle"], backend="ort-cpu", precision=precision,
-                                             **common), spinning=spin == "spinning"))
+            runs[v].append(run_side("ours", dict(bundle=paths["bundle"], backend="ort-cpu", precision=precision,
+                                                 ort_spinning=spin == "spinning", **common)))
         print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
 
     def med(name, key):

@@ -92,6 +92,9 @@ def _side_main(argv: list[str]) -> None:
     side, args, out = argv[0], json.loads(argv[1]), Path(argv[2])
     if side == "ours":
         from novic.bench.measure import run
+        if args.pop("ort_spinning", False):   # onnxruntime's default busy-waiting threads, which novic turns off
+            import novic.runtime.backends.ort as ort_backend
+            ort_backend.make_session.__kwdefaults__["spinning"] = True
         if args.get("backend", "").startswith("ort-cuda") or args.get("backend") == "trt":
             args["sync"] = None
         result = run(**args)
