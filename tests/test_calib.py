@@ -295,3 +295,43 @@ def test_quantising_an_encoder_with_external_weights(tmp_path, monkeypatch):
         assert sorted(p.name for p in root.iterdir() if p.name not in listed) == [], method
     # the onnxruntime quantiser worked on a copy in the staging directory
     assert sources and all(s.parent.parent.name.startswith(".calib-") for s in sources)
+
+
+def test_one_weight_file_gathers_scattered_weights(tmp_path):
+    """A quantiser may write one weight file per tensor (or its own names): the graph is rewritten
+    with every weight in <name>.data, the old files are gone, and it computes the same; a graph
+    already in that form or self-contained is left alone."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from novic.calib.weights import external_files, one_weight_file
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]))
+    plain = tmp_path / "plain.onnx"
+    onnx.save(model, str(plain))                   # before the save below turns the tensors into references
+    graph = tmp_path / "enc.int8.onnx"
+    onnx.save(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    scattered = external_files(graph)
+    assert sorted(p.name for p in scattered) == ["w1", "w2"]
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+
+    def run():
+        return onnxruntime.InferenceSession(str(graph)).run(None, {"x": x})[0]
+
+    before = run()
+    data = tmp_path / "enc.int8.onnx.data"
+    assert one_weight_file(graph) == [data]
+    assert external_files(graph) == [data.resolve()] and not any(p.exists() for p in scattered)
+    assert np.array_equal(run(), before)
+    stamp = (graph.stat().st_mtime_ns, data.stat().st_mtime_ns)
+    assert one_weight_file(graph) == [data]                        # already in that form: untouched
+    assert (graph.stat().st_mtime_ns, data.stat().st_mtime_ns) == stamp
+    assert one_weight_file(plain) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "enc.int8.onnx", "enc.int8.onnx.data", "plain.onnx"]
