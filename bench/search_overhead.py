@@ -9,8 +9,9 @@ Paper configuration: V = 5,330, Cmax = 12, 11,897 synthetic nouns (novic.bench.s
 The implementation before the optimisation (commit 4d8071e) is kept below as OLD, so one run
 measures both and checks that they return identical hypotheses. "cand I/O" is what the candidate
 arrays cost a GPU backend per image: cand_ids (int64, to the device) plus cand_logprobs (fp32,
-back to the host), summed over the prefill and the steps; the fixed step width of the new search
-(TokenTrie.step_candidates) trades this for constant shapes.
+back to the host), summed over the prefill and the steps; the new search pads step t to the
+widest row at that depth (TokenTrie.depth_candidates[t]), trading some of this for shapes that
+are the same for every batch.
 
     python bench/search_overhead.py                 # B in 1 8 32 256, free and guided
     python bench/search_overhead.py --batches 1 256 --markdown
@@ -233,7 +234,7 @@ def main(argv=None):
     root_g = trie.candidates(np.zeros(1, np.int64))[0].shape[1]
     print(f"# paper config: V={cfg.vocab_size}, Cmax={cfg.max_tokens}, {trie.num_sequences} nouns, "
           f"{trie.num_nodes} trie nodes (built in {build_ms:.0f} ms), root G={root_g}, "
-          f"step G={getattr(trie, 'step_candidates', '-')}, width {args.width}; "
+          f"G per depth {trie.depth_candidates.tolist()}, width {args.width}; "
           f"python {platform.python_version()}, numpy {np.__version__}", file=sys.stderr)
     rng = np.random.default_rng(0)
     rows = []

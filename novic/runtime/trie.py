@@ -86,12 +86,9 @@ class TokenTrie:
             a.setflags(write=False)
         # Widest candidate row of candidates(): children plus EOS where a noun ends.
         self.max_candidates = int(cand_counts.max())
-        # Widest row after the first token (every node but the root): guided search pads the
-        # cand_ids of all its steps to this width, so a session sees one shape per search.
-        self.step_candidates = max(1, int(cand_counts[1:].max(initial=0)))
         # Widest row among the nodes at each depth: every live beam at step t sits at depth t, so
         # guided search pads step t to depth_candidates[t]: the same shape for every batch (CUDA
-        # graphs replay), and far narrower than step_candidates after the first few tokens.
+        # graphs replay), and far narrower than the widest row after the first few tokens.
         self.depth_candidates = np.zeros(max(depth) + 1, dtype=np.int64)
         np.maximum.at(self.depth_candidates, np.asarray(depth, dtype=np.int64), cand_counts)
         self.depth_candidates.setflags(write=False)
