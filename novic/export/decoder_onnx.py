@@ -7,13 +7,15 @@ log-probs gathered for the caller's candidate ids, and beam reordering of the KV
 the cache.
 
 Cache update: ping-pong, not in place. The step graph takes ``kv_cache`` and returns a new
-tensor ``kv_cache_out`` in which slot ``position`` is replaced (a ``Where`` on
-``slot == position``, see ``ObjectDecoder.step``); the runtime feeds it back on the next call.
+tensor ``kv_cache_out`` in which slot ``position`` holds the new keys and values (a Concat and
+a Gather along the slot axis, see ``ObjectDecoder.step``); the runtime feeds it back on the next call.
 Input and output never alias, so the graph is plain ONNX that onnxruntime (CPU and CUDA) and
 TensorRT run alike, and a runtime may keep two device buffers and alternate between them.
 Writing in place would need TensorRT's own KV-cache update ops (not portable to onnxruntime)
-or an output aliased to an input, which ONNX cannot express. The price is one cache-sized copy
-per step, which is small next to the attention reads for this decoder (Smax <= ~20 slots).
+or an output aliased to an input, which ONNX cannot express. The price is a few cache-sized
+copies per step (beam reordering, the per-layer split, the write), which are not small: on the
+CPU at 10 rows they were about a third of the step, so the step uses the plainest copies
+(Gather/Split/Concat; onnxruntime's broadcasting Where was much slower).
 
 The graphs hold no control flow (no If/Loop/Scan): the attention mask is computed from
 ``position`` with comparisons, the cache reordering is a Gather. Batch (B, N, M) and the

@@ -39,14 +39,26 @@ class SelfAttention(nn.Module):
         n, s, _ = x.shape
         return x.view(n, s, self.heads, self.head_dim).transpose(1, 2)
 
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [N, heads, S, hd] -> [N, S, H] (projected)
+        n, _, s, _ = x.shape
+        return self.out_proj(x.transpose(1, 2).reshape(n, s, self.heads * self.head_dim))
+
     def attend(self, q, k, v, mask) -> torch.Tensor:
         """q [N,h,Sq,hd], k/v [N,h,Sk,hd], mask bool broadcastable to [N,h,Sq,Sk] -> [N,Sq,H]."""
         scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = self.attn_dropout(scores.softmax(dim=-1))
-        out = weights @ v
-        n, _, sq, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(n, sq, self.heads * self.head_dim))
+        return self.merge_heads(weights @ v)
+
+    def attend_step(self, q, k_new, v_new, cache_k, cache_v, cached) -> torch.Tensor:
+        """One new token per row (inference): q/k_new/v_new [N,h,1,hd] attend over the cache's
+        slots `cached` (bool [1,1,1,Smax]) plus the token's own key and value, which join here
+        instead of being written into the cache first (the step writes them all at its end)."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = ((q @ cache_k.transpose(-1, -2)) * scale).masked_fill(~cached, float("-inf"))
+        own = (q @ k_new.transpose(-1, -2)) * scale   # [N,h,1,1]: a MatMul like the cached scores
+        weights = torch.cat([scores, own], dim=-1).softmax(dim=-1)
+        return self.merge_heads(weights[..., :-1] @ cache_v + weights[..., -1:] * v_new)
 
 
 class DecoderLayer(nn.Module):
@@ -71,14 +83,20 @@ class DecoderLayer(nn.Module):
                                       a.split_heads(a.v_proj(h)), mask))
         return x + self.feed_forward(x)
 
-    def forward_cached(self, x, mask, cache_k, cache_v, slots):
-        """x [N,s,H] at cache slots `slots` (bool [Smax] or index); returns x and the new K/V."""
+    def forward_kv(self, x, mask):
+        """Like forward (no dropout on the attention), also returning this layer's K/V [N,h,S,hd]."""
         h = self.norm1(x)
         a = self.attn
-        k_new, v_new = a.split_heads(a.k_proj(h)), a.split_heads(a.v_proj(h))
-        k = torch.where(slots, k_new, cache_k) if k_new.shape[2] == 1 else k_new
-        v = torch.where(slots, v_new, cache_v) if v_new.shape[2] == 1 else v_new
+        k, v = a.split_heads(a.k_proj(h)), a.split_heads(a.v_proj(h))
         x = x + a.attend(a.split_heads(a.q_proj(h)), k, v, mask)
+        return x + self.feed_forward(x), k, v
+
+    def forward_step(self, x, cache_k, cache_v, cached):
+        """x [N,1,H], one new token per row -> x and the token's K/V [N,h,1,hd]."""
+        h = self.norm1(x)
+        a = self.attn
+        k, v = a.split_heads(a.k_proj(h)), a.split_heads(a.v_proj(h))
+        x = x + a.attend_step(a.split_heads(a.q_proj(h)), k, v, cache_k, cache_v, cached)
         return x + self.feed_forward(x), k, v
 
 
@@ -132,7 +150,7 @@ class ObjectDecoder(nn.Module):
         keys, values = [], []
         pad = (0, 0, 0, S - P)  # zero slots P..Smax-1 of the cache
         for layer in self.layers:
-            x, k, v = layer.forward_cached(x, mask, None, None, None)
+            x, k, v = layer.forward_kv(x, mask)
             keys.append(F.pad(k, pad))
             values.append(F.pad(v, pad))
         cache = torch.stack([torch.stack(keys), torch.stack(values)], dim=1)
@@ -146,12 +164,17 @@ class ObjectDecoder(nn.Module):
         position = position.reshape(1)
         x = (self.token_embedding(tokens) + self.pos_embedding[position])[:, None, :]
         slots = torch.arange(S, device=tokens.device)
-        write = (slots == position)[:, None]              # [Smax, 1] broadcast over [N,h,Smax,hd]
-        visible = (slots <= position)[None, None, None, :]  # [1,1,1,Smax]
-        new_k, new_v = [], []
+        cached = (slots < position)[None, None, None, :]   # [1,1,1,Smax]: the slots written so far
+        layers, _, rows, heads, _, head_dim = cache.shape
+        per_layer = cache.reshape(layers * 2, rows, heads, S, head_dim).unbind(0)   # K0, V0, K1, V1, ...
+        new = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer.forward_cached(x, visible, cache[i, 0], cache[i, 1], write)
-            new_k.append(k)
-            new_v.append(v)
-        new_cache = torch.stack([torch.stack(new_k), torch.stack(new_v)], dim=1)
+            x, k, v = layer.forward_step(x, per_layer[2 * i], per_layer[2 * i + 1], cached)
+            new += [k, v]
+        # Write every layer's new K/V into slot `position` at once: append them as slot Smax, then
+        # take each slot from where it lives. Two plain copies; a Where per layer (broadcast over
+        # the cache) made the whole step ~17 % slower on the CPU (docs/benchmarks.md, "CPU", run 4).
+        new = torch.stack(new).reshape(layers, 2, rows, heads, 1, head_dim)
+        take = torch.where(slots == position, S, slots)
+        new_cache = torch.cat([cache, new], dim=4).index_select(4, take)
         return self.logits(x[:, 0]), new_cache
