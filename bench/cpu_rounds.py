@@ -5,8 +5,12 @@ baseline / ours of those medians.
 
     python bench/cpu_rounds.py --config paper --rounds 3 --reps 5 [--variants fp32,int8,fp32-spinning]
 
-Variants: `fp32`, `int8` (needs an int8 encoder in the bundle: novic-export calib), and
-`<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off).
+Variants: `fp32`, `int8` (needs an int8 encoder in the bundle: novic-export calib),
+`<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off), and
+`<variant>@<bundle dir>` (another bundle of the same weights, e.g. one exported by older code;
+a relative dir is taken under --workdir):
+
+    python bench/cpu_rounds.py --variants fp32,fp32@paper-old/bundle
 """
 import argparse
 import json
@@ -36,8 +40,10 @@ def main():
         load = os.getloadavg()[0]
         runs["baseline"].append(run_side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
         for v in variants:
-            precision, _, spin = v.partition("-")
-            runs[v].append(run_side("ours", dict(bundle=paths["bundle"], backend="ort-cpu", precision=precision,
+            kind, _, bundle = v.partition("@")
+            precision, _, spin = kind.partition("-")
+            bundle = Path(a.workdir) / bundle if bundle else paths["bundle"]
+            runs[v].append(run_side("ours", dict(bundle=str(bundle), backend="ort-cpu", precision=precision,
                                                  ort_spinning=spin == "spinning", **common)))
         print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
 

@@ -5,11 +5,26 @@ The CLIP weights are saved to a local file so that the exported bundle and the P
 use exactly the same weights."""
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# The code that shapes a bundle's graphs: when it changes, a cached bench bundle is exported again
+# (a benchmark must never time graphs that the current code would not write).
+EXPORT_SOURCES = ("model/decoder.py", "model/embedder.py", "export/decoder_onnx.py",
+                  "export/encoder_onnx.py", "export/fp16.py", "export/bundle.py")
+
+
+def export_code_hash() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in EXPORT_SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -53,23 +68,40 @@ def synthetic_nouns(n: int, vocab_size: int, max_len: int, seed: int = 0) -> lis
 
 
 def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> dict:
-    """Create (once) the CLIP weights file, the decoder checkpoint and the bundle in workdir."""
-    import torch
-    from safetensors.torch import save_file
-
-    from novic.config import DecoderConfig
+    """Create (once) the CLIP weights file, the decoder checkpoint and the bundle in workdir; the
+    bundle is exported again when the export code changed since (EXPORT_SOURCES)."""
     from novic.export.bundle import export_bundle
-    from novic.model.checkpoint import Checkpoint, save_checkpoint
-    from novic.model.decoder import ObjectDecoder
-    from novic.model.embedder import Embedder, EmbedderSpec, tiny_spec
-    from novic.tokens import TokenTable
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {"clip": workdir / "clip.safetensors", "checkpoint": workdir / "decoder.safetensors",
              "bundle": workdir / "bundle", "info": workdir / "setup.json"}
-    if paths["info"].exists() and paths["bundle"].exists():
+    code = export_code_hash()
+    info = json.loads(paths["info"].read_text()) if paths["info"].exists() else None
+    if info is not None and paths["bundle"].exists() and info.get("export_code") == code:
         return {k: str(v) for k, v in paths.items()}
+    if info is not None and paths["checkpoint"].exists():   # the same weights, exported again
+        print(f"{paths['bundle']}: exported by other export code, exporting it again (quantised "
+              f"variants must be made again: novic-export calib)", file=sys.stderr)
+    else:
+        info = {"config": config.__dict__}
+        _random_checkpoint(config, paths, seed)
+    result = export_bundle(paths["checkpoint"], paths["bundle"], overwrite=True, console=console)
+    info.update(export_code=code, export_seconds=result["seconds"], export_timings=result["timings"])
+    paths["info"].write_text(json.dumps(info, indent=1))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _random_checkpoint(config: BenchConfig, paths: dict, seed: int) -> None:
+    """The CLIP weights file and a decoder checkpoint of `config`'s sizes, random (seeded)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from novic.config import DecoderConfig
+    from novic.model.checkpoint import Checkpoint, save_checkpoint
+    from novic.model.decoder import ObjectDecoder
+    from novic.model.embedder import Embedder, EmbedderSpec, tiny_spec
+    from novic.tokens import TokenTable
 
     torch.manual_seed(seed)
     base = tiny_spec() if config.clip == "novic-tiny-clip" else EmbedderSpec(model=config.clip)
@@ -91,7 +123,3 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
                       nouns=nouns, noun_tokens=[seq + [0] for seq in nouns_tok],
                       meta={"note": f"random weights for benchmark config {config.name}"})
     save_checkpoint(paths["checkpoint"], ckpt)
-    result = export_bundle(paths["checkpoint"], paths["bundle"], overwrite=True, console=console)
-    paths["info"].write_text(json.dumps({"config": config.__dict__, "export_seconds": result["seconds"],
-                                         "export_timings": result["timings"]}, indent=1))
-    return {k: str(v) for k, v in paths.items()}
