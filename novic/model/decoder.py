@@ -173,7 +173,7 @@ class ObjectDecoder(nn.Module):
             new += [k, v]
         # Write every layer's new K/V into slot `position` at once: append them as slot Smax, then
         # take each slot from where it lives. Two plain copies; a Where per layer (broadcast over
-        # the cache) made the whole step ~17 % slower on the CPU (docs/benchmarks.md, "CPU", run 4).
+        # the cache) made guided decoding 1.2-1.4x slower on the CPU (docs/benchmarks.md, "CPU", run 4).
         new = torch.stack(new).reshape(layers, 2, rows, heads, 1, head_dim)
         take = torch.where(slots == position, S, slots)
         new_cache = torch.cat([cache, new], dim=4).index_select(4, take)
