@@ -283,3 +283,25 @@ def test_cli_max_pixels(runtime_bundle, photo_dir, monkeypatch):
     assert out.exit_code == 1 and "image too large" in out.stderr and "novic-run --max-pixels N" in out.stderr
     out = _cli("--bundle", runtime_bundle.bundle, "-q", "--max-pixels", 200_000, path)
     assert out.exit_code == 0, out.output
+
+
+def test_cli_fast_decode(runtime_bundle, photo_dir, tmp_path, monkeypatch):
+    """--fast-decode asks libjpeg for a reduced scale of >= 2x the model's input size (and only then)."""
+    from PIL import JpegImagePlugin
+
+    from novic.runtime.bundle import Bundle
+
+    calls = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: (calls.append(size), draft(self, mode, size))[1])
+    with Image.open(_photo_paths(photo_dir)[0]) as im:
+        big = tmp_path / "big.jpg"
+        im.convert("RGB").resize((1600, 1200)).save(big, quality=92)
+    plain = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", big)
+    assert plain.exit_code == 0 and calls == [], plain.output
+    fast = _cli("--bundle", runtime_bundle.bundle, "-q", "--json", "--fast-decode", big)
+    assert fast.exit_code == 0, fast.output
+    side = 2 * max(Bundle.open(runtime_bundle.bundle).preprocess["size"])
+    assert calls == [(side, side)]
+    assert len(_jsonl(fast.stdout)[0]["labels"]) == 5

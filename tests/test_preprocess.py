@@ -155,3 +155,37 @@ def test_batch_pool_matches_serial_and_isolates_errors(tmp_path):
         assert np.array_equal(batch[i], ours(sources[i]))
     assert not batch[1].any() and not batch[3].any()
     ours.close()
+
+
+def test_fast_decode_scales_large_jpegs_only_and_stays_close(tmp_path):
+    """fast_decode: a large JPEG (file or bytes) decodes at a reduced DCT scale that keeps both
+    sides >= 2x the target, EXIF orientation still applies, and the result stays within about a
+    pixel level of the exact transform; PNGs, small JPEGs and PIL images are exactly as before."""
+    from novic.runtime.images import load_image
+
+    big = Image.fromarray(skdata.chelsea()).resize((2400, 1800), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(0)   # fine detail, so that a wrong scale would show
+    big = Image.fromarray(np.clip(np.asarray(big, np.int16) + rng.integers(-10, 11, (1800, 2400, 3)), 0, 255).astype(np.uint8))
+    jpg, png, small, turned = (tmp_path / n for n in ("big.jpg", "big.png", "small.jpg", "turned.jpg"))
+    big.save(jpg, quality=92)
+    big.save(png)
+    Image.fromarray(skdata.chelsea()).save(small)        # 451x300: no smaller scale keeps 448
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # stored sideways: rotate 90 degrees
+    big.save(turned, quality=92, exif=exif)
+    assert load_image(jpg, draft=(448, 448)).size == (600, 450)              # 1/4 scale
+    assert load_image(jpg.read_bytes(), draft=(448, 448)).size == (600, 450)
+    assert load_image(turned, draft=(448, 448)).size == (450, 600)           # upright
+    assert load_image(png, draft=(448, 448)).size == (2400, 1800)
+    for name in ("ViT-B-32/openai (OpenAI mean/std, 224, shortest)", "ViT-B-16-SigLIP/webli (0.5 mean/std, 224, squash)"):
+        exact, fast = Preprocessor(MODELS[name]), Preprocessor(MODELS[name], fast_decode=True)
+        assert fast.draft == (2 * 224, 2 * 224) and exact.draft is None
+        got, errors = fast.load_batch([jpg, png, small, turned, big])
+        want, _ = exact.load_batch([jpg, png, small, turned, big])
+        assert errors == [None] * 5
+        level = 1 / 255 / min(MODELS[name].get("std", pre.OPENAI_STD))   # one 8-bit step, normalised
+        for i in (0, 3):   # the large JPEGs: close, not equal
+            diff = np.abs(got[i] - want[i])
+            assert 0 < diff.mean() < 0.5 * level and diff.max() < 8 * level, (name, i, diff.mean() / level)
+        for i in (1, 2, 4):   # PNG, small JPEG, PIL image: untouched
+            assert np.array_equal(got[i], want[i]), (name, i)

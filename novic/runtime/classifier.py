@@ -139,7 +139,7 @@ class Classifier:
     VOCAB_CACHE_SIZE = 8
 
     def __init__(self, bundle, encoder, decoder, *, backend: str, reason: str, precision: str,
-                 threads: int | None = None, load_seconds: float | None = None):
+                 threads: int | None = None, load_seconds: float | None = None, fast_decode: bool = False):
         from novic.runtime.preprocess import Preprocessor
 
         self.bundle = bundle
@@ -149,7 +149,7 @@ class Classifier:
         self.backend_reason = reason
         self.precision = precision
         self.load_seconds = load_seconds
-        self.preprocessor = Preprocessor(bundle.preprocess, threads=threads)
+        self.preprocessor = Preprocessor(bundle.preprocess, threads=threads, fast_decode=fast_decode)
         self.config = bundle.decoder_config
         self.token_table = bundle.token_table
         self._encode_lock = threading.Lock()
@@ -163,12 +163,14 @@ class Classifier:
     @classmethod
     def load(cls, bundle, backend: str = "auto", precision: str | None = None, *,
              verify: bool | str = True, threads: int | None = None, device_id: int = 0,
-             verbose: bool = False) -> "Classifier":
+             fast_decode: bool = False, verbose: bool = False) -> "Classifier":
         """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
         'trt'). `precision` ('fp32'/'fp16'/'int8'/'fp8') overrides the backend's choice of graphs (ORT
         backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
-        threads for onnxruntime on the CPU and the size of the image-loading pool. The choice and
-        its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
+        threads for onnxruntime on the CPU and the size of the image-loading pool. `fast_decode`:
+        decode JPEG files/bytes at a reduced scale (several times faster for camera photos; pixels
+        differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). The choice
+        and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
         from novic.runtime.backends.select import select_for_bundle
         from novic.runtime.bundle import Bundle
 
@@ -186,7 +188,8 @@ class Classifier:
         else:
             encoder, decoder, used = _open_ort(bundle, choice, precision, threads, device_id)
         clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
-                  precision=used, threads=threads, load_seconds=time.perf_counter() - t0)
+                  precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
+                  fast_decode=fast_decode)
         log.info("novic: %s", clf.describe())
         if verbose:
             print(f"novic: {clf.describe()}", file=sys.stderr)

@@ -26,6 +26,12 @@ Conversion rules (documented policy; open_clip itself only calls `.convert('RGB'
   RGB and grayscale inputs (every JPEG photo) this is bit-identical; palette and RGBA images differ
   slightly at edges (open_clip resizes palette images with nearest neighbour).
 
+Fast JPEG decoding (opt-in, `draft=(w, h)`): a JPEG file or bytes may be decoded at 1/2, 1/4 or
+1/8 scale by libjpeg's DCT scaling (Pillow's `Image.draft`), as long as both sides stay at least
+`draft`. A 12-megapixel photo then decodes several times faster, at the price of pixels that
+differ slightly from a full decode + resize (docs/benchmarks.md, "Fast JPEG decoding"). Other
+formats, PIL images and arrays are unaffected.
+
 Errors: every failure raises `ImageError` (a `NovicError`) whose message is one line that names the
 input and says what to do: missing file, directory, 0-byte file, a file that is not an image (a text
 file named .jpg), truncated or corrupt data, and images above Pillow's decompression-bomb limit
@@ -81,15 +87,17 @@ def describe(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
-    """Decode/convert `source` into a fully loaded 8-bit RGB PIL image (see module docstring)."""
+def load_image(source: ImageInput, *, name: str | None = None,
+               draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode/convert `source` into a fully loaded 8-bit RGB PIL image (see module docstring).
+    draft: (width, height) a JPEG may be decoded down to (fast decoding; None = full size)."""
     name = name or describe(source)
     if isinstance(source, Image.Image):
         return _load_pil(source, name)
     if isinstance(source, np.ndarray):
         return _from_array(source, name)
     if isinstance(source, (str, os.PathLike)):
-        return _from_path(os.fspath(source), name)
+        return _from_path(os.fspath(source), name, draft)
     if isinstance(source, io.TextIOBase):   # read() would fail decoding the image as text
         raise ImageError(name, "file object opened in text mode", "open the image with mode 'rb'")
     if hasattr(source, "read"):   # a file object (or stdin): its bytes, so that empty input is named as such
@@ -100,14 +108,14 @@ def load_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
         data = bytes(source)
         if not data:
             raise ImageError(name, "empty data (0 bytes)", "pass the encoded image file contents")
-        return _decode(io.BytesIO(data), name)
+        return _decode(io.BytesIO(data), name, draft)
     if hasattr(source, "__array__"):
         return _from_array(np.asarray(source), name)
     raise ImageError(name, f"unsupported input type {type(source).__name__}",
                      "pass a path, bytes, a binary file object, a PIL image or a numpy array")
 
 
-def _from_path(text, name: str) -> Image.Image:
+def _from_path(text, name: str, draft: tuple[int, int] | None = None) -> Image.Image:
     if isinstance(text, str) and text.startswith(("http://", "https://")):
         raise ImageError(name, "URLs are not supported", "download the image and pass the file or its bytes")
     path = Path(os.fsdecode(text))
@@ -126,12 +134,14 @@ def _from_path(text, name: str) -> Image.Image:
     except OSError as exc:
         raise ImageError(name, f"cannot open file ({exc.strerror or exc})", "check its permissions") from None
     with handle:
-        return _decode(handle, name)
+        return _decode(handle, name, draft)
 
 
-def _decode(handle, name: str) -> Image.Image:
+def _decode(handle, name: str, draft: tuple[int, int] | None = None) -> Image.Image:
     try:
         image = Image.open(handle)
+        if draft is not None:   # JPEG only (a no-op for other formats); keeps the mode, scales
+            image.draft(image.mode, draft)
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({first_line(exc)})",
                          BOMB_FIX) from None
