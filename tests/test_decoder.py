@@ -87,6 +87,30 @@ def test_step_does_not_touch_its_input_cache():
     assert torch.equal(cache, copy)
 
 
+def test_step_writes_only_its_slot_and_never_reads_later_ones():
+    """The step's contract for the cache: the output equals the input except at slot `position`,
+    and nothing at or after `position` is read (those slots hold stale values from earlier
+    searches when a runtime reuses its buffers), so junk there changes neither logits nor cache."""
+    model = random_decoder(TINY)
+    P, S = TINY.prefix_len, TINY.seq_len
+    with torch.no_grad():
+        _, cache = model.prefill(torch.randn(2, 32))
+        tokens = torch.tensor([3, 4])
+        for position in (P, P + 2, S - 1):
+            clean = cache.clone()
+            clean[..., position:, :] = 0
+            junk = clean.clone()
+            junk[..., position:, :] = torch.randn_like(junk[..., position:, :]) * 100
+            logits, out = model.step(tokens, torch.tensor(position), clean)
+            logits_junk, out_junk = model.step(tokens, torch.tensor(position), junk)
+            assert torch.equal(logits, logits_junk), position
+            others = torch.arange(S) != position
+            assert torch.equal(out[..., others, :], clean[..., others, :]), position
+            assert torch.equal(out_junk[..., others, :], junk[..., others, :]), position
+            assert torch.equal(out[..., position, :], out_junk[..., position, :]), position
+            assert out[..., position, :].abs().amax() > 0, position   # the new K/V landed there
+
+
 def test_invalid_config_is_one_clear_error():
     with pytest.raises(ValueError, match="not divisible by heads"):
         DecoderConfig(width=100, heads=8)

@@ -13,9 +13,10 @@ Input and output never alias, so the graph is plain ONNX that onnxruntime (CPU a
 TensorRT run alike, and a runtime may keep two device buffers and alternate between them.
 Writing in place would need TensorRT's own KV-cache update ops (not portable to onnxruntime)
 or an output aliased to an input, which ONNX cannot express. The price is a few cache-sized
-copies per step (beam reordering, the per-layer split, the write), which are not small: on the
-CPU at 10 rows they were about a third of the step, so the step uses the plainest copies
-(Gather/Split/Concat; onnxruntime's broadcasting Where was much slower).
+copies per step (beam reordering, the per-layer slices, the write), which are not small: on the
+CPU at 10 rows they took about 40 % of the step's kernel time, so the step uses the plainest
+copies (Gather/Slice/Concat; onnxruntime's broadcasting Where was much slower; measured with
+onnxruntime on the CPU only, docs/benchmarks.md "CPU", run 4).
 
 The graphs hold no control flow (no If/Loop/Scan): the attention mask is computed from
 ``position`` with comparisons, the cache reordering is a Gather. Batch (B, N, M) and the

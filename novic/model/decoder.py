@@ -39,6 +39,9 @@ class SelfAttention(nn.Module):
         n, s, _ = x.shape
         return x.view(n, s, self.heads, self.head_dim).transpose(1, 2)
 
+    def qkv(self, h: torch.Tensor):  # [N, S, H] -> q, k, v [N, heads, S, hd]
+        return self.split_heads(self.q_proj(h)), self.split_heads(self.k_proj(h)), self.split_heads(self.v_proj(h))
+
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # [N, heads, S, hd] -> [N, S, H] (projected)
         n, _, s, _ = x.shape
         return self.out_proj(x.transpose(1, 2).reshape(n, s, self.heads * self.head_dim))
@@ -76,27 +79,17 @@ class DecoderLayer(nn.Module):
     def feed_forward(self, x):
         return self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
 
-    def forward(self, x, mask):
-        h = self.norm1(x)
-        a = self.attn
-        x = x + self.dropout(a.attend(a.split_heads(a.q_proj(h)), a.split_heads(a.k_proj(h)),
-                                      a.split_heads(a.v_proj(h)), mask))
-        return x + self.feed_forward(x)
-
-    def forward_kv(self, x, mask):
-        """Like forward (no dropout on the attention), also returning this layer's K/V [N,h,S,hd]."""
-        h = self.norm1(x)
-        a = self.attn
-        k, v = a.split_heads(a.k_proj(h)), a.split_heads(a.v_proj(h))
-        x = x + a.attend(a.split_heads(a.q_proj(h)), k, v, mask)
-        return x + self.feed_forward(x), k, v
+    def forward(self, x, mask, with_kv: bool = False):
+        """x [N,S,H] -> x (and this layer's K/V [N,h,S,hd] with_kv, for the prefill's cache)."""
+        q, k, v = self.attn.qkv(self.norm1(x))
+        x = x + self.dropout(self.attn.attend(q, k, v, mask))
+        x = x + self.feed_forward(x)
+        return (x, k, v) if with_kv else x
 
     def forward_step(self, x, cache_k, cache_v, cached):
-        """x [N,1,H], one new token per row -> x and the token's K/V [N,h,1,hd]."""
-        h = self.norm1(x)
-        a = self.attn
-        k, v = a.split_heads(a.k_proj(h)), a.split_heads(a.v_proj(h))
-        x = x + a.attend_step(a.split_heads(a.q_proj(h)), k, v, cache_k, cache_v, cached)
+        """x [N,1,H], one new token per row -> x and the token's K/V [N,h,1,hd] (inference)."""
+        q, k, v = self.attn.qkv(self.norm1(x))
+        x = x + self.attn.attend_step(q, k, v, cache_k, cache_v, cached)
         return x + self.feed_forward(x), k, v
 
 
@@ -150,7 +143,7 @@ class ObjectDecoder(nn.Module):
         keys, values = [], []
         pad = (0, 0, 0, S - P)  # zero slots P..Smax-1 of the cache
         for layer in self.layers:
-            x, k, v = layer.forward_kv(x, mask)
+            x, k, v = layer(x, mask, with_kv=True)
             keys.append(F.pad(k, pad))
             values.append(F.pad(v, pad))
         cache = torch.stack([torch.stack(keys), torch.stack(values)], dim=1)
@@ -159,7 +152,9 @@ class ObjectDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, position: torch.Tensor, cache: torch.Tensor):
         """tokens [N] at `position` (0-d or [1] int tensor, P <= position < Smax),
         cache [L, 2, N, heads, Smax, hd] -> logits [N, V] for the next token, updated cache.
-        The cache is not modified in place (a new tensor is returned)."""
+        The cache is not modified in place (a new tensor is returned); only slot `position`
+        changes, and slots from `position` on are never read. Inference only (no attention
+        dropout)."""
         S = self.cfg.seq_len
         position = position.reshape(1)
         x = (self.token_embedding(tokens) + self.pos_embedding[position])[:, None, :]
@@ -173,7 +168,8 @@ class ObjectDecoder(nn.Module):
             new += [k, v]
         # Write every layer's new K/V into slot `position` at once: append them as slot Smax, then
         # take each slot from where it lives. Two plain copies; a Where per layer (broadcast over
-        # the cache) made guided decoding 1.2-1.4x slower on the CPU (docs/benchmarks.md, "CPU", run 4).
+        # the cache) made guided decoding 1.2-1.45x slower with onnxruntime on the CPU
+        # (docs/benchmarks.md, "CPU", run 4; not yet measured on a GPU).
         new = torch.stack(new).reshape(layers, 2, rows, heads, 1, head_dim)
         take = torch.where(slots == position, S, slots)
         new_cache = torch.cat([cache, new], dim=4).index_select(4, take)
