@@ -332,12 +332,11 @@ class _DecoderGraphs:
         current = self.owner._cache
         rows = len(feeds["tokens"])
         a, b = (self._cache((side, rows), rows) for side in ("A", "B"))
-        prefill_rows = next((key[1] for key, buf in self.runs.buffers.items()
-                             if key[0] == "prefill cache" and buf is current), None)
+        images = current.shape()[2]   # the cache's row count: the prefill's batch size, if it is its cache
         if current is a or current is b:
             src, dst, source = (a, b, "A") if current is a else (b, a, "B")
-        elif prefill_rows is not None:   # the first step after a prefill: its own graph per batch size
-            src, dst, source = current, a, f"prefill{prefill_rows}"
+        elif current is self.runs.buffers.get(("prefill cache", images)):   # the first step after a prefill
+            src, dst, source = current, a, f"prefill{images}"
         else:   # a cache from elsewhere: run uncaptured, write side A
             src, dst, source = current, a, None
             self.uncaptured += 1
@@ -411,7 +410,9 @@ class _EncoderGraphs:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         n = len(pixels)
         bucket = next(b for b in GRAPH_BUCKETS if b >= n)
-        host = self.host.setdefault(bucket, np.zeros([bucket, *self.in_shape], self.in_dtype))
+        if bucket not in self.host:
+            self.host[bucket] = np.zeros([bucket, *self.in_shape], self.in_dtype)
+        host = self.host[bucket]
         host[:n] = pixels
         host[n:] = 0
         src = self.runs.buffer(("pixels", bucket), [bucket, *self.in_shape], self.in_dtype)
