@@ -22,6 +22,25 @@ from pathlib import Path
 from novic.bench.compare import phase_cell, run_side, step_flatness
 from novic.bench.setup import CONFIGS, build
 
+def variant_bundle(variant: str, workdir: str, main_bundle: str) -> Path:
+    """The bundle a variant runs on, checked before any round: it opens, holds the variant's
+    precision, and (for `@dir`) was exported from the same checkpoint as the main bundle."""
+    from novic.errors import first_line
+    from novic.runtime.bundle import Bundle
+
+    kind, _, other = variant.partition("@")
+    path = Path(workdir) / other if other else Path(main_bundle)
+    try:
+        bundle = Bundle.open(path, verify=False)
+        bundle.artifact("image_encoder", kind.partition("-")[0])
+    except Exception as exc:  # noqa: BLE001 - any reason: one line, before minutes of baseline
+        raise SystemExit(f"variant {variant}: {first_line(exc)}")
+    weights = Bundle.open(main_bundle, verify=False).manifest["export"]["checkpoint_sha256"]
+    if bundle.manifest.get("export", {}).get("checkpoint_sha256") != weights:
+        raise SystemExit(f"variant {variant}: {path} was exported from other weights than {main_bundle}")
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="paper", choices=list(CONFIGS))
@@ -35,15 +54,14 @@ def main():
     paths = build(CONFIGS[a.config], Path(a.workdir) / a.config)
     common = dict(batches=[int(b) for b in a.batches.split(",")], reps=a.reps, budget_s=30.0)
     variants = a.variants.split(",")
+    bundles = {v: str(variant_bundle(v, a.workdir, paths["bundle"])) for v in variants}
     runs = {"baseline": [], **{v: [] for v in variants}}
     for r in range(a.rounds):
         load = os.getloadavg()[0]
         runs["baseline"].append(run_side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
         for v in variants:
-            kind, _, bundle = v.partition("@")
-            precision, _, spin = kind.partition("-")
-            bundle = Path(a.workdir) / bundle if bundle else paths["bundle"]
-            runs[v].append(run_side("ours", dict(bundle=str(bundle), backend="ort-cpu", precision=precision,
+            precision, _, spin = v.partition("@")[0].partition("-")
+            runs[v].append(run_side("ours", dict(bundle=bundles[v], backend="ort-cpu", precision=precision,
                                                  ort_spinning=spin == "spinning", **common)))
         print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
 

@@ -1,5 +1,7 @@
-"""novic.bench's own measurements on the tiny bundle: the per-phase breakdown of one image."""
+"""novic.bench: the per-phase breakdown of one image (tiny bundle) and the bench setup's cache."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,3 +39,47 @@ def test_phases_account_for_one_image(classifier):
     timed = [got[k] for k in ("preprocess_ms", "encoder_ms", "prefill_ms", "first_step_ms")]
     assert all(np.isfinite(timed)) and min(timed) > 0 and got["host_search_ms"] > 0
     assert (got["later_steps_ms"] > 0) == (steps_per_image > 1)
+
+
+def test_bench_setup_exports_again_only_when_needed(tmp_path, monkeypatch, capsys):
+    """A cached bench bundle is reused while the weights' config and the export code are the same;
+    changed export code (or a missing bundle) exports the same checkpoint again; a changed config
+    makes new weights. So a benchmark never times graphs the current code would not write."""
+    import json
+
+    import novic.export.bundle as bundle_mod
+    from novic.bench import setup
+
+    calls = []
+
+    def fake_checkpoint(config, paths, seed):
+        calls.append(("weights", config.vocab_size))
+        for key in ("clip", "checkpoint"):
+            paths[key].write_bytes(b"x")
+
+    def fake_export(checkpoint, out, overwrite, console):
+        calls.append(("export", str(checkpoint)))
+        Path(out).mkdir(exist_ok=True)
+        return {"seconds": 0.0, "timings": {}}
+
+    monkeypatch.setattr(setup, "_random_checkpoint", fake_checkpoint)
+    monkeypatch.setattr(bundle_mod, "export_bundle", fake_export)
+    tiny = setup.CONFIGS["tiny"]
+    ckpt = str(tmp_path / "decoder.safetensors")
+    setup.build(tiny, tmp_path)
+    assert calls == [("weights", 300), ("export", ckpt)]
+    info = json.loads((tmp_path / "setup.json").read_text())
+    assert info["export_code"] == setup.export_code_hash() and info["config"]["vocab_size"] == 300
+    calls.clear()
+    setup.build(tiny, tmp_path)
+    assert calls == []                                              # cached
+    monkeypatch.setattr(setup, "export_code_hash", lambda: "changed")
+    setup.build(tiny, tmp_path)
+    assert calls == [("export", ckpt)] and "export code or tools changed" in capsys.readouterr().err
+    calls.clear()
+    (tmp_path / "bundle").rmdir()
+    setup.build(tiny, tmp_path)
+    assert calls == [("export", ckpt)] and "no bundle" in capsys.readouterr().err
+    calls.clear()
+    setup.build(setup.BenchConfig(**{**tiny.__dict__, "vocab_size": 400}), tmp_path)
+    assert calls == [("weights", 400), ("export", ckpt)]           # other sizes: new weights

@@ -13,17 +13,28 @@ from pathlib import Path
 
 import numpy as np
 
-# The code that shapes a bundle's graphs: when it changes, a cached bench bundle is exported again
+from novic.atomic import write_bytes_atomic
+
+# What shapes a bundle's graphs: when any of it changes, a cached bench bundle is exported again
 # (a benchmark must never time graphs that the current code would not write).
-EXPORT_SOURCES = ("model/decoder.py", "model/embedder.py", "export/decoder_onnx.py",
-                  "export/encoder_onnx.py", "export/fp16.py", "export/bundle.py")
+EXPORT_SOURCES = ("config.py", "model/*.py", "export/*.py", "runtime/trie.py")
+EXPORT_TOOLS = ("torch", "onnx", "onnxscript")
 
 
 def export_code_hash() -> str:
+    """A hash of EXPORT_SOURCES and the versions of EXPORT_TOOLS."""
+    from importlib.metadata import PackageNotFoundError, version
+
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for name in EXPORT_SOURCES:
-        digest.update((root / name).read_bytes())
+    for pattern in EXPORT_SOURCES:
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for tool in EXPORT_TOOLS:
+        try:
+            digest.update(f"{tool}=={version(tool)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{tool} missing".encode())
     return digest.hexdigest()[:16]
 
 
@@ -77,19 +88,29 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
     paths = {"clip": workdir / "clip.safetensors", "checkpoint": workdir / "decoder.safetensors",
              "bundle": workdir / "bundle", "info": workdir / "setup.json"}
     code = export_code_hash()
-    info = json.loads(paths["info"].read_text()) if paths["info"].exists() else None
-    if info is not None and paths["bundle"].exists() and info.get("export_code") == code:
+    info = json.loads(paths["info"].read_text()) if paths["info"].exists() else {}
+    same_weights = (info.get("config") == config.__dict__ and info.get("seed") == seed
+                    and paths["checkpoint"].exists() and paths["clip"].exists())
+    if same_weights and paths["bundle"].exists() and info.get("export_code") == code:
         return {k: str(v) for k, v in paths.items()}
-    if info is not None and paths["checkpoint"].exists():   # the same weights, exported again
-        print(f"{paths['bundle']}: exported by other export code, exporting it again (quantised "
-              f"variants must be made again: novic-export calib)", file=sys.stderr)
+    if same_weights:   # the same weights, exported again
+        why = "export code or tools changed" if paths["bundle"].exists() else "no bundle"
+        _say(console, f"{paths['bundle']}: {why}, exporting it again (quantised variants must "
+                      f"be made again: novic-export calib)")
     else:
-        info = {"config": config.__dict__}
         _random_checkpoint(config, paths, seed)
+        info = {"config": config.__dict__, "seed": seed}
     result = export_bundle(paths["checkpoint"], paths["bundle"], overwrite=True, console=console)
     info.update(export_code=code, export_seconds=result["seconds"], export_timings=result["timings"])
-    paths["info"].write_text(json.dumps(info, indent=1))
+    write_bytes_atomic(paths["info"], json.dumps(info, indent=1).encode())
     return {k: str(v) for k, v in paths.items()}
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+    else:
+        print(text, file=sys.stderr)
 
 
 def _random_checkpoint(config: BenchConfig, paths: dict, seed: int) -> None:
