@@ -96,8 +96,10 @@ def test_round_trip(exported):
 
 def test_missing_precision_is_named(exported):
     b = Bundle.open(exported[1])
-    with pytest.raises(BundleError, match="no decoder_step graph in int8"):
+    with pytest.raises(BundleError, match="no decoder_step graph in int8.*re-export with novic-export onnx"):
         b.artifact("decoder_step", "int8")
+    with pytest.raises(BundleError, match="no image_encoder graph in fp8.*make it with novic-export calib"):
+        b.artifact("image_encoder", "fp8")
 
 
 def test_tampered_artifact_is_detected(copy):
