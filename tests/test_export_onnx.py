@@ -267,7 +267,7 @@ def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
     ids = graphed._graphs.runs.ids   # each id was always bound to the same buffers (checked per run)
     assert {(graph, source) for graph, _rows, _cands, source in ids} == {
         ("prefill", "embedding"), ("step", "prefill12"), ("step", "A"), ("step", "B")}
-    assert graphed._graphs.uncaptured == 0 and len(set(ids.values())) == len(ids)   # one id per graph
+    assert graphed._graphs.uncaptured == 0
 
 
 def test_session_reports_topk_and_clear_errors(tiny, tmp_path):
