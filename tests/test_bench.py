@@ -73,6 +73,10 @@ def test_bench_setup_exports_again_only_when_needed(tmp_path, monkeypatch, capsy
     calls.clear()
     setup.build(tiny, tmp_path)
     assert calls == []                                              # cached
+    del info["seed"]                                                # a setup.json from before seeds were kept
+    (tmp_path / "setup.json").write_text(json.dumps(info))
+    setup.build(tiny, tmp_path)
+    assert calls == []                                              # seed 0, the only one used then
     monkeypatch.setattr(setup, "export_code_hash", lambda: "changed")
     setup.build(tiny, tmp_path)
     assert calls == [("export", ckpt)] and "export code or tools changed" in capsys.readouterr().err

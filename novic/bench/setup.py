@@ -89,7 +89,7 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
              "bundle": workdir / "bundle", "info": workdir / "setup.json"}
     code = export_code_hash()
     info = json.loads(paths["info"].read_text()) if paths["info"].exists() else {}
-    same_weights = (info.get("config") == config.__dict__ and info.get("seed") == seed
+    same_weights = (info.get("config") == config.__dict__ and info.get("seed", 0) == seed   # 0 before seeds were kept
                     and paths["checkpoint"].exists() and paths["clip"].exists())
     if same_weights and paths["bundle"].exists() and info.get("export_code") == code:
         return {k: str(v) for k, v in paths.items()}
@@ -97,7 +97,8 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
         why = "export code or tools changed" if paths["bundle"].exists() else "no bundle"
         _say(console, f"{paths['bundle']}: {why}, exporting it again (quantised variants must "
                       f"be made again: novic-export calib)")
-    else:
+    else:   # no setup.json until the new weights are complete: an interrupted run starts over
+        paths["info"].unlink(missing_ok=True)
         _random_checkpoint(config, paths, seed)
         info = {"config": config.__dict__, "seed": seed}
     result = export_bundle(paths["checkpoint"], paths["bundle"], overwrite=True, console=console)
