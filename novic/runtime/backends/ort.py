@@ -267,6 +267,9 @@ class _CapturedRuns:
             addresses = {name: value.data_ptr() for name, value in {**inputs, **outputs}.items()}
             if self._bound.setdefault(graph_id, addresses) != addresses:
                 raise RuntimeError(f"CUDA graph {graph} was bound to other buffers than it was captured with")
+        # update_inplace copies on the default CUDA stream; onnxruntime computes on its own
+        # non-blocking stream, so wait for the copies before the replay reads the buffers.
+        binding.synchronize_inputs()
         run_options = self._ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         session.run_with_iobinding(binding, run_options)
