@@ -164,6 +164,16 @@ def main() -> int:
             results[f"bench_{precision}_error"] = traceback.format_exc()
             log(results[f"bench_{precision}_error"])
         save()
+    try:   # a service's load: 32 client threads, single images, with and without the Batcher
+        from service_batching import compare_serving
+        r = compare_serving(paths["bundle"], args.backend, "fp16" if args.backend == "ort-cuda" else None,
+                            clients=32, requests=8, rounds=2)
+        results["serving"] = {k: r[k] for k in ("ratio", "rates")}
+        log(f"serving single images from 32 threads:\n{r['markdown']}")
+    except Exception:
+        results["serving_error"] = traceback.format_exc()
+        log(results["serving_error"])
+    save()
     return 0
 
 
