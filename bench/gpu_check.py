@@ -166,7 +166,7 @@ def main() -> int:
         save()
     try:   # a service's load: 32 client threads, single images, with and without the Batcher
         from service_batching import compare_serving
-        r = compare_serving(paths["bundle"], args.backend, "fp16" if args.backend == "ort-cuda" else None,
+        r = compare_serving(paths["bundle"], args.backend, args.precisions.split(",")[0],
                             clients=32, requests=8, rounds=2)
         results["serving"] = {k: r[k] for k in ("ratio", "rates")}
         log(f"serving single images from 32 threads:\n{r['markdown']}")

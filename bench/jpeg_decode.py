@@ -35,10 +35,10 @@ def sample_jpegs(folder: Path) -> dict[str, Path]:
         big = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC), np.int16)
         return Image.fromarray(np.clip(big + rng.integers(-12, 13, big.shape), 0, 255).astype(np.uint8))
 
-    images = {"retina 1411x1411 (photo)": Image.fromarray(data.retina()),
-              "hubble 1000x872 (photo)": Image.fromarray(data.hubble_deep_field()),
-              "12 MP 4032x3024 (upscaled + noise)": camera(data.astronaut(), (4032, 3024)),
-              "3 MP 2048x1536 (upscaled + noise)": camera(data.coffee(), (2048, 1536))}
+    images = {"retina 1411x1411 (real photo)": Image.fromarray(data.retina()),
+              "hubble 1000x872 (real photo)": Image.fromarray(data.hubble_deep_field()),
+              "12 MP 4032x3024 (upscaled photo + pixel noise)": camera(data.astronaut(), (4032, 3024)),
+              "3 MP 2048x1536 (upscaled photo + pixel noise)": camera(data.coffee(), (2048, 1536))}
     paths = {}
     for i, (name, image) in enumerate(images.items()):
         paths[name] = folder / f"{i}.jpg"

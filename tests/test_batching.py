@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ def images():
     return photos + [np.ascontiguousarray(p[::-1]) for p in photos]   # 8 different images
 
 
-def in_threads(call, args):
-    """call(arg) in one thread per arg, all started together -> results (or exceptions) in order."""
+def start_threads(call, args) -> tuple[list, list]:
+    """call(arg) in one daemon thread per arg, started together -> (threads, results): a result
+    (or the exception raised) lands at its arg's index."""
     out = [None] * len(args)
     start = threading.Barrier(len(args))
 
@@ -32,23 +34,35 @@ def in_threads(call, args):
         except Exception as exc:  # noqa: BLE001 - returned for the test to check
             out[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(args))]
     for t in threads:
         t.start()
+    return threads, out
+
+
+def in_threads(call, args) -> list:
+    threads, out = start_threads(call, args)
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
     return out
+
+
+def same_labels(got, want):
+    assert [[l.text for l in r.labels] for r in got] == [[l.text for l in r.labels] for r in want]
+    np.testing.assert_allclose([l.logprob for r in got for l in r.labels],
+                               [l.logprob for r in want for l in r.labels], atol=1e-4)
 
 
 def test_concurrent_requests_are_one_batch_with_the_answers_of_serial_calls(classifier):  # noqa: F811
     pics = images()
     pics[5] = b"not an image"
     serial = [classifier.classify_one(p, topk=3) for p in pics]
-    with Batcher(classifier, max_batch=len(pics), max_wait_ms=WAIT_MS) as batcher:
+    with Batcher(classifier, max_batch=7, max_wait_ms=WAIT_MS) as batcher:
         got = in_threads(lambda p: batcher.classify_one(p, topk=3), pics)
-        assert (batcher.batches, batcher.images, batcher.largest_batch) == (1, 8, 8)
-    assert [r.labels for r in got] == [r.labels for r in serial]
-    assert got[5].error == serial[5].error                     # the bad image fails alone
+        assert (batcher.batches, batcher.images, batcher.largest_batch) == (1, 7, 7)   # the bad one never queued
+    same_labels(got, serial)
+    assert got[5].error == serial[5].error                      # the bad image fails alone
     assert [r.error is None for r in got] == [i != 5 for i in range(8)]
     assert len({r.labels[0].text for r in got if r.ok}) >= 2    # the answers depend on the image
 
@@ -61,13 +75,38 @@ def test_requests_with_other_options_are_not_mixed(classifier):  # noqa: F811
         got = in_threads(lambda i: batcher.classify_one(pics[i], **options[i]), list(range(8)))
         assert batcher.batches == 4 and batcher.images == 8       # one classify call per kind
     for i, (result, opts) in enumerate(zip(got, options)):
-        assert result.labels == classifier.classify_one(pics[i], **opts).labels, i
+        same_labels([result], [classifier.classify_one(pics[i], **opts)])
         assert len(result.labels) == opts["topk"]
     assert all(label.text in options[2]["vocab"] for label in got[2].labels)
 
 
-def test_errors_reach_the_callers_and_close_is_final(classifier, monkeypatch):  # noqa: F811
+def test_close_answers_the_requests_already_waiting(classifier):  # noqa: F811
+    pics = images()[:3]
+    batcher = Batcher(classifier, max_batch=8, max_wait_ms=WAIT_MS)
+    queued, put = [], batcher._queue.put
+    batcher._queue.put = lambda item: (queued.append(item), put(item))[1]
+    threads, out = start_threads(batcher.classify_one, pics)
+    deadline = time.monotonic() + 30
+    while len(queued) < 3 and time.monotonic() < deadline:    # all in; the worker waits for more
+        time.sleep(0.01)
+    assert len(queued) == 3
+    t0 = time.monotonic()
+    batcher.close()                                             # does not wait for max_wait
+    for t in threads:
+        t.join(60)
+    assert time.monotonic() - t0 < WAIT_MS / 1e3 / 2
+    assert [r.ok for r in out] == [True] * 3 and batcher.batches == 1
+    batcher.close()                                             # idempotent
+    with pytest.raises(ClassifierError, match="Batcher was closed"):
+        batcher.classify_one(pics[0])
+
+
+def test_errors_reach_the_callers(classifier, monkeypatch):  # noqa: F811
     pics = images()[:2]
+    with pytest.raises(ClassifierError, match="max_batch"):
+        Batcher(classifier, max_batch=0)
+    with pytest.raises(ClassifierError, match="max_wait_ms"):
+        Batcher(classifier, max_wait_ms=float("inf"))
     batcher = Batcher(classifier, max_batch=2, max_wait_ms=WAIT_MS)
     with pytest.raises(ClassifierError, match="topk"):          # checked in the caller's thread
         batcher.classify_one(pics[0], topk=0)
@@ -77,18 +116,33 @@ def test_errors_reach_the_callers_and_close_is_final(classifier, monkeypatch):  
         batcher.classify_one(pics[0], vocab=["zzqqxxjj"])
     assert batcher.batches == 0                                 # none of them was queued
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("device lost")
+    classify_pixels = classifier.classify_pixels
 
-    monkeypatch.setattr(classifier, "classify", broken)
-    got = in_threads(batcher.classify_one, pics)
-    assert [type(e) for e in got] == [RuntimeError, RuntimeError] and batcher.batches == 1
+    def broken(pixels, names, **options):
+        if len(pixels):
+            raise RuntimeError("device lost")
+        return classify_pixels(pixels, names, **options)
+
+    monkeypatch.setattr(classifier, "classify_pixels", broken)
+    assert [type(e) for e in in_threads(batcher.classify_one, pics)] == [RuntimeError, RuntimeError]
     monkeypatch.undo()
-    batcher.max_wait = 0                                        # a lone request: no need to wait for company
-    assert batcher.classify_one(pics[0], topk=1).ok              # the worker survived the error
+    assert all(r.ok for r in in_threads(batcher.classify_one, pics))   # the worker survived the error
     batcher.close()
-    batcher.close()                                             # idempotent
-    with pytest.raises(ClassifierError, match="Batcher was closed"):
+
+
+def test_a_dead_worker_fails_its_callers_instead_of_hanging(classifier, monkeypatch):  # noqa: F811
+    pics = images()[:2]
+    batcher = Batcher(classifier, max_batch=2, max_wait_ms=WAIT_MS)
+
+    class Fatal(BaseException):
+        pass
+
+    def fatal(*args, **kwargs):
+        raise Fatal("worker bug")
+
+    monkeypatch.setattr(batcher, "_run", fatal)
+    got = in_threads(batcher.classify_one, pics)
+    assert [type(e) for e in got] == [ClassifierError] * 2 and "stopped on an error" in str(got[0])
+    with pytest.raises(ClassifierError, match="stopped on an error"):
         batcher.classify_one(pics[0])
-    with pytest.raises(ClassifierError, match="max_batch"):
-        Batcher(classifier, max_batch=0)
+    batcher.close()

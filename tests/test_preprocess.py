@@ -180,12 +180,13 @@ def test_fast_decode_scales_large_jpegs_only_and_stays_close(tmp_path):
     for name in ("ViT-B-32/openai (OpenAI mean/std, 224, shortest)", "ViT-B-16-SigLIP/webli (0.5 mean/std, 224, squash)"):
         exact, fast = Preprocessor(MODELS[name]), Preprocessor(MODELS[name], fast_decode=True)
         assert fast.draft == (2 * 224, 2 * 224) and exact.draft is None
-        got, errors = fast.load_batch([jpg, png, small, turned, big])
-        want, _ = exact.load_batch([jpg, png, small, turned, big])
-        assert errors == [None] * 5
+        inputs = [jpg, png, small, turned, big, Image.open(jpg)]   # the last: a PIL image, not loaded yet
+        got, errors = fast.load_batch(inputs)
+        want, _ = exact.load_batch([jpg, png, small, turned, big, Image.open(jpg)])
+        assert errors == [None] * 6
         level = 1 / 255 / min(MODELS[name].get("std", pre.OPENAI_STD))   # one 8-bit step, normalised
         for i in (0, 3):   # the large JPEGs: close, not equal
             diff = np.abs(got[i] - want[i])
             assert 0 < diff.mean() < 0.5 * level and diff.max() < 8 * level, (name, i, diff.mean() / level)
-        for i in (1, 2, 4):   # PNG, small JPEG, PIL image: untouched
+        for i in (1, 2, 4, 5):   # PNG, small JPEG, PIL images (even one opened from a JPEG): untouched
             assert np.array_equal(got[i], want[i]), (name, i)

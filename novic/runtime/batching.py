@@ -1,47 +1,76 @@
-"""Batch single-image requests from many threads into one classify call (for services on a GPU).
+"""Batch single-image requests from many threads into one encoder + decoder call (GPU services).
 
-A service usually handles one image per request, from many threads at once. `Classifier.classify`
-is thread-safe, but each call encodes and decodes its own images, one batch per call, one call
-after another. On a GPU a batch of 32 costs little more than a batch of 1 (GPU run 2 in
-docs/benchmarks.md: 50 img/s at batch 1, 389 img/s at batch 32), so `Batcher` collects the
-requests that arrive within `max_wait_ms` of the first one (up to `max_batch`) and classifies them
-together. On a CPU batching buys little: the cost is per image there.
+A service usually handles one image per request, from many threads at once. `Classifier` is
+thread-safe, but each `classify_one` call encodes and decodes its own image while the others wait
+for the encoder and decoder locks. On a GPU a batch of 32 costs little more than a batch of 1
+(GPU run 2 in docs/benchmarks.md, ort-cuda fp16: 50 img/s at batch 1, 597 img/s at batch 32), so
+`Batcher` classifies together the requests that arrived within `max_wait_ms` of the first one
+still waiting (up to `max_batch`). On a CPU batching buys little: the cost is per image there.
 
-    batcher = Batcher(Classifier.load("bundle", backend="ort-cuda"), max_batch=32, max_wait_ms=2)
-    result = batcher.classify_one(image_bytes, topk=5)     # from any number of threads
-    batcher.close()
+    clf = Classifier.load("bundle", backend="ort-cuda")
+    with Batcher(clf, max_batch=32, max_wait_ms=2) as batcher:   # close it before the classifier
+        result = batcher.classify_one(image_bytes, topk=5)       # from any number of threads
 
-Requests are batched only with requests that use the same options (topk, vocabulary, beam width,
-...). Arguments are checked in the caller's thread, so a bad one raises there; a bad image gives
-its own `Result.error` and never fails the others of its batch.
+Each caller loads and preprocesses its own image in its own thread (decoding JPEGs in parallel,
+while the worker runs the previous batch); the worker thread only encodes and decodes. Requests
+share a batch only with requests that use the same options. Arguments are checked in the
+caller's thread, so a bad one raises there; a bad image gives its own `Result.error` at once.
 """
 from __future__ import annotations
 
+import math
+import operator
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
-from novic.runtime.classifier import Classifier, ClassifierError, Result
+import numpy as np
 
+from novic.errors import first_line
+from novic.runtime.classifier import Classifier, ClassifierError, Result
+from novic.runtime.images import describe
+
+MAX_WAIT_MS = 60_000
 _STOP = object()
 
 
+@dataclass
+class _Request:
+    options: dict          # checked search options; "vocab" is the Vocabulary object itself
+    pixels: np.ndarray     # preprocessed [3, H, W]
+    name: str
+    queued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        # Waiting requests hold their Vocabulary, so its id cannot be reused by another meanwhile.
+        return tuple((k, id(v) if k == "vocab" else v) for k, v in sorted(self.options.items()))
+
+
 class Batcher:
-    """Serves `classify_one` calls from many threads with one worker thread that classifies
-    whatever arrived within `max_wait_ms` of the first waiting request, `max_batch` at most."""
+    """Serves `classify_one` calls from many threads with one worker thread that encodes and
+    decodes whatever arrived within `max_wait_ms` of the first waiting request (`max_batch` at
+    most). Close it (or use `with`) when done: the worker holds the classifier."""
 
     def __init__(self, classifier: Classifier, *, max_batch: int = 32, max_wait_ms: float = 2.0):
-        if not isinstance(max_batch, int) or max_batch < 1:
+        try:
+            max_batch = operator.index(max_batch)
+        except TypeError:
+            max_batch = 0
+        if isinstance(max_batch, bool) or max_batch < 1:
             raise ClassifierError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not (isinstance(max_wait_ms, (int, float)) and max_wait_ms >= 0):
-            raise ClassifierError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms)
+                and 0 <= max_wait_ms <= MAX_WAIT_MS):
+            raise ClassifierError(f"max_wait_ms must be a number in [0, {MAX_WAIT_MS}], got {max_wait_ms!r}")
         self.classifier = classifier
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self.max_batch, self._max_wait = max_batch, max_wait_ms / 1e3
         self.batches = self.images = self.largest_batch = 0   # for monitoring (and the tests)
         self._queue: queue.Queue = queue.Queue()
-        self._closed = False
+        self._closed: str | None = None   # why no request is taken any more
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._serve, name="novic-batcher", daemon=True)
         self._worker.start()
@@ -49,26 +78,30 @@ class Batcher:
     def classify_one(self, image: Any, *, topk: int = 5, guided: bool = True, vocab: Any = None,
                      beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0) -> Result:
         """Like `Classifier.classify_one`; blocks until the batch holding this image is done."""
+        clf = self.classifier
         options = dict(topk=topk, guided=guided, beam_width=beam_width, temperature=temperature, alpha=alpha)
         if guided:   # build (or fetch) the vocabulary here: its errors belong to this caller
-            options["vocab"] = self.classifier.vocabulary(vocab)
+            options["vocab"] = clf.vocabulary(vocab)
         elif vocab is not None:
             options["vocab"] = vocab
-        self.classifier.iter_classify([], **options)   # checks every argument, classifies nothing
-        future: Future = Future()
+        th, tw = clf.preprocessor.config.size
+        clf.classify_pixels(np.zeros((0, 3, th, tw), np.float32), [], **options)   # checks, runs nothing
+        pixels, (error,) = clf.preprocessor.load_batch([image])   # in this thread: decoding in parallel
+        if error is not None:
+            return Result(describe(image), [], str(error))
+        request = _Request(options, pixels[0], describe(image))
         with self._lock:
             if self._closed:
-                raise ClassifierError("this Batcher was closed; make a new one")
-            self._queue.put((_key(options), options, image, future))
-        return future.result()
+                raise ClassifierError(f"this Batcher {self._closed}; make a new one")
+            self._queue.put(request)
+        return request.future.result()
 
     def close(self) -> None:
-        """Finish the requests already queued, then stop the worker (the classifier stays open)."""
+        """Answer the requests already queued, then stop the worker (the classifier stays open)."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(_STOP)
+            if not self._closed:
+                self._closed = "was closed"
+                self._queue.put(_STOP)
         self._worker.join()
 
     def __enter__(self):
@@ -79,46 +112,59 @@ class Batcher:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _serve(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            waiting, deadline = [first], time.monotonic() + self.max_wait
-            while len(waiting) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:   # serve what came before it, then stop
-                    stop = True
-                    break
-                waiting.append(item)
-            for group in _by_options(waiting):
-                self._run(group)
+        held: list[_Request] = []
+        try:
+            while self._serve_batch(held):
+                held.clear()
+        except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+            why = f"stopped on an error ({type(exc).__name__}: {first_line(exc)})"
+            for request in held:
+                if not request.future.done():
+                    request.future.set_exception(ClassifierError(f"Batcher {why}"))
+            with self._lock:
+                self._closed = self._closed or why
+        finally:   # nothing is queued after this: classify_one refuses once _closed is set
+            with self._lock:
+                self._closed = self._closed or "was closed"
+                while not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is not _STOP:
+                        item.future.set_exception(ClassifierError(f"this Batcher {self._closed}"))
 
-    def _run(self, group: list) -> None:
-        options = group[0][1]
+    def _serve_batch(self, held: list) -> bool:
+        """Wait for a request, gather its batch into `held`, classify it; False after close()."""
+        first = self._queue.get()
+        if first is _STOP:
+            return False
+        held.append(first)
+        deadline, more = first.queued + self._max_wait, True
+        while len(held) < self.max_batch:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:   # answer what came before it, then stop
+                more = False
+                break
+            held.append(item)
+        groups: dict[tuple, list[_Request]] = {}
+        for request in held:
+            groups.setdefault(request.key, []).append(request)
+        for group in groups.values():
+            self._run(group)
+        return more
+
+    def _run(self, group: list[_Request]) -> None:
         self.batches, self.images = self.batches + 1, self.images + len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         try:
-            results = self.classifier.classify([image for _, _, image, _ in group], batch_size=len(group), **options)
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
-            for *_, future in group:
-                future.set_exception(exc)
+            results = self.classifier.classify_pixels(np.stack([r.pixels for r in group]),
+                                                      [r.name for r in group], **group[0].options)
+            if len(results) != len(group):
+                raise ClassifierError(f"{len(results)} results for {len(group)} images")
+        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
+            for request in group:
+                request.future.set_exception(exc)
             return
-        for (*_, future), result in zip(group, results):
-            future.set_result(result)
-
-
-def _key(options: dict) -> tuple:
-    # A Vocabulary object is cached by the classifier, so its identity names it.
-    return tuple((name, id(value) if name == "vocab" else value) for name, value in sorted(options.items()))
-
-
-def _by_options(items: list) -> list[list]:
-    """Items grouped by their options' key, groups in order of their first item."""
-    groups: dict[tuple, list] = {}
-    for item in items:
-        groups.setdefault(item[0], []).append(item)
-    return list(groups.values())
+        for request, result in zip(group, results):
+            request.future.set_result(result)

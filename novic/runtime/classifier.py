@@ -207,18 +207,20 @@ class Classifier:
         return f"Classifier({str(self.bundle.path)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
     def close(self) -> None:
-        """Stop the loading pool and release backend resources (GPU buffers); idempotent."""
+        """Stop the loading pool and release backend resources (GPU buffers); idempotent. Waits for
+        a batch that another thread is encoding or decoding (its buffers must not go under it)."""
         self.preprocessor.close()
-        if self.closed:
-            return
-        for part in (self.encoder, self.decoder):
-            close = getattr(part, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception:  # noqa: BLE001 - best effort at shutdown
-                    log.debug("novic: closing %r failed", part, exc_info=True)
-        self.encoder = self.decoder = _Closed()
+        with self._encode_lock, self._decode_lock:
+            if self.closed:
+                return
+            for part in (self.encoder, self.decoder):
+                close = getattr(part, "close", None)
+                if callable(close):
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - best effort at shutdown
+                        log.debug("novic: closing %r failed", part, exc_info=True)
+            self.encoder = self.decoder = _Closed()
 
     def __enter__(self):
         return self
@@ -368,11 +370,36 @@ class Classifier:
                       batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Result]:
         """Like `classify`, yielding results in input order as each batch finishes. Arguments are
         checked (and the vocabulary built) at once; `names` overrides the printed source names."""
+        sources = _as_list(images)
+        batch_size = _positive_int(batch_size, "batch_size")
+        if names is not None and len(names) != len(sources):
+            raise ClassifierError("names must have one entry per image")
+        topk, beam_width, temperature, alpha, vocabulary = self._options(topk, guided, vocab, beam_width,
+                                                                          temperature, alpha)
+        labels = [describe(s) for s in sources] if names is None else [str(n) for n in names]
+        return self._iterate(sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size)
+
+    def classify_pixels(self, pixels: np.ndarray, names: Sequence[str], topk: int = 5, guided: bool = True,
+                        vocab: Any = None, beam_width: int = 10, temperature: float = 1.0,
+                        alpha: float = 0.0) -> list[Result]:
+        """Images already preprocessed by `self.preprocessor`: float32 [N, 3, H, W], one name per
+        row -> one `Result` per row (for callers that load images themselves, e.g. `Batcher`).
+        With N = 0 it only checks the arguments."""
+        if len(names) != len(pixels):
+            raise ClassifierError("names must have one entry per row of pixels")
+        topk, beam_width, temperature, alpha, vocabulary = self._options(topk, guided, vocab, beam_width,
+                                                                          temperature, alpha)
+        if not len(pixels):
+            return []
+        return self._run_batch(np.asarray(pixels, dtype=np.float32), [None] * len(pixels), [str(n) for n in names],
+                               vocabulary, topk, beam_width, temperature, alpha)
+
+    def _options(self, topk, guided, vocab, beam_width, temperature, alpha):
+        """The search options checked (one ClassifierError line each) -> (topk, beam_width,
+        temperature, alpha, vocabulary or None for free decoding)."""
         if self.closed:
             raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
-        sources = _as_list(images)
-        topk, beam_width, batch_size = _positive_int(topk, "topk"), _positive_int(beam_width, "beam_width"), \
-            _positive_int(batch_size, "batch_size")
+        topk, beam_width = _positive_int(topk, "topk"), _positive_int(beam_width, "beam_width")
         if topk > beam_width:
             raise ClassifierError(f"topk {topk} exceeds beam_width {beam_width}: beam search keeps "
                                   f"beam_width hypotheses; raise beam_width to at least {topk}")
@@ -380,8 +407,6 @@ class Classifier:
             raise ClassifierError(f"temperature must be a positive number, got {temperature!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
             raise ClassifierError(f"alpha must be a finite number, got {alpha!r}")
-        if names is not None and len(names) != len(sources):
-            raise ClassifierError("names must have one entry per image")
         if not isinstance(guided, (bool, np.bool_)):
             raise ClassifierError(f"guided must be True or False, got {guided!r}")
         if guided:
@@ -394,9 +419,7 @@ class Classifier:
                                       f"with top-k >= {beam_width}, this bundle's has {self.decoder.topk}; "
                                       f"use beam_width <= {self.decoder.topk} or re-export with a larger top-k")
             vocabulary = None
-        labels = [describe(s) for s in sources] if names is None else [str(n) for n in names]
-        return self._iterate(sources, labels, vocabulary, topk, beam_width, float(temperature),
-                             float(alpha), batch_size)
+        return topk, beam_width, float(temperature), float(alpha), vocabulary
 
     def _iterate(self, sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size):
         chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]

@@ -141,7 +141,7 @@ def _decode(handle, name: str, draft: tuple[int, int] | None = None) -> Image.Im
     try:
         image = Image.open(handle)
         if draft is not None:   # JPEG only (a no-op for other formats); keeps the mode, scales
-            image.draft(image.mode, draft)
+            _try_draft(image, draft)
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({first_line(exc)})",
                          BOMB_FIX) from None
@@ -161,6 +161,13 @@ def _decode(handle, name: str, draft: tuple[int, int] | None = None) -> Image.Im
         result = image.copy()  # detach the first frame from the file we are about to close
         image.close()
     return result
+
+
+def _try_draft(image: Image.Image, size: tuple[int, int]) -> None:
+    try:
+        image.draft(image.mode, size)
+    except Exception:  # noqa: BLE001 - only a speed-up: decode at full size instead
+        pass
 
 
 def _load_pil(image: Image.Image, name: str) -> Image.Image:
