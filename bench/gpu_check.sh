@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, for ONE device call (see docs/benchmarks.md "GPU"). The device image has torch,
+# The GPU check, for ONE device call (see docs/benchmarks.md "GPU"; what it measures that no GPU
+# run has yet: "GPU: prepared since run 2"). The device image has torch,
 # onnx and onnxruntime (CPU) but no open_clip and no onnxruntime-gpu, and reaches no registry, so
 # they are carried: .gpu/whl/*.whl (open_clip, ftfy, wcwidth) and onnxruntime-gpu as an xz'd tree
 # split in parts that earlier calls left in /tmp/ortp (bench/gpu_prepare.sh makes them here).
