@@ -146,3 +146,16 @@ def test_a_dead_worker_fails_its_callers_instead_of_hanging(classifier, monkeypa
     with pytest.raises(ClassifierError, match="stopped on an error"):
         batcher.classify_one(pics[0])
     batcher.close()
+
+
+def test_classifier_close_waits_for_a_running_batch(runtime_bundle):  # noqa: F811
+    """A Batcher's worker may be decoding when the service shuts down: the backend's buffers must
+    not be released under it, so Classifier.close waits for the encoder and decoder locks."""
+    from novic.runtime.classifier import Classifier
+
+    clf = Classifier.load(runtime_bundle.bundle, backend="ort-cpu")
+    closed = threading.Event()
+    with clf._decode_lock:                                      # a batch is decoding
+        threading.Thread(target=lambda: (clf.close(), closed.set()), daemon=True).start()
+        assert not closed.wait(0.5) and not clf.closed
+    assert closed.wait(30) and clf.closed

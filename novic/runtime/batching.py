@@ -19,7 +19,6 @@ caller's thread, so a bad one raises there; a bad image gives its own `Result.er
 from __future__ import annotations
 
 import math
-import operator
 import queue
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from novic.errors import first_line
-from novic.runtime.classifier import Classifier, ClassifierError, Result
+from novic.runtime.classifier import Classifier, ClassifierError, Result, _positive_int
 from novic.runtime.images import describe
 
 MAX_WAIT_MS = 60_000
@@ -57,12 +56,7 @@ class Batcher:
     most). Close it (or use `with`) when done: the worker holds the classifier."""
 
     def __init__(self, classifier: Classifier, *, max_batch: int = 32, max_wait_ms: float = 2.0):
-        try:
-            max_batch = operator.index(max_batch)
-        except TypeError:
-            max_batch = 0
-        if isinstance(max_batch, bool) or max_batch < 1:
-            raise ClassifierError(f"max_batch must be a positive integer, got {max_batch!r}")
+        max_batch = _positive_int(max_batch, "max_batch")
         if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms)
                 and 0 <= max_wait_ms <= MAX_WAIT_MS):
             raise ClassifierError(f"max_wait_ms must be a number in [0, {MAX_WAIT_MS}], got {max_wait_ms!r}")
@@ -79,13 +73,11 @@ class Batcher:
                      beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0) -> Result:
         """Like `Classifier.classify_one`; blocks until the batch holding this image is done."""
         clf = self.classifier
-        options = dict(topk=topk, guided=guided, beam_width=beam_width, temperature=temperature, alpha=alpha)
-        if guided:   # build (or fetch) the vocabulary here: its errors belong to this caller
-            options["vocab"] = clf.vocabulary(vocab)
-        elif vocab is not None:
-            options["vocab"] = vocab
-        th, tw = clf.preprocessor.config.size
-        clf.classify_pixels(np.zeros((0, 3, th, tw), np.float32), [], **options)   # checks, runs nothing
+        # The classifier's own checks, here: their errors (and the vocabulary's) belong to this caller.
+        topk, beam_width, temperature, alpha, vocabulary = clf._options(topk, guided, vocab, beam_width,
+                                                                         temperature, alpha)
+        options = dict(topk=topk, guided=vocabulary is not None, vocab=vocabulary, beam_width=beam_width,
+                       temperature=temperature, alpha=alpha)
         pixels, (error,) = clf.preprocessor.load_batch([image])   # in this thread: decoding in parallel
         if error is not None:
             return Result(describe(image), [], str(error))

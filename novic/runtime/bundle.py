@@ -441,8 +441,8 @@ class Bundle:
                 return a
         have = ", ".join(f"{a.role}/{a.precision}" for a in self.artifacts) or "none"
         fix = ("re-export without --no-fp16" if precision == "fp16" else
-               f"make it with novic-export calib {self.path}" if (role, precision) in
-               (("image_encoder", q) for q in QUANTIZED) else REEXPORT)
+               f"make it with novic-export calib {self.path}" if role == "image_encoder" and precision in QUANTIZED
+               else REEXPORT)
         raise BundleError(f"{self.path / MANIFEST}: no {role} graph in {precision} (bundle has: {have}); {fix}")
 
     def artifact_path(self, role: str, precision: str = "fp32") -> Path:
