@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from novic.atomic import write_bytes_atomic
+from novic.registry import _say   # console or stderr, one line
 
 # What shapes a bundle's graphs: when any of it changes, a cached bench bundle is exported again
 # (a benchmark must never time graphs that the current code would not write).
@@ -105,13 +105,6 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
     info.update(export_code=code, export_seconds=result["seconds"], export_timings=result["timings"])
     write_bytes_atomic(paths["info"], json.dumps(info, indent=1).encode())
     return {k: str(v) for k, v in paths.items()}
-
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False)
-    else:
-        print(text, file=sys.stderr)
 
 
 def _random_checkpoint(config: BenchConfig, paths: dict, seed: int) -> None:
