@@ -195,6 +195,8 @@ def test_load_reports_backend_and_reason(runtime_bundle, capsys):
         Classifier.load(runtime_bundle.bundle, backend="tpu")
     with pytest.raises(ClassifierError, match="bundle must be a directory path or a Bundle, got NoneType"):
         Classifier.load(None)
+    with Classifier.load(runtime_bundle.bundle, backend="ort-cpu", precision="FP32") as clf:   # any case
+        assert clf.precision == "fp32"
 
 
 def test_cli_table_stdin_and_exit_codes(runtime_bundle, photo_dir, tmp_path):

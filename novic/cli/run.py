@@ -156,7 +156,7 @@ def main_command(
     if max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels
     logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
-    clf = Classifier.load(bundle, backend=backend, precision=precision.lower() if precision else None,
+    clf = Classifier.load(bundle, backend=backend, precision=precision,
                           threads=threads, verify=modes[verify], fast_decode=fast_decode)
     if not guided and beam_width > clf.decoder.topk:   # checked by the API too, in its own words
         fail(f"--free with --beam-width {beam_width} needs decoder graphs with top-k >= {beam_width}; this "

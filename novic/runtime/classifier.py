@@ -181,6 +181,8 @@ class Classifier:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         choice = select_for_bundle(bundle, backend)
+        if isinstance(precision, str):
+            precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
             raise ClassifierError(f"precision {precision!r} is not one of {PRECISIONS}")
         if choice.backend == "trt":
