@@ -335,3 +335,17 @@ def test_one_weight_file_gathers_scattered_weights(tmp_path):
         assert one_weight_file(graph) == [data]
     assert one_weight_file(plain) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
         "enc.int8.onnx", "enc.int8.onnx.data", "plain.onnx"]
+
+
+def test_quantizer_advice_is_hidden_only_while_quantising():
+    """onnxruntime's "consider pre-processing" line is dropped during our calls, and a Python API
+    caller's own logging is left as it was afterwards."""
+    import logging
+
+    from novic.calib import ort_int8
+
+    root = logging.getLogger()
+    advice = logging.LogRecord("root", logging.WARNING, __file__, 1, "Please consider to run pre-processing x", None, None)
+    with ort_int8._without_preprocess_advice():
+        assert not root.filter(advice)
+    assert root.filter(advice) and ort_int8._skip_preprocess_advice not in root.filters

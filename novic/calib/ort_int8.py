@@ -10,6 +10,7 @@ Two methods, both from ``onnxruntime.quantization``:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -30,8 +31,18 @@ def _quant():
         from onnxruntime import quantization as q
     except ImportError as exc:  # pragma: no cover - onnxruntime without the quantization extras
         raise QuantError(f"onnxruntime.quantization is unavailable ({exc}); pip install onnxruntime onnx") from None
-    logging.getLogger().addFilter(_skip_preprocess_advice)
     return q
+
+
+@contextlib.contextmanager
+def _without_preprocess_advice():
+    """Hide _skip_preprocess_advice's lines for the duration only (not from the caller's logs after)."""
+    root = logging.getLogger()
+    root.addFilter(_skip_preprocess_advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_skip_preprocess_advice)
 
 
 def _skip_preprocess_advice(record: logging.LogRecord) -> bool:
@@ -79,9 +90,10 @@ def quantize_dynamic_int8(src, dst, *, per_channel: bool = True, op_types=("MatM
     q = _quant()
     t0 = time.perf_counter()
     exclude = activation_matmuls(src) if weight_matmuls_only else []
-    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                       reduce_range=False, weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude,
-                       use_external_data_format=external_data)
+    with _without_preprocess_advice():
+        q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                           reduce_range=False, weight_type=q.QuantType.QInt8, nodes_to_exclude=exclude,
+                           use_external_data_format=external_data)
     return {"method": "dynamic", "op_types": list(op_types), "per_channel": per_channel, "weight_type": "int8",
             "excluded_activation_matmuls": len(exclude), "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -92,12 +104,13 @@ def quantize_static_int8(src, dst, calib_pixels: np.ndarray, *, input_name: str 
     q = _quant()
     t0 = time.perf_counter()
     reader = PixelReader(calib_pixels, input_name, batch, progress)
-    q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
-                      op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
-                      activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-                      calibrate_method=q.CalibrationMethod.MinMax,
-                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-                      use_external_data_format=external_data)
+    with _without_preprocess_advice():
+        q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+                          op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
+                          activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax,
+                          extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                          use_external_data_format=external_data)
     return {"method": "static", "format": "QDQ", "op_types": list(op_types), "per_channel": True,
             "activations": "int8 symmetric (zero point 0)", "weights": "int8 symmetric per channel",
             "calibration": f"MinMax over {len(calib_pixels)} images",
