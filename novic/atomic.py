@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -91,6 +92,12 @@ def write_bytes_atomic(path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(path) as f:
         f.write(data)
+
+
+def write_json_atomic(path, data, dumps=None) -> None:
+    """`data` as JSON (indented, or by `dumps`; one trailing newline), written like write_bytes_atomic."""
+    text = dumps(data) if dumps is not None else json.dumps(data, indent=1)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
 
 
 def move_file_atomic(src, dst) -> None:

@@ -80,3 +80,18 @@ def test_writability_checks(tmp_path):
     with pytest.raises(IsADirectoryError):
         atomic.check_writable_file(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]   # the probes leave nothing behind
+
+
+def test_write_json_atomic_one_writer_for_every_json_file(tmp_path):
+    """Training state, caches, bench results and manifests all go through it: indented JSON with
+    one trailing newline (or the caller's formatting), and no temp file left beside it."""
+    import json
+
+    from novic.atomic import write_json_atomic
+
+    write_json_atomic(tmp_path / "a.json", {"step": 3, "x": [1, 2]})
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text) == {"step": 3, "x": [1, 2]} and text.endswith("}\n") and "\n " in text
+    write_json_atomic(tmp_path / "a.json", {"k": 1}, dumps=lambda d: "custom")
+    assert (tmp_path / "a.json").read_text() == "custom\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

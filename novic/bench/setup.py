@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from novic.atomic import write_bytes_atomic
+from novic.atomic import write_json_atomic
 from novic.registry import _say   # console or stderr, one line
 
 # What shapes a bundle's graphs: when any of it changes, a cached bench bundle is exported again
@@ -103,7 +103,7 @@ def build(config: BenchConfig, workdir: Path, seed: int = 0, console=None) -> di
         info = {"config": config.__dict__, "seed": seed}
     result = export_bundle(paths["checkpoint"], paths["bundle"], overwrite=True, console=console)
     info.update(export_code=code, export_seconds=result["seconds"], export_timings=result["timings"])
-    write_bytes_atomic(paths["info"], json.dumps(info, indent=1).encode())
+    write_json_atomic(paths["info"], info)
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -57,7 +57,7 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     Inputs/outputs are copied from the fp32 artifact of the same role (a quantised graph keeps
     the fp32 I/O contract). Returns the manifest entry."""
     from novic.atomic import move_file_atomic
-    from novic.export.bundle import file_entry, write_json_atomic
+    from novic.export.bundle import file_entry, write_manifest
     from novic.runtime.bundle import MANIFEST, read_manifest
 
     root = Path(bundle_dir)
@@ -69,7 +69,7 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     old = [a for a in arts if a.get("role") == role and a.get("precision") == precision]
     if old:   # first drop the old entry, so that no manifest ever lists a file with a wrong hash
         manifest["artifacts"] = [a for a in arts if a not in old]
-        write_json_atomic(root / MANIFEST, manifest)
+        write_manifest(root / MANIFEST, manifest)
     dst = root / name
     weight_names = [Path(w).name for w in weights]
     if any(w != f"{name}.data" for w in weight_names):
@@ -83,7 +83,7 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     if info:
         entry["quantization"] = info
     manifest["artifacts"].append(entry)
-    write_json_atomic(root / MANIFEST, manifest)
+    write_manifest(root / MANIFEST, manifest)
     return entry
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape

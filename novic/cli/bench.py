@@ -1,13 +1,12 @@
 """`novic-bench`: benchmark a bundle, or compare against the original-style PyTorch pipeline."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from novic.atomic import check_writable_file, write_bytes_atomic
+from novic.atomic import check_writable_file, write_json_atomic
 from novic.cli._common import run_app
 
 app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.",
@@ -28,11 +27,6 @@ def _check_writable(path: Optional[Path]) -> None:
     """Fail now (an OSError: one line through run_app), before minutes of measuring."""
     if path is not None:
         check_writable_file(path)
-
-
-def _write_json(path: Optional[Path], result: dict) -> None:
-    if path is not None:
-        write_bytes_atomic(path, json.dumps(result, indent=1).encode())
 
 
 @app.command("run")
@@ -58,7 +52,8 @@ def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
     steps = result["step_ms_by_position"]
     typer.echo("step ms by position: " + " ".join(f"{s:.2f}" for s in steps))
     typer.echo(f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    _write_json(json_out, result)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
 
 
 @app.command("compare")
@@ -85,7 +80,8 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
                      batches=_ints(batches), reps=reps, console=Console(stderr=True))
     typer.echo(f"config {config}: {result['note']}")
     typer.echo(result["markdown"])
-    _write_json(json_out, result)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
 
 
 def main():

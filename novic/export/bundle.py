@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from novic.atomic import fsync_dir, named, write_bytes_atomic
+from novic.atomic import fsync_dir, named, write_json_atomic
 from novic.errors import NovicError
 from novic.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError,
                                   sha256_file)
@@ -58,8 +58,8 @@ def dumps_manifest(obj, indent: int = 1, _level: int = 0) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False)
 
 
-def write_json_atomic(path, data: dict) -> None:
-    write_bytes_atomic(path, (dumps_manifest(data) + "\n").encode("utf-8"))
+def write_manifest(path, data: dict) -> None:
+    write_json_atomic(path, data, dumps=dumps_manifest)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -139,7 +139,7 @@ class StagedBundle:
     def commit(self, manifest: dict) -> Path:
         """Write the manifest, fsync, and move the staged bundle into place."""
         self._check_target()  # may have changed while we worked
-        write_json_atomic(self.tmp / MANIFEST, manifest)
+        write_manifest(self.tmp / MANIFEST, manifest)
         _fsync_tree(self.tmp)
         t = self.target
         if t.is_dir() and not any(t.iterdir()):

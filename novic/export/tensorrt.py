@@ -302,7 +302,7 @@ def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
     """Replace engines of the same role/precision/GPU/TensorRT release in the manifest (atomic
     rewrite), then delete a replaced engine's file if it had another name (bundles built before
     engine names carried the patch release) so that it does not linger unlisted."""
-    from novic.export.bundle import write_json_atomic
+    from novic.export.bundle import write_manifest
 
     def key(e):
         return _engine_key(e.get("role"), e.get("precision"), e.get("compute_capability"), e.get("tensorrt_version", ""))
@@ -312,7 +312,7 @@ def _record_engines(root: Path, entries: list[dict], cache_path: Path) -> None:
     old = data.get("engines", []) or []
     data["engines"] = [e for e in old if key(e) not in new] + entries
     data["tensorrt"] = {"timing_cache": f"{ENGINE_DIR}/{cache_path.name}"}
-    write_json_atomic(root / MANIFEST, data)
+    write_manifest(root / MANIFEST, data)
     listed = {e["file"] for e in data["engines"]}
     engines = (root / ENGINE_DIR).resolve()
     for e in old:

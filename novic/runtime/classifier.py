@@ -38,13 +38,13 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from novic.errors import NovicError
 from novic.runtime.bundle import PRECISIONS, QUANTIZED
-from novic.runtime.images import ImageError, describe
+from novic.runtime.images import describe
 
 log = logging.getLogger("novic")
 

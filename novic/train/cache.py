@@ -24,7 +24,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from novic.atomic import open_atomic
+from novic.atomic import open_atomic, write_json_atomic
 from novic.train.progress import progress_bar
 
 FORMAT = 1
@@ -52,10 +52,6 @@ def _slug(text: str) -> str:
 def _write_atomic(path: Path, write) -> None:
     with open_atomic(path) as f:
         write(f)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 class EmbeddingCache:
@@ -115,7 +111,7 @@ def build_cache(root: str | Path, embedder, texts: Sequence[str], data_hash: str
     for leftover in path.glob(".*.tmp"):  # partial writes of a killed run (novic.atomic's temp files)
         leftover.unlink()
     if not (path / "meta.json").is_file():
-        _write_json(path / "meta.json", meta)
+        write_json_atomic(path / "meta.json", meta)
 
     n_shards = max(1, -(-len(texts) // shard_size))
     shards = [{"file": f"shard_{i:05d}.npy", "start": i * shard_size,
@@ -137,7 +133,7 @@ def build_cache(root: str | Path, embedder, texts: Sequence[str], data_hash: str
                 raise ValueError(f"embedder {embedder.name} returned {data.shape} for "
                                  f"{s['count']} texts of dim {meta['dim']}")
             _write_atomic(path / s["file"], lambda f: np.save(f, data, allow_pickle=False))
-    _write_json(path / "index.json", {**meta, "shards": shards, "created": time.time()})
+    write_json_atomic(path / "index.json", {**meta, "shards": shards, "created": time.time()})
     return EmbeddingCache(path)
 
 

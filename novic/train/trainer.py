@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from novic.atomic import check_writable_dir, write_bytes_atomic
+from novic.atomic import check_writable_dir, write_bytes_atomic, write_json_atomic
 from novic.config import EOS, DecoderConfig
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
@@ -159,10 +159,6 @@ def evaluate(model: ObjectDecoder, es: EvalSet, data: TrainData, noise: Embeddin
 # --- checkpoints ----------------------------------------------------------------------------
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict):
     write_bytes_atomic(path, save(tensors, metadata=metadata))
-
-
-def _write_json_atomic(path: Path, data: dict):
-    write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def save_train_state(path: Path, model, optimizer, step: int, config: dict):
@@ -311,7 +307,7 @@ class Trainer:
                           meta={"step": self.step, "total_steps": self.total_steps,
                                 "train_config": self.cfg.to_dict()})
         save_checkpoint(self.out / f"checkpoint-{tag}.safetensors", ckpt)
-        _write_json_atomic(self.out / "latest.json", {"step": self.step,
+        write_json_atomic(self.out / "latest.json", {"step": self.step,
                                                       "state": f"state-{tag}.safetensors",
                                                       "checkpoint": f"checkpoint-{tag}.safetensors"})
         # Keep the newest few (the one latest.json names is always kept).
@@ -407,7 +403,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         print(f"--resume: nothing to resume in {cfg.out_dir}; starting from step 0")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / "config.json", cfg.to_dict())
+        write_json_atomic(out / "config.json", cfg.to_dict())
     history = trainer.fit()
     if d.world > 1:
         dist.destroy_process_group()
