@@ -527,10 +527,12 @@ class FakeCuda:
     def malloc_host(self, nbytes, dtype):
         return np.zeros(max(int(nbytes), 1) // np.dtype(dtype).itemsize, dtype)
 
-    def h2d(self, dst, src, nbytes, stream):
+    def h2d(self, dst, src, nbytes, stream):   # like cudaMemcpy: a count past either buffer is a bug
+        assert nbytes <= min(FakeCuda.memory[dst].nbytes, src.nbytes), (nbytes, FakeCuda.memory[dst].nbytes, src.nbytes)
         FakeCuda.memory[dst][:nbytes] = src.view(np.uint8)[:nbytes]
 
     def d2h(self, dst, src, nbytes, stream):
+        assert nbytes <= min(FakeCuda.memory[src].nbytes, dst.nbytes), (nbytes, FakeCuda.memory[src].nbytes, dst.nbytes)
         dst.view(np.uint8)[:nbytes] = FakeCuda.memory[src][:nbytes]
 
     def sync(self, stream):

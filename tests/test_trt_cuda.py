@@ -12,9 +12,14 @@ cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is i
 from novic.runtime.backends.trt import Cuda, TrtError  # noqa: E402
 
 
-def test_stream_handle_is_the_int_tensorrt_takes():
+def test_stream_handle_is_the_int_tensorrt_takes(monkeypatch):
     assert Cuda.handle(cudart.cudaStream_t(7)) == 7
     assert Cuda.handle(cudart.cudaStream_t(0)) == 0
+    # through cuda-bindings' own converter, not the deprecated int(cudaStream_t)
+    import cuda.bindings.utils as utils
+
+    monkeypatch.setattr(utils, "get_cuda_native_handle", lambda stream: 12345)
+    assert Cuda.handle(cudart.cudaStream_t(7)) == 12345
 
 
 def test_cuda_layer_on_this_machine():
