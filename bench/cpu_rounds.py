@@ -6,7 +6,8 @@ baseline / ours of those medians.
     python bench/cpu_rounds.py --config paper --rounds 3 --reps 5 [--variants fp32,int8,fp32-spinning]
 
 Variants: `fp32`, `int8` (needs an int8 encoder in the bundle: novic-export calib),
-`<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off), and
+`<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off),
+`<precision>-allrows` (the decoder steps finished beams too, as before search dropped them), and
 `<variant>@<bundle dir>` (another bundle of the same weights, e.g. one exported by older code;
 a relative dir is taken under --workdir):
 
@@ -60,9 +61,10 @@ def main():
         load = os.getloadavg()[0]
         runs["baseline"].append(run_side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
         for v in variants:
-            precision, _, spin = v.partition("@")[0].partition("-")
+            precision, _, how = v.partition("@")[0].partition("-")
             runs[v].append(run_side("ours", dict(bundle=bundles[v], backend="ort-cpu", precision=precision,
-                                                 ort_spinning=spin == "spinning", **common)))
+                                                 ort_spinning=how == "spinning", all_rows=how == "allrows",
+                                                 **common)))
         print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
 
     def med(name, key):

@@ -509,6 +509,40 @@ def test_host_reads_only_candidates(tiny):
     assert len(rec.widths) <= TINY.max_new_tokens
 
 
+class RowRecorder(Recorder):
+    """Keeps the tokens fed to each step, and says whether finished rows may be dropped."""
+
+    def __init__(self, inner, drops: bool):
+        super().__init__(inner)
+        self.drops_finished_rows, self.fed = drops, []
+
+    def step(self, tokens, position, beam_idx, temperature, cand_ids):
+        self.fed.append(np.array(tokens, copy=True))
+        return super().step(tokens, position, beam_idx, temperature, cand_ids)
+
+
+@pytest.mark.parametrize("how", ["beam", "beam guided", "greedy", "greedy guided"])
+def test_finished_beams_are_not_stepped(tiny, how):
+    """Steps run only the unfinished rows (a finished beam's EOS needs no decoder), with the same
+    hypotheses as stepping every row; a session may opt out (drops_finished_rows = False)."""
+    _, session = tiny
+    embeds = unit_embeddings(16, TINY.embed_dim, seed=61)
+    trie = TokenTrie(random_nouns(500, TINY, seed=62)) if "guided" in how else None
+    if how.startswith("beam"):
+        def run(s):
+            return search.beam_search(s, embeds, 10, trie=trie)
+    else:
+        def run(s):
+            return [[h] for h in search.greedy(s, embeds, trie=trie)]
+    dropping, keeping = RowRecorder(session, True), RowRecorder(session, False)
+    got, want = run(dropping), run(keeping)
+    assert_same(want, got)
+    assert all((fed != EOS).all() for fed in dropping.fed)           # no finished row was stepped
+    assert any((fed == EOS).any() for fed in keeping.fed)            # ... and there were some
+    assert sum(map(len, dropping.fed)) < sum(map(len, keeping.fed))
+    assert {len(fed) for fed in keeping.fed} == {len(embeds) * (10 if how.startswith("beam") else 1)}
+
+
 # --- full-size decoder ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def full():

@@ -241,6 +241,7 @@ def test_iobinding_path_equals_plain_run(tiny):
     embeds = unit_embeddings(30, 32, seed=5)
     trie = random_trie(TINY, 40)
     plain, bound = session(graphs, TINY), session(graphs, TINY, iobinding=True)
+    assert plain.drops_finished_rows and bound.drops_finished_rows   # the ping-pong buffers change size
     for kw in ({}, {"trie": trie}):
         a = search.beam_search(plain, embeds, 10, **kw)
         b = search.beam_search(bound, embeds, 10, **kw)
@@ -258,6 +259,7 @@ def test_cuda_graph_buffer_logic_equals_plain_run(tiny):
     plain, graphed = session(graphs, TINY), session(graphs, TINY, iobinding=True)
     graphed._graph_prefill, graphed._graph_step = graphed._prefill, graphed._step
     graphed._graphs = _DecoderGraphs(graphed)
+    assert not graphed.drops_finished_rows   # replays are keyed by row count: every row is stepped
     trie = random_trie(TINY, 40)
     for seed in (5, 6):  # a second search reuses the buffers of the first
         embeds = unit_embeddings(12, 32, seed=seed)

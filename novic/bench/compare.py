@@ -95,6 +95,9 @@ def _side_main(argv: list[str]) -> None:
         if args.pop("ort_spinning", False):   # onnxruntime's default busy-waiting threads, which novic turns off
             import novic.runtime.backends.ort as ort_backend
             ort_backend.make_session.__kwdefaults__["spinning"] = True
+        if args.pop("all_rows", False):   # step finished beams too, as before search dropped them
+            import novic.runtime.backends.ort as ort_backend
+            ort_backend.OrtDecoderSession.drops_finished_rows = False
         if args.get("backend", "").startswith("ort-cuda") or args.get("backend") == "trt":
             args["sync"] = None
         result = run(**args)

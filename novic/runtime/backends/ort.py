@@ -146,6 +146,13 @@ class OrtDecoderSession:
         """Whether steps are replayed as CUDA graphs (else `cuda_graph_error` may say why not)."""
         return self._graphs is not None
 
+    @property
+    def drops_finished_rows(self) -> bool:
+        """Whether search may step only the unfinished beams (search.beam_search). Not while
+        steps replay CUDA graphs: those are keyed by row count and read fixed buffers, so a step
+        with fewer rows than the cache it reads would run uncaptured."""
+        return self._graphs is None
+
     # --- inputs -----------------------------------------------------------------------------
     @staticmethod
     def _common(temperature, cand_ids, rows):
