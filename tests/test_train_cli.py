@@ -85,11 +85,6 @@ def test_bad_config_values_are_refused_before_any_work(command, override, match,
     assert not (tmp_path / "run").exists()
 
 
-def test_optim_steps_null_means_epochs_decide():
-    assert load_config(None, ["optim.steps=null"]).optim.steps is None
-    assert load_config(None, ["optim.steps=1"]).optim.steps == 1
-
-
 @pytest.mark.parametrize("name,text,match", [
     ("list.json", "[1, 2, 3]", "list.json: expected an object of sections and keys at the top, got [1, 2, 3]"),
     ("c.yaml", "seed: 1\n", "c.yaml: cannot read .yaml; config files are .json or .toml"),

@@ -43,6 +43,15 @@ def make_trainer(cfg):
     return Trainer(cfg, data, EmbedderSpec("hash-embedder"))
 
 
+def test_optim_steps_null_means_epochs_decide(tmp_path):
+    """optim.steps=null trains optim.epochs epochs of whole global batches; a number overrides."""
+    by_epochs = make_trainer(small_config(tmp_path, **{"optim.steps": None, "optim.epochs": 2.5}))
+    samples = len(by_epochs.data.sample_caption)
+    assert by_epochs.steps_per_epoch == samples // 32 >= 2
+    assert by_epochs.total_steps == int(2.5 * (samples // 32))
+    assert make_trainer(small_config(tmp_path, **{"optim.steps": 3, "optim.epochs": 2.5})).total_steps == 3
+
+
 def test_lr_schedule_warmup_then_cosine():
     o = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, 110, o) for s in range(110)]

@@ -150,7 +150,7 @@ def main_command(
 
     from PIL import Image
 
-    from novic.runtime.classifier import Classifier
+    from novic.runtime.classifier import Classifier, ClassifierError
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the hard limit still errors
     if max_pixels is not None:
@@ -158,10 +158,11 @@ def main_command(
     logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
     clf = Classifier.load(bundle, backend=backend, precision=precision,
                           threads=threads, verify=modes[verify], fast_decode=fast_decode)
-    if not guided and beam_width > clf.decoder.topk:   # checked by the API too, in its own words
-        fail(f"--free with --beam-width {beam_width} needs decoder graphs with top-k >= {beam_width}; this "
-             f"bundle's have {clf.decoder.topk}: use --beam-width <= {clf.decoder.topk}, or re-export with "
-             f"novic-export onnx --topk {beam_width}", code=2)
+    try:   # what needs the bundle (the decoder's top-k, the vocabulary), before any image is read
+        clf.check_options(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
+                          temperature=temperature, alpha=alpha)
+    except ClassifierError as exc:
+        fail(str(exc), code=2)
     startup = time.perf_counter() - _T0
     if not quiet:
         err.print(f"novic-run: {escape(printable(clf.describe()))} (startup {startup:.2f} s)", highlight=False,

@@ -74,8 +74,8 @@ class Batcher:
         """Like `Classifier.classify_one`; blocks until the batch holding this image is done."""
         clf = self.classifier
         # The classifier's own checks, here: their errors (and the vocabulary's) belong to this caller.
-        topk, beam_width, temperature, alpha, vocabulary = clf._options(topk, guided, vocab, beam_width,
-                                                                         temperature, alpha)
+        topk, beam_width, temperature, alpha, vocabulary = clf.check_options(topk, guided, vocab, beam_width,
+                                                                             temperature, alpha)
         options = dict(topk=topk, guided=vocabulary is not None, vocab=vocabulary, beam_width=beam_width,
                        temperature=temperature, alpha=alpha)
         pixels, (error,) = clf.preprocessor.load_batch([image])   # in this thread: decoding in parallel

@@ -376,8 +376,8 @@ class Classifier:
         batch_size = _positive_int(batch_size, "batch_size")
         if names is not None and len(names) != len(sources):
             raise ClassifierError("names must have one entry per image")
-        topk, beam_width, temperature, alpha, vocabulary = self._options(topk, guided, vocab, beam_width,
-                                                                          temperature, alpha)
+        topk, beam_width, temperature, alpha, vocabulary = self.check_options(topk, guided, vocab, beam_width,
+                                                                              temperature, alpha)
         labels = [describe(s) for s in sources] if names is None else [str(n) for n in names]
         return self._iterate(sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size)
 
@@ -389,16 +389,18 @@ class Classifier:
         With N = 0 it only checks the arguments."""
         if len(names) != len(pixels):
             raise ClassifierError("names must have one entry per row of pixels")
-        topk, beam_width, temperature, alpha, vocabulary = self._options(topk, guided, vocab, beam_width,
-                                                                          temperature, alpha)
+        topk, beam_width, temperature, alpha, vocabulary = self.check_options(topk, guided, vocab, beam_width,
+                                                                              temperature, alpha)
         if not len(pixels):
             return []
         return self._run_batch(np.asarray(pixels, dtype=np.float32), [None] * len(pixels), [str(n) for n in names],
                                vocabulary, topk, beam_width, temperature, alpha)
 
-    def _options(self, topk, guided, vocab, beam_width, temperature, alpha):
-        """The search options checked (one ClassifierError line each) -> (topk, beam_width,
-        temperature, alpha, vocabulary or None for free decoding)."""
+    def check_options(self, topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
+                      temperature: float = 1.0, alpha: float = 0.0):
+        """The search options of `classify` checked (one ClassifierError line each, before any
+        image is read; the vocabulary is built and cached) -> (topk, beam_width, temperature,
+        alpha, vocabulary or None for free decoding)."""
         if self.closed:
             raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
         topk, beam_width = _positive_int(topk, "topk"), _positive_int(beam_width, "beam_width")
@@ -417,9 +419,10 @@ class Classifier:
             if vocab is not None:
                 raise ClassifierError("vocab= restricts guided decoding; drop it or use guided=True")
             if beam_width > self.decoder.topk:
-                raise ClassifierError(f"free decoding with beam_width {beam_width} needs a decoder graph "
-                                      f"with top-k >= {beam_width}, this bundle's has {self.decoder.topk}; "
-                                      f"use beam_width <= {self.decoder.topk} or re-export with a larger top-k")
+                raise ClassifierError(f"free decoding with beam width {beam_width} needs decoder graphs "
+                                      f"with top-k >= {beam_width}, this bundle's have {self.decoder.topk}: use "
+                                      f"beam width <= {self.decoder.topk}, or re-export the bundle with "
+                                      f"novic-export onnx --topk {beam_width}")
             vocabulary = None
         return topk, beam_width, float(temperature), float(alpha), vocabulary
 

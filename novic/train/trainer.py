@@ -157,6 +157,11 @@ def evaluate(model: ObjectDecoder, es: EvalSet, data: TrainData, noise: Embeddin
 
 
 # --- checkpoints ----------------------------------------------------------------------------
+# What a run writes into out_dir ("*" is the zero-padded step).
+LATEST, METRICS = "latest.json", "metrics.jsonl"
+STATE_FILES, CHECKPOINT_FILES = "state-*.safetensors", "checkpoint-*.safetensors"
+
+
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict):
     write_bytes_atomic(path, save(tensors, metadata=metadata))
 
@@ -297,8 +302,8 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         tag = f"{self.step:08d}"
-        save_train_state(self.out / f"state-{tag}.safetensors", self.model, self.optimizer, self.step,
-                         self.cfg.to_dict())
+        state, checkpoint = STATE_FILES.replace("*", tag), CHECKPOINT_FILES.replace("*", tag)
+        save_train_state(self.out / state, self.model, self.optimizer, self.step, self.cfg.to_dict())
         vocab = self.data.vocab
         ckpt = Checkpoint(config=self.dcfg,
                           state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -306,17 +311,15 @@ class Trainer:
                           noun_tokens=[list(t) for t in vocab.noun_tokens],
                           meta={"step": self.step, "total_steps": self.total_steps,
                                 "train_config": self.cfg.to_dict()})
-        save_checkpoint(self.out / f"checkpoint-{tag}.safetensors", ckpt)
-        write_json_atomic(self.out / "latest.json", {"step": self.step,
-                                                      "state": f"state-{tag}.safetensors",
-                                                      "checkpoint": f"checkpoint-{tag}.safetensors"})
+        save_checkpoint(self.out / checkpoint, ckpt)
+        write_json_atomic(self.out / LATEST, {"step": self.step, "state": state, "checkpoint": checkpoint})
         # Keep the newest few (the one latest.json names is always kept).
-        for pattern in ("state-*.safetensors", "checkpoint-*.safetensors"):
+        for pattern in (STATE_FILES, CHECKPOINT_FILES):
             for old in sorted(self.out.glob(pattern))[:-max(1, self.cfg.keep_checkpoints)]:
                 old.unlink()
 
     def resume(self) -> bool:
-        latest = self.out / "latest.json"
+        latest = self.out / LATEST
         if not latest.is_file():
             return False
         info = json.loads(latest.read_text())
@@ -330,7 +333,7 @@ class Trainer:
     def log(self, row: dict):
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def run_eval(self) -> dict:
@@ -377,7 +380,7 @@ def holds_run(out_dir: Path) -> bool:
     """Whether out_dir already has what a run writes (metrics, checkpoints, latest.json)."""
     return out_dir.is_dir() and any(
         next(out_dir.glob(pattern), None) is not None
-        for pattern in ("latest.json", "metrics.jsonl", "state-*.safetensors", "checkpoint-*.safetensors"))
+        for pattern in (LATEST, METRICS, STATE_FILES, CHECKPOINT_FILES))
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
