@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fixtures_runtime import classifier, runtime_bundle  # noqa: F401  (fixtures)
 

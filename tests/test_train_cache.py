@@ -1,6 +1,5 @@
 """Embedding cache: shards + index, reuse, atomic writes and resume after kill -9."""
 import hashlib
-import os
 import signal
 import subprocess
 import sys

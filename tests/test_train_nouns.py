@@ -1,6 +1,5 @@
 """Noun lists: file formats, validation, plurals, and the offline WordNet builder."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from novic.bpe import clean_text
 from novic.config import EOS
 from novic.errors import NovicError
 from novic.tokens import SP_SPACE, TokenTable
@@ -48,7 +49,6 @@ def token_source(tokenizer, clean: str | None = None) -> _Source:
         return _Source("clip_bpe", _clean_name(tokenizer.clean_fn), tokenizer.eot_token_id,
                        tokenizer.encode, tokenizer.decoder.__getitem__)
     if name == "SentencePieceProcessor":
-        from novic.bpe import clean_text
         mode = clean or "none"
         return _Source("sentencepiece", mode, max(tokenizer.eos_id(), 0),
                        lambda text: tokenizer.encode(clean_text(text, mode), out_type=int),
@@ -58,7 +58,6 @@ def token_source(tokenizer, clean: str | None = None) -> _Source:
         if not any(p.startswith(SP_SPACE) for p in hf.get_vocab()):
             raise TokenizerError(f"{type(hf).__name__} is not a sentencepiece vocabulary; token "
                                  f"tables support CLIP BPE and sentencepiece tokenizers only")
-        from novic.bpe import clean_text
         mode = clean or (_clean_name(tokenizer.clean_fn) if name == "HFTokenizer" else "canonicalize")
         return _Source("sentencepiece", mode, hf.eos_token_id or 0,
                        lambda text: hf.encode(clean_text(text, mode), add_special_tokens=False),
