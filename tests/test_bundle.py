@@ -699,6 +699,48 @@ def test_trt_session_matches_onnxruntime(copy, fake_trt, cuda_graphs):
         assert sess.dev == {} and sess.host == {}
 
 
+def test_trt_encoder_with_fp16_input_and_output(tmp_path, fake_trt):
+    """An encoder engine with fp16 I/O (TensorRT takes the ONNX's I/O dtypes): pixels are converted
+    into the engine's dtype and the bytes copied each way are counted in it. The fake CUDA refuses
+    a copy past either buffer, so counting fp32 bytes for an fp16 input (as before f3e71f8) fails."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from novic.runtime import trt_plan
+    from novic.runtime.backends import trt as backend
+
+    size, F = 16, 8
+    weight = np.random.default_rng(2).standard_normal((3, F)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[2, 3], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "weight"], ["y"]),
+         helper.make_node("Cast", ["y"], ["embedding"], to=TensorProto.FLOAT16)],
+        "fp16_io_encoder",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT16, ["B", 3, size, size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT16, ["B", F])],
+        [numpy_helper.from_array(weight, "weight")])
+    onnx_path = tmp_path / "encoder_fp16_io.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), onnx_path)
+    signature = {"inputs": [{"name": "pixels", "dtype": "float16", "shape": ["B", 3, size, size]}],
+                 "outputs": [{"name": "embedding", "dtype": "float16", "shape": ["B", F]}]}
+    plan = trt_plan.plan_encoder(signature, (1, 4))
+    engine_path = tmp_path / "encoder.engine"
+    engine_path.write_text(json.dumps({"onnx": str(onnx_path), "profiles": [
+        {k: [list(s) for s in v] for k, v in p.shapes.items()} for p in plan.profiles]}))
+    entry = {"tensorrt_version": fake_trt.__version__, "compute_capability": "9.0", "plan": {"buckets": [1, 4]}}
+
+    enc = backend.TrtImageEncoder(engine_path, entry)
+    assert (enc.host["pixels"].dtype, enc.host["embedding"].dtype) == (np.float16, np.float16)
+    pixels = np.random.default_rng(3).standard_normal((6, 3, size, size)).astype(np.float32)
+    want = (pixels.astype(np.float16).astype(np.float32).mean(axis=(2, 3)) @ weight).astype(np.float16)
+    for batch in (pixels, pixels[:1], pixels[:3]):   # chunks of 4, a bucket of 1, 3 padded to 4
+        got = enc(batch)
+        assert got.dtype == np.float32 and got.shape == (len(batch), F)
+        np.testing.assert_allclose(got, want[:len(batch)].astype(np.float32), rtol=2e-3, atol=2e-3)
+    enc.close()
+
+
 def test_trt_engine_mismatch_is_refused(copy, fake_trt, monkeypatch):
     from rich.console import Console
 
