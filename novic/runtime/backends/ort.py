@@ -99,7 +99,30 @@ def _check_io(session, path, inputs, outputs):
                        f"decoder contract {list(inputs)} -> {list(outputs)}; re-export with novic-export onnx")
 
 
-class OrtDecoderSession:
+class _GraphsOrPlain:
+    """`cuda_graphs` / `cuda_graph_error` of a session that replays CUDA graphs (`self._graphs`)
+    where onnxruntime can capture them, and otherwise runs plainly with the same results."""
+
+    _graphs = None
+    cuda_graph_error: str | None = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether calls are replayed as CUDA graphs (else `cuda_graph_error` may say why not)."""
+        return self._graphs is not None
+
+    def _start_graphs(self, make) -> None:
+        try:
+            self._graphs = make()
+        except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
+            self._graphs_off(exc)
+
+    def _graphs_off(self, exc: BaseException) -> None:
+        self.cuda_graph_error = first_line(exc)
+        self._graphs = None
+
+
+class OrtDecoderSession(_GraphsOrPlain):
     """DecoderSession over the prefill/step ONNX graphs (fp32 or fp16 cache)."""
 
     def __init__(self, prefill_path, step_path, config: DecoderConfig, *, provider: str = "cpu",
@@ -132,19 +155,12 @@ class OrtDecoderSession:
         self._ort = import_ort(provider)
         self._cache = None          # np.ndarray (plain run) or OrtValue (IOBinding)
         self._buffers: list = []    # the two ping-pong OrtValues of the current row count
-        self._graphs, self.cuda_graph_error = None, None
         if provider == "cuda" and cuda_graph:
-            try:
+            def graphs():
                 self._graph_prefill = make_session(prefill_path, provider, cuda_graph=True, **kw)
                 self._graph_step = make_session(step_path, provider, cuda_graph=True, **kw)
-                self._graphs = _DecoderGraphs(self)
-            except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
-                self.cuda_graph_error = first_line(exc)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether steps are replayed as CUDA graphs (else `cuda_graph_error` may say why not)."""
-        return self._graphs is not None
+                return _DecoderGraphs(self)
+            self._start_graphs(graphs)
 
     @property
     def drops_finished_rows(self) -> bool:
@@ -206,10 +222,6 @@ class OrtDecoderSession:
         scores, self._cache = self._run_bound(self._step, feeds, "kv_cache_out",
                                               self._next_buffer(len(tokens)))
         return self._scores(scores)
-
-    def _graphs_off(self, exc: BaseException) -> None:
-        self.cuda_graph_error = first_line(exc)
-        self._graphs = None
 
     # --- IOBinding --------------------------------------------------------------------------
     def _next_buffer(self, rows: int):
@@ -353,7 +365,7 @@ class _DecoderGraphs:
         return self._run("step", feeds, src, dst, source)
 
 
-class OrtImageEncoder:
+class OrtImageEncoder(_GraphsOrPlain):
     """pixels f32[B,3,H,W] (preprocessed) -> unit embeddings f32[B,F].
 
     cuda_graph (CUDA only): batches of up to GRAPH_BUCKETS[-1] images are padded to the next
@@ -370,17 +382,9 @@ class OrtImageEncoder:
         self._input, self._output = inp.name, out.name
         self.image_size = tuple(inp.shape[2:4])   # (H, W)
         self.embed_dim = out.shape[1]
-        self._graphs, self.cuda_graph_error = None, None
         if provider == "cuda" and cuda_graph:
-            try:
-                self._graphs = _EncoderGraphs(make_session(path, provider, cuda_graph=True, **kw),
-                                              import_ort(provider), device_id)
-            except Exception as exc:  # noqa: BLE001 - e.g. nodes that onnxruntime keeps on the CPU
-                self.cuda_graph_error = first_line(exc)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self._graphs is not None
+            self._start_graphs(lambda: _EncoderGraphs(make_session(path, provider, cuda_graph=True, **kw),
+                                                      import_ort(provider), device_id))
 
     def __call__(self, pixels) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -391,8 +395,7 @@ class OrtImageEncoder:
             try:
                 return self._graphs(pixels)
             except Exception as exc:  # noqa: BLE001 - capture failed at run time: go on without
-                self.cuda_graph_error = first_line(exc)
-                self._graphs = None
+                self._graphs_off(exc)
         return self._session.run([self._output], {self._input: pixels})[0]
 
 
