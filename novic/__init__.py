@@ -1,14 +1,15 @@
 """novic: open-vocabulary image classification (NOVIC): train, export, and run without torch.
 
 `from novic import Classifier` is lazy: importing `novic` loads nothing heavy (no numpy, PIL,
-onnxruntime or torch); the runtime is imported on first use of `Classifier`, `Batcher`, `Result`
-or `Label`.
+onnxruntime or torch); the runtime is imported on first use of `Classifier`, `Batcher`, `Result`,
+`Label` or `ClassifierError`.
 """
 __version__ = "0.1.0"
 
-__all__ = ["Batcher", "Classifier", "Label", "Result", "__version__"]
+__all__ = ["Batcher", "Classifier", "ClassifierError", "Label", "Result", "__version__"]
 
-_LAZY = {"Classifier": "novic.runtime.classifier", "Label": "novic.runtime.classifier",
+_LAZY = {"Classifier": "novic.runtime.classifier", "ClassifierError": "novic.runtime.classifier",
+         "Label": "novic.runtime.classifier",
          "Result": "novic.runtime.classifier", "Batcher": "novic.runtime.batching"}
 
 

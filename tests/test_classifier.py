@@ -127,6 +127,22 @@ def test_user_vocab_list_file_and_skipped_nouns(classifier, photo_dir, tmp_path,
         classifier.vocabulary(tmp_path / "missing.txt")
 
 
+def test_check_options_answers_without_an_image(classifier):
+    """What a service checks per request before it reads the image: the normalised options, or one
+    ClassifierError line (also exported as novic.ClassifierError)."""
+    import novic
+
+    topk, width, temp, alpha, vocab = classifier.check_options(topk=3, vocab=["cat", "dog"], beam_width=4)
+    assert (topk, width, temp, alpha) == (3, 4, 1.0, 0.0) and vocab.nouns == ["cat", "dog"]
+    assert classifier.check_options(guided=False)[4] is None                 # free decoding: no vocabulary
+    for kwargs, match in (({"topk": 11}, "topk 11 exceeds beam_width 10"),
+                          ({"temperature": 0}, "temperature must be a positive number"),
+                          ({"guided": False, "beam_width": 50}, "novic-export onnx --topk 50"),
+                          ({"guided": False, "vocab": ["cat"]}, "vocab= restricts guided decoding")):
+        with pytest.raises(novic.ClassifierError, match=match):
+            classifier.check_options(**kwargs)
+
+
 def test_cli_vocab_file(runtime_bundle, photo_dir, tmp_path):
     f = tmp_path / "nouns.txt"
     f.write_text("cat\nrocket\nzzqqxxjj\n")

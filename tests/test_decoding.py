@@ -481,6 +481,7 @@ class Recorder:
 
     def __init__(self, inner):
         self.inner, self.config, self.topk = inner, inner.config, inner.topk
+        self.drops_finished_rows = getattr(inner, "drops_finished_rows", False)   # a wrapper forwards it
         self.widths, self.read = [], []
 
     def _log(self, cand_ids, out):
@@ -510,11 +511,16 @@ def test_host_reads_only_candidates(tiny):
 
 
 class RowRecorder(Recorder):
-    """Keeps the tokens fed to each step, and says whether finished rows may be dropped."""
+    """Keeps the tokens fed to each step, and says whether finished rows may be dropped (None:
+    says nothing, like a session that does not know about it)."""
 
-    def __init__(self, inner, drops: bool):
+    def __init__(self, inner, drops: bool | None):
         super().__init__(inner)
-        self.drops_finished_rows, self.fed = drops, []
+        self.fed = []
+        if drops is None:
+            del self.drops_finished_rows
+        else:
+            self.drops_finished_rows = drops
 
     def step(self, tokens, position, beam_idx, temperature, cand_ids):
         self.fed.append(np.array(tokens, copy=True))
@@ -523,8 +529,9 @@ class RowRecorder(Recorder):
 
 @pytest.mark.parametrize("how", ["beam", "beam guided", "greedy", "greedy guided"])
 def test_finished_beams_are_not_stepped(tiny, how):
-    """Steps run only the unfinished rows (a finished beam's EOS needs no decoder), with the same
-    hypotheses as stepping every row; a session may opt out (drops_finished_rows = False)."""
+    """Steps run only the unfinished rows (a finished beam's EOS needs no decoder) where the session
+    allows it, with the same hypotheses as stepping every row; a session that says False, or says
+    nothing, is given every row."""
     _, session = tiny
     embeds = unit_embeddings(16, TINY.embed_dim, seed=61)
     trie = TokenTrie(random_nouns(500, TINY, seed=62)) if "guided" in how else None
@@ -534,13 +541,74 @@ def test_finished_beams_are_not_stepped(tiny, how):
     else:
         def run(s):
             return [[h] for h in search.greedy(s, embeds, trie=trie)]
-    dropping, keeping = RowRecorder(session, True), RowRecorder(session, False)
+    dropping, keeping, silent = RowRecorder(session, True), RowRecorder(session, False), RowRecorder(session, None)
     got, want = run(dropping), run(keeping)
     assert_same(want, got)
+    assert_same(want, run(silent))
+    assert [len(fed) for fed in silent.fed] == [len(fed) for fed in keeping.fed]
     assert all((fed != EOS).all() for fed in dropping.fed)           # no finished row was stepped
     assert any((fed == EOS).any() for fed in keeping.fed)            # ... and there were some
     assert sum(map(len, dropping.fed)) < sum(map(len, keeping.fed))
     assert {len(fed) for fed in keeping.fed} == {len(embeds) * (10 if how.startswith("beam") else 1)}
+
+
+class HistorySession:
+    """A fake decoder whose log-probs depend on each row's whole history (a hash of the tokens fed
+    through beam_idx), with EOS often likely: beams finish at many steps, and the live rows can
+    grow again (one live beam with several live children displacing finished ones)."""
+
+    def __init__(self, cfg, topk, seed, eos_high, drops):
+        rng = np.random.default_rng(seed)
+        self.logits = 2.0 * rng.standard_normal((257, cfg.vocab_size)).astype(np.float32)
+        self.logits[:, EOS] = rng.uniform(-2, eos_high, 257)
+        self.config, self.topk, self.drops_finished_rows = cfg, topk, drops
+        self.rows_per_step = []
+
+    def _scores(self, temperature, cand_ids, first):
+        logp = torch.log_softmax(torch.from_numpy(self.logits[self.state] / np.float32(temperature)), -1).numpy()
+        if first:
+            logp[:, EOS] = -np.inf
+        order = np.argsort(-logp, axis=1, kind="stable")[:, :self.topk]
+        return search.StepScores(np.take_along_axis(logp, order, 1), order,
+                                 np.take_along_axis(logp, np.asarray(cand_ids), 1))
+
+    def prefill(self, embeds, temperature, cand_ids):
+        self.state = np.abs(embeds[:, 0] * 1e6).astype(np.int64) % len(self.logits)
+        return self._scores(temperature, cand_ids, True)
+
+    def step(self, tokens, position, beam_idx, temperature, cand_ids):
+        assert np.min(beam_idx) >= 0 and np.max(beam_idx) < len(self.state)
+        self.state = (self.state[beam_idx] * 1_000_003 + np.asarray(tokens) * 7919 + position) % len(self.logits)
+        self.rows_per_step.append(len(tokens))
+        return self._scores(temperature, cand_ids, False)
+
+
+def test_dropping_rows_matches_all_rows_on_random_histories():
+    """Random small vocabularies, batches, widths, temperatures, alphas, tries: dropping finished
+    rows gives bit-identical hypotheses to stepping every row, also where the rows grow again."""
+    rng = np.random.default_rng(0)
+    shrank = grew = 0
+    for _ in range(150):
+        V, T = int(rng.integers(8, 40)), int(rng.integers(2, 8))
+        cfg = DecoderConfig(embed_dim=4, vocab_size=V, max_tokens=T + 1, width=8, heads=1, ffn_width=4, layers=1)
+        topk = int(rng.integers(1, min(V, 12) + 1))
+        trie = TokenTrie(random_nouns(int(rng.integers(1, 60)), cfg, seed=int(rng.integers(1 << 30)))) \
+            if rng.random() < 0.5 else None
+        width = int(rng.integers(1, 11)) if trie else int(rng.integers(1, topk + 1))
+        embeds = rng.standard_normal((int(rng.integers(1, 7)), 4)).astype(np.float32)
+        kw = dict(temperature=float(rng.choice([1.0, 0.5, 2.0])), trie=trie)
+        alpha = float(rng.choice([0.0, 0.7]))
+        seed, eos_high = int(rng.integers(1 << 30)), float(rng.uniform(0, 8))
+        sessions = [HistorySession(cfg, topk, seed, eos_high, drops) for drops in (True, False, True, False)]
+        results = [search.beam_search(s, embeds, width, alpha=alpha, **kw) for s in sessions[:2]]
+        results += [[[h] for h in search.greedy(s, embeds, **kw)] for s in sessions[2:]]
+        for got, want in (results[:2], results[2:]):
+            assert [[(h.tokens, h.logprob) for h in hs] for hs in got] == \
+                [[(h.tokens, h.logprob) for h in hs] for hs in want]
+        n = sessions[0].rows_per_step
+        shrank += n != sessions[1].rows_per_step
+        grew += any(b > a for a, b in zip(n, n[1:]))
+    assert shrank > 50 and grew > 0
 
 
 # --- full-size decoder ------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from novic.runtime.search import StepScores
 
 
 class TorchDecoderSession:
+    drops_finished_rows = True   # any row count works: search may step only unfinished beams
+
     def __init__(self, model: ObjectDecoder, topk: int = 10):
         self.model = model.eval()
         self.config = model.cfg

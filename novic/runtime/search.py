@@ -3,8 +3,9 @@
 Semantics: docs/internals.md "Decoding semantics"; the PyTorch oracle in novic/model/reference.py
 implements the same rules by full recomputation and must give identical tokens.
 
-All B images x K beams advance in one session call per position; only unfinished beams' rows
-are stepped (a finished beam needs no decoder; see beam_search). The host only reads back
+All B images x K beams advance in one session call per position; where the session allows it,
+only unfinished beams' rows are stepped (a finished beam needs no decoder; see beam_search). The
+host only reads back
 O(B x K x k) numbers: the session's top-k (free decoding) or the log-probs of the trie children
 of each beam (guided decoding), never a vocabulary-sized row; per-step cost is independent of
 the number of nouns.
@@ -13,9 +14,10 @@ Host cost (bench/search_overhead.py): every step is a fixed number of vectorised
 B x K rows; trie candidates are gathered from the trie's flat per-node rows and only the entries
 of the rows in use are touched (per-row top-K by a partial sort on packed (log-prob, column) keys),
 never a [rows, widest row] sort. Guided steps pad cand_ids to one width per search
-(`TokenTrie.depth_candidates[t]` at step t; the prefill uses the root's row), so a session sees
-the same shapes for every batch (CUDA graphs can be replayed). The cand_ids array handed to
-`session.step` is reused (rewritten) by the next step: a session must copy what it keeps.
+(`TokenTrie.depth_candidates[t]` at step t; the prefill uses the root's row), so a session that
+is given every row sees the same shapes for every batch (CUDA graphs can be replayed). The
+cand_ids array handed to `session.step` is reused (rewritten) by the next step: a session must
+copy what it keeps.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ class DecoderSession(Protocol):
 
     config: DecoderConfig
     topk: int
-    # Optional `drops_finished_rows: bool` (default True): search then steps only the rows of
-    # unfinished beams (see beam_search); a session whose replays need fixed row counts says False.
+    # Optional `drops_finished_rows: bool` (absent = False): True lets search step only the rows
+    # of unfinished beams (`_Rows`); a session whose replays need fixed row counts leaves it out.
 
     def prefill(self, embeds: np.ndarray, temperature: float,
                 cand_ids: np.ndarray) -> StepScores: ...
@@ -247,31 +249,50 @@ def _select(score, done, lp, width):
     return parent, slot, new_score
 
 
-def _spread(rows: np.ndarray, n: int, values: np.ndarray, fill) -> np.ndarray:
-    """values [len(rows), ...] of the rows that ran -> [n, ...] with `fill` in the other rows."""
-    if len(rows) == n:
-        return values
-    out = np.full((n, *values.shape[1:]), fill, values.dtype)
-    out[rows] = values
-    return out
+class _Rows:
+    """Which beams (or images) the last session call ran, in its row order, so that a search steps
+    only the unfinished ones: a finished beam only ever appends EOS with log-prob 0 and needs no
+    decoder. Only for sessions that say `drops_finished_rows = True`; others get every row."""
 
+    def __init__(self, session: DecoderSession, n: int):
+        self.drop = bool(getattr(session, "drops_finished_rows", False))
+        self.ran = np.arange(n, dtype=np.int64)
 
-def _row_of(rows: np.ndarray, n: int) -> np.ndarray:
-    """Where each of n beams sits in the last session call's outputs and cache (-1: not run)."""
-    row = np.full(n, -1, np.int64)
-    row[rows] = np.arange(len(rows))
-    return row
+    def spread(self, n: int, values: np.ndarray, fill) -> np.ndarray:
+        """values [len(ran), ...] from the last call -> [n, ...], `fill` where a row did not run."""
+        if len(self.ran) == n:
+            return values
+        out = np.full((n, *values.shape[1:]), fill, values.dtype)
+        out[self.ran] = values
+        return out
+
+    def row_of(self, n: int) -> np.ndarray:
+        """Where each of n beams sits in the last call's outputs and cache (-1: not run)."""
+        if len(self.ran) == n:   # every beam ran: ran is arange(n)
+            return self.ran
+        row = np.full(n, -1, np.int64)
+        row[self.ran] = np.arange(len(self.ran))
+        return row
+
+    def next(self, done: np.ndarray) -> None:
+        """The next call runs the unfinished beams (or all)."""
+        self.ran = np.flatnonzero(~done) if self.drop else np.arange(len(done), dtype=np.int64)
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """The entries of the beams the next call runs (values itself when that is all of them)."""
+        return values if len(self.ran) == len(values) else values[self.ran]
 
 
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
                 alpha: float = 0.0, trie: TokenTrie | None = None) -> list[list[Hypothesis]]:
     """Beam search (free, or guided by a noun trie). -> per image, hypotheses best first.
 
-    A finished beam only ever appends EOS with log-prob 0, so it needs no decoder: each step runs
-    the unfinished beams' rows alone (`ran`), and the finished ones get their EOS in `_select`.
-    Beams finish early (one image of the CPU bench's paper config: 10, 7, 3, 1 rows at steps 1-4),
-    and a step's cost grows with its rows (docs/benchmarks.md, "CPU", run 5: decoding 1.5x faster). A session that needs fixed row counts (CUDA graphs keyed by shape) sets
-    `drops_finished_rows = False` and is given every row, as before."""
+    A finished beam only ever appends EOS with log-prob 0, so it needs no decoder: when the
+    session allows it (`drops_finished_rows`), each step runs the unfinished beams' rows alone
+    (`_Rows`) and the finished ones get their EOS in `_select`. Beams finish early (on the CPU
+    bench's paper config, one random embedding stepped 10, 7, 3 and 1 rows), and a step's cost
+    grows with its rows (docs/benchmarks.md, "CPU", run 5: decoding 1.5x faster). Sessions that
+    replay CUDA graphs keyed by row count do not allow it and are given every row."""
     embeds = _check(session, embeds, width, temperature, trie)
     cfg = session.config
     B, K, T = len(embeds), int(width), cfg.max_new_tokens
@@ -280,7 +301,6 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     P = cfg.prefix_len
     temperature = float(temperature)
     first_row = np.arange(B, dtype=np.int64)[:, None]  # times Kp: an image's first row
-    drop_finished = getattr(session, "drops_finished_rows", True)
 
     # Beam state, flat over B x Kp rows; before the first token every image has one empty,
     # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
@@ -292,7 +312,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     guide = _Guide(trie) if trie is not None else None
     cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
     out = session.prefill(embeds, temperature, cand_ids)
-    ran = np.arange(B, dtype=np.int64)  # the beams the last call ran, in its row order
+    rows = _Rows(session, B)
     no_cands = np.zeros((B * K, 1), np.int64)
 
     for t in range(1, T + 1):  # out holds the scores for token t
@@ -300,18 +320,18 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         n = B * Kp
         if guide is not None:
             lp, col = guide.top(out.cand_logprobs, K)
-            col = _spread(ran, n, col, 0)
+            col = rows.spread(n, col, 0)
         else:
             lp = np.asarray(out.topk_logprobs, np.float32)
-            ids = _spread(ran, n, np.asarray(out.topk_ids, np.int64), EOS)
+            ids = rows.spread(n, np.asarray(out.topk_ids, np.int64), EOS)
             lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
-        lp = _spread(ran, n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
+        lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
         G = lp.shape[1]
         parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K)
         src = (first_row * Kp + parent).reshape(-1)  # previous beam each new beam continues
         slot = slot.reshape(-1)
         was_done = done[src]
-        row = _row_of(ran, n)[src]  # its row in the last call (-1 only if it was finished)
+        row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
         if guide is not None:
             token, nxt = guide.pick(np.maximum(row, 0), col.reshape(-1)[src * G + slot], was_done)
         else:
@@ -324,13 +344,13 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
 
         if t == T or done.all():
             break
-        ran = np.flatnonzero(~done) if drop_finished else np.arange(len(done))
+        rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(np.where(done, -1, nxt)[ran])
+            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
         else:
-            cand_ids = no_cands[:len(ran)]
-        # a live beam's parent was live, so it ran: row >= 0 wherever ran points
-        out = session.step(token[ran], P + t - 1, row[ran], temperature, cand_ids)
+            cand_ids = no_cands[:len(rows.ran)]
+        # a live beam's parent was live, so it ran: row >= 0 for every beam that runs
+        out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)
 
     Kf = score.shape[1]
     finished = done & (score.reshape(-1) > NEG_INF)
@@ -348,7 +368,6 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
     if B == 0:
         return []
     temperature = float(temperature)
-    rows = np.arange(B)
     score = np.zeros(B, np.float32)
     done = np.zeros(B, bool)
     length = np.zeros(B, np.int64)
@@ -357,17 +376,17 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
     guide = _Guide(trie) if trie is not None else None
     cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
     out = session.prefill(embeds, temperature, cand_ids)
-    drop_finished = getattr(session, "drops_finished_rows", True)
-    ran = rows  # the images the last call ran, in its row order (as in beam_search)
+    rows = _Rows(session, B)   # as in beam_search: only unfinished images are stepped
     for t in range(1, T + 1):
-        row = _row_of(ran, B)
+        row = rows.row_of(B)
         if guide is not None:
             best, col = guide.top(out.cand_logprobs, 1)
-            best = _spread(ran, B, best[:, 0], NEG_INF)
-            token, nxt = guide.pick(np.maximum(row, 0), _spread(ran, B, col[:, 0], 0), done)
+            best = rows.spread(B, best[:, 0], NEG_INF)
+            token, nxt = guide.pick(np.maximum(row, 0), rows.spread(B, col[:, 0], 0), done)
         else:
-            token = np.where(done, EOS, _spread(ran, B, np.asarray(out.topk_ids)[:, 0].astype(np.int64), EOS))
-            best = _spread(ran, B, np.asarray(out.topk_logprobs, np.float32)[:, 0], NEG_INF)
+            ids = rows.spread(B, np.asarray(out.topk_ids)[:, 0].astype(np.int64), EOS)
+            token = np.where(done, EOS, ids)
+            best = rows.spread(B, np.asarray(out.topk_logprobs, np.float32)[:, 0], NEG_INF)
         score = np.where(done, score, score + best)
         grows = token != EOS  # a finished sequence's token is EOS
         tokens[:, t - 1] = token  # grows => the sequence had t - 1 tokens; else EOS = 0
@@ -375,11 +394,11 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
         done = ~grows
         if t == T or done.all():
             break
-        ran = np.flatnonzero(~done) if drop_finished else rows
+        rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(np.where(done, -1, nxt)[ran])
+            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
         else:
-            cand_ids = cand_ids[:len(ran)]
-        out = session.step(token[ran], P + t - 1, row[ran], temperature, cand_ids)
+            cand_ids = cand_ids[:len(rows.ran)]
+        out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)
     return [Hypothesis(tuple(seq[:n]), s, math.exp(s))
             for seq, n, s in zip(tokens.tolist(), length.tolist(), score.tolist())]

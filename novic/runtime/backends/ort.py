@@ -166,7 +166,7 @@ class OrtDecoderSession(_GraphsOrPlain):
     def drops_finished_rows(self) -> bool:
         """Whether search may step only the unfinished beams (search.beam_search). Not while
         steps replay CUDA graphs: those are keyed by row count and read fixed buffers, so a step
-        with fewer rows than the cache it reads would run uncaptured."""
+        with fewer rows than the cache it reads would run uncaptured (and allocate new buffers)."""
         return self._graphs is None
 
     # --- inputs -----------------------------------------------------------------------------
@@ -225,14 +225,17 @@ class OrtDecoderSession(_GraphsOrPlain):
 
     # --- IOBinding --------------------------------------------------------------------------
     def _next_buffer(self, rows: int):
-        """The ping-pong buffer that is not the current cache, for `rows` rows."""
-        cfg = self.config
-        shape = list(cfg.cache_shape(rows))
-        if not self._buffers or list(self._buffers[0].shape()) != shape:
-            make = self._ort.OrtValue.ortvalue_from_shape_and_type
-            self._buffers = [make(shape, self.cache_dtype, self._device, self.device_id)
-                             for _ in range(2)]
-        return self._buffers[1] if self._cache is self._buffers[0] else self._buffers[0]
+        """A cache buffer for `rows` rows that is not the current cache: two ping-pong while the
+        row count stays; a new count (search drops finished beams) starts over with one."""
+        shape = list(self.config.cache_shape(rows))
+        if self._buffers and list(self._buffers[0].shape()) != shape:
+            self._buffers = []
+        for buffer in self._buffers:
+            if buffer is not self._cache:
+                return buffer
+        make = self._ort.OrtValue.ortvalue_from_shape_and_type
+        self._buffers.append(make(shape, self.cache_dtype, self._device, self.device_id))
+        return self._buffers[-1]
 
     def _run_bound(self, session, feeds, cache_out: str, out_buffer):
         binding = session.io_binding()
