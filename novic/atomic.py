@@ -34,21 +34,25 @@ def named(exc: OSError, path) -> OSError:
 
 
 @contextmanager
-def open_atomic(path: Path):
-    """A temp file next to `path`, open for writing; when the block ends without an error it is
-    fsynced and renamed over `path` (and the directory fsynced), else removed.
-    Created with mode 0o666 minus the umask, like any new file (mkstemp's 0o600 would make a
-    bundle or checkpoint unreadable to the service user that loads it)."""
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+def atomic_path(path):
+    """A temp file name next to `path`, for writers that take a name (safetensors' save_file):
+    when the block ends without an error the file is fsynced and renamed over `path` (and the
+    directory fsynced), else removed. The temp file is created first (exclusively), with mode
+    0o666 minus the umask like any new file (mkstemp's 0o600 would make a bundle or checkpoint
+    unreadable to the service user that loads it); the writer truncates it and keeps the mode."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:   # name the file the caller asked for, not our hidden temp file
         raise named(exc, path) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)   # the file's data, whichever descriptor wrote it
+        finally:
+            os.close(fd)
         try:
             os.replace(tmp, path)
         except OSError as exc:   # e.g. `path` is a directory: name it, not the temp file
@@ -58,6 +62,13 @@ def open_atomic(path: Path):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def open_atomic(path: Path):
+    """`atomic_path`, opened for writing."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def check_writable_dir(directory) -> None:
@@ -92,6 +103,15 @@ def write_bytes_atomic(path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(path) as f:
         f.write(data)
+
+
+def write_file_atomic(path, write) -> None:
+    """`write(temp_name)` makes the file, which then replaces `path` like write_bytes_atomic: for
+    writers that take a file name, with no in-memory copy of what they write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def write_json_atomic(path, data, dumps=None) -> None:

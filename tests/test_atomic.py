@@ -1,6 +1,7 @@
 """Atomic file moves (novic.atomic): the target is the old file or the whole new one."""
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -48,9 +49,26 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         atomic.write_bytes_atomic(tmp_path / "manifest.json", b"{}")
+        atomic.write_file_atomic(tmp_path / "w.safetensors", lambda name: Path(name).write_bytes(b"x"))
     finally:
         os.umask(old)
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_write_file_atomic_by_name(tmp_path):
+    """A writer that takes a file name (safetensors' save_file) writes a temp file that replaces the
+    target whole; a writer that fails leaves the old file and no temp file."""
+    target = tmp_path / "sub" / "state.safetensors"
+    atomic.write_file_atomic(target, lambda name: Path(name).write_bytes(b"first"))
+    assert target.read_bytes() == b"first"
+
+    def half(name):
+        Path(name).write_bytes(b"half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_file_atomic(target, half)
+    assert target.read_bytes() == b"first" and sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
 def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from novic.atomic import write_bytes_atomic
+from novic.atomic import write_file_atomic
 from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
 from novic.model.embedder import EmbedderSpec
@@ -99,7 +99,7 @@ def _problems(ckpt: Checkpoint) -> list[str]:
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write atomically: a temp file in the same directory, then os.replace."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     path = Path(path)
     problems = _problems(ckpt)
@@ -114,8 +114,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         raise CheckpointError(f"not saving {path}: meta must be JSON-serialisable ({e})") from None
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "novic": text}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.state_dict.items()}
-    data = save(tensors, metadata=metadata)
-    write_bytes_atomic(path, data)
+    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
     return path
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
-from novic.atomic import check_writable_dir, write_bytes_atomic, write_json_atomic
+from novic.atomic import check_writable_dir, write_file_atomic, write_json_atomic
 from novic.config import EOS, DecoderConfig
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
@@ -163,7 +163,7 @@ STATE_FILES, CHECKPOINT_FILES = "state-*.safetensors", "checkpoint-*.safetensors
 
 
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict):
-    write_bytes_atomic(path, save(tensors, metadata=metadata))
+    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
 
 
 def save_train_state(path: Path, model, optimizer, step: int, config: dict):
