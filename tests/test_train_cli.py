@@ -164,7 +164,7 @@ def test_tiny_open_clip_training_end_to_end(tmp_path):
 def test_unwritable_out_dir_fails_before_any_work(tmp_path, no_work):
     (tmp_path / "a_file").write_text("x")
     res = runner.invoke(main, ["train", "-o", f"out_dir={tmp_path / 'a_file' / 'run'}"])
-    assert isinstance(res.exception, NotADirectoryError) and res.exception.filename == str(tmp_path / "a_file")
+    assert_one_line_error(res, f"{tmp_path / 'a_file'}: Not a directory; check the path and its permissions")
 
 
 def test_console_script_turns_os_errors_into_one_line(tmp_path, monkeypatch, capsys):

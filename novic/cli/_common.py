@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import contextmanager
 from typing import NoReturn
 
 from rich.console import Console
@@ -48,16 +49,28 @@ def not_yet(what: str, issue: int) -> "NoReturn":  # noqa: F821
     raise SystemExit(2)
 
 
-def run_app(app) -> None:
-    """Run a typer app; errors that carry a clear message become one line and exit code 1."""
+@contextmanager
+def one_line_errors(*also: type):
+    """Errors that carry a clear message become one error line and exit code 1, no traceback:
+    novic's own (NovicError), an OSError (a missing or unwritable path), and the `also` types that
+    a console script knows to be its users' mistakes (their messages folded onto one line)."""
     from novic.errors import NovicError
 
     try:
-        app()
+        yield
     except NovicError as exc:
         fail(str(exc))
+    except also as exc:
+        fail(" ".join(str(exc).split()))
     except OSError as exc:   # e.g. an output path that cannot be written: one line, not a traceback
         fail(os_error_line(exc))
+
+
+def run_app(app, *also: type) -> None:
+    """Run a typer app under `one_line_errors(*also)`; Ctrl-C is one line and exit code 130."""
+    try:
+        with one_line_errors(*also):
+            app()
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

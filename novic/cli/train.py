@@ -13,13 +13,12 @@ before any work. Imports are lazy so that --help is fast.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from novic.cli._common import fail, run_app
+from novic.cli._common import one_line_errors, run_app
 
 app = typer.Typer(help="Train a NOVIC object decoder from text (captions of nouns) alone.",
                   add_completion=False, no_args_is_help=True)
@@ -27,14 +26,15 @@ app = typer.Typer(help="Train a NOVIC object decoder from text (captions of noun
 OVERRIDE = typer.Option(None, "--set", "-o", help="Override a config key: section.key=value.")
 
 
-@contextmanager
+# Bad input or config: one line on stderr and exit code 1, no traceback. Besides novic's own
+# errors: ValueError (torch's and the config's checks), ImportError (an optional package), and
+# FileNotFoundError (whose messages here name the file and the fix).
+USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
+
+
 def clear_errors():
-    """Bad input or config: one line on stderr and exit code 1, no traceback."""
-    from novic.errors import NovicError
-    try:
-        yield
-    except (ValueError, FileNotFoundError, ImportError, NovicError) as e:
-        fail(" ".join(str(e).split()))
+    """Inside each command, so that the commands give one line under typer's CliRunner too."""
+    return one_line_errors(*USER_ERRORS)
 
 
 def _config(path: Optional[Path], overrides: Optional[List[str]]):
@@ -99,7 +99,7 @@ def train(config_file: Optional[Path] = typer.Argument(None, help="Config (.json
 
 
 def main():
-    run_app(app)   # and any OSError (an unwritable out_dir or config path) is one line too
+    run_app(app, *USER_ERRORS)
 
 if __name__ == "__main__":
     main()
