@@ -151,6 +151,7 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
     `n_heldout` are held out. With fewer sources than asked for, both shrink proportionally."""
     from rich.console import Console
 
+    from novic.runtime.images import ImageError
     from novic.runtime.preprocess import Preprocessor
 
     if n_calib < 1 or n_heldout < 1:
@@ -183,8 +184,11 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
             try:
                 pixels.append(pre(src))
                 names.append(name)
+            except ImageError as exc:   # its message starts with its own name for the source: use ours
+                skipped.append(f"{name}: {exc.problem}; {exc.fix}")
+                continue
             except Exception as exc:  # noqa: BLE001 - one bad file does not stop calibration
-                skipped.append(str(exc) if str(exc).startswith(str(src)) else f"{name}: {exc}")   # no name twice
+                skipped.append(f"{name}: {exc}")
                 continue
             progress.advance(task)
     if len(pixels) < 2:
