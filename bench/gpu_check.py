@@ -111,6 +111,44 @@ def encoder_graphs_ab(bundle_dir: str, backend: str, precisions, batches=(1, 8, 
     return out
 
 
+def decoder_rows_ab(bundle_dir: str, backend: str, precision: str, batches=(1, 32, 256), reps: int = 10) -> dict:
+    """Guided beam-10 decoding alone: CUDA-graph replay, which is given every row (finished beams
+    too), against plain runs that step only the unfinished beams (search.beam_search drops
+    finished rows where a session runs uncaptured), in one process; the tokens must agree."""
+    from novic.bench.timing import measure
+    from novic.runtime.backends.ort import OrtDecoderSession
+    from novic.runtime.bundle import Bundle
+    from novic.runtime.search import beam_search
+    from novic.runtime.trie import TokenTrie
+
+    provider = "cuda" if backend == "ort-cuda" else "cpu"
+    bundle = Bundle.open(bundle_dir)
+    graphs = (bundle.artifact_path("decoder_prefill", precision), bundle.artifact_path("decoder_step", precision))
+    graphed = OrtDecoderSession(*graphs, bundle.decoder_config, provider=provider)
+    plain = OrtDecoderSession(*graphs, bundle.decoder_config, provider=provider, cuda_graph=False)
+    trie = TokenTrie(bundle.noun_tokens)
+    rng = np.random.default_rng(0)
+    out = {"precision": precision, "graphs": graphed.cuda_graphs, "graph_error": graphed.cuda_graph_error,
+           "drops_rows": {"graphs": graphed.drops_finished_rows, "plain": plain.drops_finished_rows}}
+    for b in batches:
+        embeds = rng.standard_normal((b, bundle.embed_dim)).astype(np.float32)
+        embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+        same = sum([h.tokens for h in x] == [h.tokens for h in y] for x, y in
+                   zip(beam_search(graphed, embeds, 10, trie=trie), beam_search(plain, embeds, 10, trie=trie)))
+        t_graph = measure(lambda: beam_search(graphed, embeds, 10, trie=trie), reps=reps)["p50_ms"]
+        t_plain = measure(lambda: beam_search(plain, embeds, 10, trie=trie), reps=reps)["p50_ms"]
+        out[b] = {"graphs_all_rows_ms": t_graph, "plain_dropping_ms": t_plain, "same_beams": same}
+        log(f"decoder {precision} batch {b}: {_how(graphed)} {t_graph:.2f} ms; {_how(plain)} {t_plain:.2f} ms "
+            f"({t_graph / t_plain:.2f}x); same beam lists {same}/{b}")
+    return out
+
+
+def _how(session) -> str:
+    """What a decoder session really did (on the CPU neither side has graphs, both drop rows)."""
+    return (f"{'CUDA graphs' if session.cuda_graphs else 'plain runs'}, "
+            f"{'unfinished rows only' if session.drops_finished_rows else 'every row'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check_out")
@@ -149,6 +187,12 @@ def main() -> int:
     except Exception:
         results["encoder_graphs_error"] = traceback.format_exc()
         log(results["encoder_graphs_error"])
+    save()
+    try:
+        results["decoder_rows"] = decoder_rows_ab(paths["bundle"], args.backend, args.precisions.split(",")[0])
+    except Exception:
+        results["decoder_rows_error"] = traceback.format_exc()
+        log(results["decoder_rows_error"])
     save()
     batches = [int(b) for b in args.batches.split(",")]
     baseline = None
