@@ -40,6 +40,8 @@ class FakeSession:
     the path like a real decoder's. Top-k is sorted once at construction (stable descending,
     EOS excluded at the prefill). `elapsed` accumulates the time spent inside the calls."""
 
+    drops_finished_rows = True   # like onnxruntime on the CPU: search steps only unfinished beams
+
     def __init__(self, cfg: DecoderConfig, topk: int = 10, rows: int = 1024, seed: int = 0):
         rng = np.random.default_rng(seed)
         V = cfg.vocab_size

@@ -33,26 +33,61 @@ def named(exc: OSError, path) -> OSError:
     return type(exc)(exc.errno, exc.strerror, str(path))
 
 
-@contextmanager
-def atomic_path(path):
-    """A temp file name next to `path`, for writers that take a name (safetensors' save_file):
-    when the block ends without an error the file is fsynced and renamed over `path` (and the
-    directory fsynced), else removed. The temp file is created first (exclusively), with mode
-    0o666 minus the umask like any new file (mkstemp's 0o600 would make a bundle or checkpoint
-    unreadable to the service user that loads it); the writer truncates it and keeps the mode."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+def fsync_file(path) -> None:
+    """Make a file's data durable, whichever descriptor wrote it."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path, keep_suffix: bool = False) -> Path:
+    """A hidden, unpredictable name next to `path`: `.NAME.HEX.tmp` (what a crashed run leaves, and
+    what cleanups glob for), plus the target's suffix for writers that take a name (np.save, for
+    one, appends .npy to a name without it)."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix if keep_suffix else ''}"
+
+
+@contextmanager
+def open_atomic(path: Path):
+    """A temp file next to `path`, open for writing; when the block ends without an error it is
+    fsynced and renamed over `path` (and the directory fsynced), else removed.
+    Created exclusively with mode 0o666 minus the umask, like any new file (mkstemp's 0o600 would
+    make a bundle or checkpoint unreadable to the service user that loads it), and written through
+    that descriptor (so a umask without owner-write still works)."""
+    tmp = _temp_name(Path(path))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:   # name the file the caller asked for, not our hidden temp file
         raise named(exc, path) from None
-    try:
+    with _replacing(tmp, path):
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path):
+    """A temp file name next to `path` (not created yet), for writers that take a name
+    (safetensors' save_file): when the block ends without an error the file they made is fsynced
+    and renamed over `path` (and the directory fsynced), else removed."""
+    path = Path(path)
+    tmp = _temp_name(path, keep_suffix=True)
+    with _replacing(tmp, path):
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)   # the file's data, whichever descriptor wrote it
-        finally:
-            os.close(fd)
+            fsync_file(tmp)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "the writer made no file", str(path)) from None
+
+
+@contextmanager
+def _replacing(tmp: Path, path):
+    """Rename `tmp` over `path` after the block (fsyncing the directory), or remove it on an error."""
+    try:
+        yield
         try:
             os.replace(tmp, path)
         except OSError as exc:   # e.g. `path` is a directory: name it, not the temp file
@@ -61,14 +96,7 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
-
-
-@contextmanager
-def open_atomic(path: Path):
-    """`atomic_path`, opened for writing."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        yield f
+    fsync_dir(Path(path).parent)
 
 
 def check_writable_dir(directory) -> None:

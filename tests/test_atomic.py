@@ -3,6 +3,7 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from novic import atomic
@@ -69,6 +70,29 @@ def test_write_file_atomic_by_name(tmp_path):
     with pytest.raises(OSError, match="No space"):
         atomic.write_file_atomic(target, half)
     assert target.read_bytes() == b"first" and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+    with pytest.raises(FileNotFoundError) as info:          # a writer that made nothing publishes nothing
+        atomic.write_file_atomic(target, lambda name: None)
+    assert info.value.filename == str(target) and target.read_bytes() == b"first"
+    # np.save appends .npy to a name without it: the temp name keeps the target's suffix
+    arr = np.arange(10)
+    atomic.write_file_atomic(tmp_path / "a.npy", lambda name: np.save(name, arr))
+    assert np.array_equal(np.load(tmp_path / "a.npy"), arr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "sub"]
+
+
+@pytest.mark.parametrize("how", ["open_atomic", "write_file_atomic"])
+def test_data_is_fsynced_before_the_rename(tmp_path, monkeypatch, how):
+    events = []
+    real_fsync, real_replace = atomic.os.fsync, atomic.os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd)))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("replace",)), real_replace(a, b)))
+    target = tmp_path / "out.bin"
+    if how == "open_atomic":
+        with atomic.open_atomic(target) as f:
+            f.write(b"12345")
+    else:
+        atomic.write_file_atomic(target, lambda name: Path(name).write_bytes(b"12345"))
+    assert events[:2] == [("fsync", 5), ("replace",)]   # the file's 5 bytes, then the rename
 
 
 def test_an_unwritable_target_is_named_in_the_error(tmp_path, monkeypatch):

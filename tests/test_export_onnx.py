@@ -246,6 +246,15 @@ def test_iobinding_path_equals_plain_run(tiny):
         a = search.beam_search(plain, embeds, 10, **kw)
         b = search.beam_search(bound, embeds, 10, **kw)
         assert a == b
+    # A step never writes the cache it reads: the two buffers alternate while the row count stays,
+    # and a new row count starts a fresh one.
+    bound.prefill(embeds[:2], 1.0, np.zeros((2, 1), np.int64))
+    seen = [bound._cache]
+    for rows in (4, 4, 4, 3):
+        bound.step(np.ones(rows, np.int64), TINY.prefix_len, np.zeros(rows, np.int64), 1.0, np.zeros((rows, 1), np.int64))
+        assert bound._cache is not seen[-1]
+        seen.append(bound._cache)
+    assert seen[3] is seen[1] and seen[4] is not seen[2] and seen[4] is not seen[3]
 
 
 def test_cuda_graph_buffer_logic_equals_plain_run(tiny):

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from novic.atomic import fsync_dir, named, write_json_atomic
+from novic.atomic import fsync_dir, fsync_file, named, write_json_atomic
 from novic.errors import NovicError
 from novic.runtime.bundle import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError,
                                   sha256_file)
@@ -65,11 +65,7 @@ def write_manifest(path, data: dict) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(dirpath, name))
         fsync_dir(dirpath)
 
 

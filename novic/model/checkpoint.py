@@ -99,8 +99,6 @@ def _problems(ckpt: Checkpoint) -> list[str]:
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write atomically: a temp file in the same directory, then os.replace."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     problems = _problems(ckpt)
     if problems:
@@ -114,8 +112,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         raise CheckpointError(f"not saving {path}: meta must be JSON-serialisable ({e})") from None
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "novic": text}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.state_dict.items()}
-    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
     return path
+
+
+def write_safetensors(path, tensors: dict, metadata: dict) -> None:
+    """Tensors (CPU, contiguous) + string metadata as safetensors, written atomically: save_file
+    writes the temp file itself (no bytes object of the whole file)."""
+    from safetensors.torch import save_file
+
+    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
 
 
 def _read_header(path: Path) -> dict:

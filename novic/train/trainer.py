@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from novic.atomic import check_writable_dir, write_file_atomic, write_json_atomic
+from novic.atomic import check_writable_dir, write_json_atomic
 from novic.config import EOS, DecoderConfig
+from novic.model.checkpoint import write_safetensors
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
 from novic.train.data import EvalSet, TrainData
@@ -162,10 +163,6 @@ LATEST, METRICS = "latest.json", "metrics.jsonl"
 STATE_FILES, CHECKPOINT_FILES = "state-*.safetensors", "checkpoint-*.safetensors"
 
 
-def _atomic_save_file(tensors: dict, path: Path, metadata: dict):
-    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
-
-
 def save_train_state(path: Path, model, optimizer, step: int, config: dict):
     """Model + AdamW moments + step in one safetensors file (no pickle); written atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -177,7 +174,7 @@ def save_train_state(path: Path, model, optimizer, step: int, config: dict):
             tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
             steps[i] = float(st["step"])
     meta = {"step": str(step), "adam_steps": json.dumps(steps), "config": json.dumps(config)}
-    _atomic_save_file(tensors, path, meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_train_state(path: Path, model, optimizer) -> tuple[int, dict]:
