@@ -24,6 +24,7 @@ deliberate same-size edit with a forged mtime. ``verify=False`` checks presence 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -386,14 +387,18 @@ class Bundle:
     @property
     def preprocess(self) -> dict:
         """The embedder's preprocessing (open_clip keys), checked: a bad value is a BundleError."""
+        self.preprocess_config  # noqa: B018  (validates it)
+        return self.manifest["embedder"].get("preprocess", {})
+
+    @functools.cached_property
+    def preprocess_config(self):
+        """`preprocess` parsed (novic.runtime.preprocess.PreprocessConfig), once."""
         from novic.runtime.preprocess import PreprocessConfig
 
-        data = self.manifest["embedder"].get("preprocess", {})
         try:
-            PreprocessConfig.from_dict(data)
+            return PreprocessConfig.from_dict(self.manifest["embedder"].get("preprocess", {}))
         except (ValueError, TypeError, AttributeError) as exc:
             raise _fail(self.path / MANIFEST, f"embedder.preprocess is invalid ({exc})") from None
-        return data
 
     @property
     def embed_dim(self) -> int:

@@ -149,7 +149,7 @@ class Classifier:
         self.backend_reason = reason
         self.precision = precision
         self.load_seconds = load_seconds
-        self.preprocessor = Preprocessor(bundle.preprocess, threads=threads, fast_decode=fast_decode)
+        self.preprocessor = Preprocessor(bundle.preprocess_config, threads=threads, fast_decode=fast_decode)
         self.config = bundle.decoder_config
         self.token_table = bundle.token_table
         self._encode_lock = threading.Lock()
