@@ -123,13 +123,13 @@ def decoder_rows_ab(bundle_dir: str, backend: str, precision: str, batches=(1, 3
 
     provider = "cuda" if backend == "ort-cuda" else "cpu"
     bundle = Bundle.open(bundle_dir)
+    precision = precision if precision in ("fp32", "fp16") else "fp32"   # int8/fp8 bundles decode in fp32
     graphs = (bundle.artifact_path("decoder_prefill", precision), bundle.artifact_path("decoder_step", precision))
     graphed = OrtDecoderSession(*graphs, bundle.decoder_config, provider=provider)
     plain = OrtDecoderSession(*graphs, bundle.decoder_config, provider=provider, cuda_graph=False)
     trie = TokenTrie(bundle.noun_tokens)
     rng = np.random.default_rng(0)
-    out = {"precision": precision, "graphs": graphed.cuda_graphs, "graph_error": graphed.cuda_graph_error,
-           "drops_rows": {"graphs": graphed.drops_finished_rows, "plain": plain.drops_finished_rows}}
+    out = {"precision": precision}
     for b in batches:
         embeds = rng.standard_normal((b, bundle.embed_dim)).astype(np.float32)
         embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
@@ -140,6 +140,9 @@ def decoder_rows_ab(bundle_dir: str, backend: str, precision: str, batches=(1, 3
         out[b] = {"graphs_all_rows_ms": t_graph, "plain_dropping_ms": t_plain, "same_beams": same}
         log(f"decoder {precision} batch {b}: {_how(graphed)} {t_graph:.2f} ms; {_how(plain)} {t_plain:.2f} ms "
             f"({t_graph / t_plain:.2f}x); same beam lists {same}/{b}")
+    # after the runs: a capture that failed at run time turns the graphs off (then both ran plainly)
+    out.update(graphs=graphed.cuda_graphs, graph_error=graphed.cuda_graph_error,
+               drops_rows={"graphs": graphed.drops_finished_rows, "plain": plain.drops_finished_rows})
     return out
 
 
@@ -189,7 +192,8 @@ def main() -> int:
         log(results["encoder_graphs_error"])
     save()
     try:
-        results["decoder_rows"] = decoder_rows_ab(paths["bundle"], args.backend, args.precisions.split(",")[0])
+        results["decoder_rows"] = decoder_rows_ab(paths["bundle"], args.backend, args.precisions.split(",")[0],
+                                                  reps=max(3, args.reps // 2))
     except Exception:
         results["decoder_rows_error"] = traceback.format_exc()
         log(results["decoder_rows_error"])

@@ -74,6 +74,8 @@ def test_round_trip(exported):
     assert b.graph_topk == 10 and b.search_defaults["beam_width"] == 5
     assert b.search_defaults["guided_max_cands"] >= 1
     assert b.preprocess["size"] == [64, 64] and b.embed_dim == 32
+    b.preprocess["size"][0] = 1                              # a copy: the parsed config cannot drift
+    assert b.preprocess["size"] == [64, 64] and b.preprocess_config.size == (64, 64)
     assert b.embedder["spec"]["model"] == "novic-tiny-clip"
     roles = {(a.role, a.precision) for a in b.artifacts}
     assert roles == {(r, p) for r in rb.ROLES for p in ("fp32", "fp16")}

@@ -71,6 +71,11 @@ def test_folder_source_sorted_seeded_and_skips_bad_files(runtime_bundle, tmp_pat
     assert len(s.calib) + len(s.heldout) == 6 and len(s.skipped) == 1
     assert s.skipped[0].startswith("broken.jpg: ") and s.skipped[0].count("broken.jpg") == 1   # named once
     assert s.calib_names == calibration_set(pre, d, n_calib=4, n_heldout=2, console=QUIET).calib_names
+    # a list of paths: each named by its path (a missing one too)
+    listed = [f for f in files if f.name != "broken.jpg"] + [tmp_path / "gone.jpg"]
+    s = calibration_set(pre, listed, n_calib=4, n_heldout=3, console=QUIET)
+    assert len(s.skipped) == 1 and s.skipped[0].startswith(f"{tmp_path / 'gone.jpg'}: ")
+    assert set(s.calib_names + s.heldout_names) == {str(f) for f in listed[:-1]}
     with pytest.raises(CalibDataError, match="not found"):
         calibration_set(pre, tmp_path / "nope", console=QUIET)
 

@@ -23,6 +23,30 @@ def test_os_errors_are_one_line(capsys, monkeypatch):
                                 "or choose another location"]
 
 
+@pytest.mark.parametrize("error,line", [
+    (FileNotFoundError(2, "No such file or directory", "/data/nouns.txt"),
+     "/data/nouns.txt: No such file or directory; check the path and its permissions, or choose another location"),
+    (FileNotFoundError("/data/cache: not a complete embedding cache;\n  rebuild it"),
+     "/data/cache: not a complete embedding cache; rebuild it"),          # novic's own words, folded
+    (ValueError("lr must be\n  positive"), "lr must be positive"),
+])
+def test_a_script_s_own_error_types_are_one_line(capsys, monkeypatch, error, line):
+    """`run_app(app, *also)`: an OSError about a path names it; one raised in novic's own words
+    (no file name) and the other `also` types are folded onto one line."""
+    from novic.cli._common import run_app
+
+    monkeypatch.setattr("sys.argv", ["novic-something"])
+    app = typer.Typer()
+
+    @app.command()
+    def work():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(app, ValueError, FileNotFoundError)
+    assert exit_info.value.code == 1 and capsys.readouterr().err.splitlines() == [f"error: {line}"]
+
+
 def test_bench_checks_arguments_before_measuring(tmp_path):
     from novic.cli.bench import app
 

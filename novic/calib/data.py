@@ -13,6 +13,7 @@ calibration sees exactly what the deployed encoder sees. Loading shows a rich pr
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,14 @@ def _progress(console):
                     console=console, transient=True)
 
 
+def _list_name(source: Any, i: int) -> str:
+    """What a calibration list entry is called in messages: its path, a PIL image's file name, or
+    its position."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "filename", "") or f"image{i}")
+
+
 def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: int = 40, seed: int = 0,
                     console=None) -> CalibrationSet:
     """Load and preprocess calibration + held-out images (see module doc).
@@ -163,7 +172,7 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
         paths = folder_images(images)
         items, source = [(p.relative_to(Path(images)).as_posix(), p) for p in paths], f"folder {images}"
     else:
-        items, source = [(str(getattr(s, "filename", "") or f"image{i}"), s) for i, s in enumerate(images)], "list"
+        items, source = [(_list_name(s, i), s) for i, s in enumerate(images)], "list"
     if len(items) < 2:
         raise CalibDataError(f"{source}: {len(items)} image(s); need at least 2 (calibration + held-out)")
     want = n_calib + n_heldout
@@ -188,7 +197,7 @@ def calibration_set(preprocess, images=None, *, n_calib: int = 64, n_heldout: in
                 skipped.append(f"{name}: {exc.problem}; {exc.fix}")
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad file does not stop calibration
-                skipped.append(f"{name}: {exc}")
+                skipped.append(f"{name}: {exc or type(exc).__name__}")
                 continue
             progress.advance(task)
     if len(pixels) < 2:

@@ -60,14 +60,16 @@ def one_line_errors(*also: type):
         yield
     except NovicError as exc:
         fail(str(exc))
+    except OSError as exc:   # e.g. an output path that cannot be written: one line naming it
+        own_words = exc.filename is None and isinstance(exc, also)   # raised by novic with the fix in it
+        fail(" ".join(str(exc).split()) if own_words else os_error_line(exc))
     except also as exc:
         fail(" ".join(str(exc).split()))
-    except OSError as exc:   # e.g. an output path that cannot be written: one line, not a traceback
-        fail(os_error_line(exc))
 
 
 def run_app(app, *also: type) -> None:
-    """Run a typer app under `one_line_errors(*also)`; Ctrl-C is one line and exit code 130."""
+    """Run a typer app under `one_line_errors(*also)`; a KeyboardInterrupt that typer lets through
+    is one line and exit code 130."""
     try:
         with one_line_errors(*also):
             app()

@@ -27,8 +27,8 @@ OVERRIDE = typer.Option(None, "--set", "-o", help="Override a config key: sectio
 
 
 # Bad input or config: one line on stderr and exit code 1, no traceback. Besides novic's own
-# errors: ValueError (torch's and the config's checks), ImportError (an optional package), and
-# FileNotFoundError (whose messages here name the file and the fix).
+# errors and OSErrors about a path: ValueError (torch's and the config's checks), ImportError (an
+# optional package), and the FileNotFoundErrors novic raises in its own words (the file and the fix).
 USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
 
 

@@ -24,6 +24,7 @@ deliberate same-size edit with a forged mtime. ``verify=False`` checks presence 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -388,7 +389,7 @@ class Bundle:
     def preprocess(self) -> dict:
         """The embedder's preprocessing (open_clip keys), checked: a bad value is a BundleError."""
         self.preprocess_config  # noqa: B018  (validates it)
-        return self.manifest["embedder"].get("preprocess", {})
+        return copy.deepcopy(self.manifest["embedder"].get("preprocess", {}))   # a copy: the config is cached
 
     @functools.cached_property
     def preprocess_config(self):
