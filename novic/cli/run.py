@@ -159,20 +159,19 @@ def main_command(
     clf = Classifier.load(bundle, backend=backend, precision=precision,
                           threads=threads, verify=modes[verify], fast_decode=fast_decode)
     try:   # what needs the bundle (the decoder's top-k, the vocabulary), before any image is read
-        clf.check_options(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
-                          temperature=temperature, alpha=alpha)
+        vocabulary = clf.check_options(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
+                                       temperature=temperature, alpha=alpha)[4]   # built once, used below
     except ClassifierError as exc:
         fail(str(exc), code=2)
     startup = time.perf_counter() - _T0
     if not quiet:
         err.print(f"novic-run: {escape(printable(clf.describe()))} (startup {startup:.2f} s)", highlight=False,
                   soft_wrap=True)
-    if guided:
-        summary = clf.vocabulary(vocab).skipped_summary()
-        if summary:
-            err.print(f"[yellow]warning:[/] {escape(printable(summary))}", highlight=False, soft_wrap=True)
+    summary = vocabulary.skipped_summary() if vocabulary is not None else None
+    if summary:
+        err.print(f"[yellow]warning:[/] {escape(printable(summary))}", highlight=False, soft_wrap=True)
 
-    results_iter = clf.iter_classify(inputs, topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
+    results_iter = clf.iter_classify(inputs, topk=topk, guided=guided, vocab=vocabulary, beam_width=beam_width,
                                      temperature=temperature, alpha=alpha, batch_size=batch_size)
     show_bar = progress if progress is not None else (len(inputs) > batch_size and err.is_terminal)
     failed, rows = 0, []

@@ -5,10 +5,9 @@ implements the same rules by full recomputation and must give identical tokens.
 
 All B images x K beams advance in one session call per position; where the session allows it,
 only unfinished beams' rows are stepped (a finished beam needs no decoder; see beam_search). The
-host only reads back
-O(B x K x k) numbers: the session's top-k (free decoding) or the log-probs of the trie children
-of each beam (guided decoding), never a vocabulary-sized row; per-step cost is independent of
-the number of nouns.
+host only reads back O(B x K x k) numbers: the session's top-k (free decoding) or the log-probs
+of the trie children of each beam (guided decoding), never a vocabulary-sized row; per-step cost
+is independent of the number of nouns.
 
 Host cost (bench/search_overhead.py): every step is a fixed number of vectorised numpy calls over
 B x K rows; trie candidates are gathered from the trie's flat per-node rows and only the entries
