@@ -7,8 +7,9 @@
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
 (`Result.to_dict()`); `?topk=N` sets how many. Each request is served in its own thread and the
 requests are classified in batches (`novic.Batcher`), which is what makes a GPU worth it.
-Statuses: 200 labels; 400 a bad query; 413 a body over MAX_BYTES; 422 an image that cannot be
-read (the body says why in one line).
+Statuses: 200 labels; 400 a bad query or Content-Length; 413 a body over MAX_BYTES; 422 an image
+that cannot be read; 503 the service cannot classify (closed, or a backend error). The body says
+why in one line.
 """
 from __future__ import annotations
 
@@ -44,15 +45,23 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             url = urlparse(self.path)
             if url.path != "/classify":
                 return self._reply(404, {"error": "use POST /classify or GET /health"})
-            size = int(self.headers.get("Content-Length") or 0)
-            if size > MAX_BYTES:
+            try:   # the client's mistakes: 400
+                size = int(self.headers.get("Content-Length") or 0)
+                if size < 0:
+                    raise ValueError(f"Content-Length {size} is negative")
+                topk = int(parse_qs(url.query).get("topk", ["5"])[0])
+                if not batcher.classifier.closed:   # closed is the service's fault (below)
+                    batcher.classifier.check_options(topk=topk)
+            except (ValueError, ClassifierError) as exc:
                 self.close_connection = True   # the body stays unread
+                return self._reply(400, {"error": str(exc)})
+            if size > MAX_BYTES:
+                self.close_connection = True
                 return self._reply(413, {"error": f"body of {size} bytes exceeds {MAX_BYTES}"})
             try:
-                topk = int(parse_qs(url.query).get("topk", ["5"])[0])
                 result = batcher.classify_one(self.rfile.read(size), topk=topk)
-            except (ValueError, ClassifierError) as exc:
-                return self._reply(400, {"error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - closed, or a backend failure: not the client's
+                return self._reply(503, {"error": " ".join(str(exc).split()) or type(exc).__name__})
             self._reply(200 if result.ok else 422, result.to_dict())
 
         def log_message(self, *args):   # quiet: a service logs its own way

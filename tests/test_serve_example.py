@@ -27,9 +27,10 @@ def load_example():
 
 
 def call(url, data=None):
-    """-> (status, JSON body) of a GET (data None) or a POST."""
+    """-> (status, JSON body) of a GET (data None) or a POST; `url` may be a ready Request."""
+    request = url if isinstance(url, urllib.request.Request) else urllib.request.Request(url, data=data)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -60,6 +61,12 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
             status, body = call(f"{base}/health")
             assert status == 200 and body["ok"] and "ort-cpu" in body["classifier"]
             assert call(f"{base}/other")[0] == 404
+            request = urllib.request.Request(f"{base}/classify", data=b"", headers={"Content-Length": "x"})
+            status, body = call(request)
+            assert status == 400 and "invalid literal" in body["error"]
+            monkeypatch.setattr(batcher, "classify_one", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("GPU lost")))
+            status, body = call(f"{base}/classify", b"x" * 10)   # the service's fault, not the client's
+            assert (status, body) == (503, {"error": "GPU lost"})
         finally:
             server.shutdown()
             server.server_close()
