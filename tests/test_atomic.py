@@ -124,9 +124,10 @@ def test_writability_checks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]   # the probes leave nothing behind
 
 
-def test_write_json_atomic_one_writer_for_every_json_file(tmp_path):
-    """Training state, caches, bench results and manifests all go through it: indented JSON with
-    one trailing newline (or the caller's formatting), and no temp file left beside it."""
+def test_write_json_atomic_format(tmp_path):
+    """Indented JSON with one trailing newline (or the caller's formatting), and no temp file left
+    beside it. (That the training state, caches, bench results and manifests use it is a matter of
+    reading the code; `duplicates` flags a new copy.)"""
     import json
 
     from novic.atomic import write_json_atomic
