@@ -23,20 +23,26 @@ from pathlib import Path
 from novic.bench.compare import phase_cell, run_side, step_flatness
 from novic.bench.setup import CONFIGS, build
 
-def variant_bundle(variant: str, workdir: str, main_bundle: str) -> Path:
+def parse_variant(variant: str) -> tuple[str, str, str]:
+    """`<precision>[-spinning|-allrows][@<bundle dir>]` -> (precision, modifier, bundle dir or "")."""
+    kind, _, other = variant.partition("@")
+    precision, _, how = kind.partition("-")
+    return precision, how, other
+
+
+def variant_bundle(variant: str, workdir: str, main_bundle: str, weights: str) -> Path:
     """The bundle a variant runs on, checked before any round: it opens, holds the variant's
-    precision, and (for `@dir`) was exported from the same checkpoint as the main bundle."""
+    precision, and was exported from the main bundle's checkpoint (sha256 `weights`)."""
     from novic.errors import first_line
     from novic.runtime.bundle import Bundle
 
-    kind, _, other = variant.partition("@")
+    precision, _, other = parse_variant(variant)
     path = Path(workdir) / other if other else Path(main_bundle)
     try:
         bundle = Bundle.open(path, verify=False)
-        bundle.artifact("image_encoder", kind.partition("-")[0])
+        bundle.artifact("image_encoder", precision)
     except Exception as exc:  # noqa: BLE001 - any reason: one line, before minutes of baseline
         raise SystemExit(f"variant {variant}: {first_line(exc)}")
-    weights = Bundle.open(main_bundle, verify=False).manifest["export"]["checkpoint_sha256"]
     if bundle.manifest.get("export", {}).get("checkpoint_sha256") != weights:
         raise SystemExit(f"variant {variant}: {path} was exported from other weights than {main_bundle}")
     return path
@@ -55,13 +61,15 @@ def main():
     paths = build(CONFIGS[a.config], Path(a.workdir) / a.config)
     common = dict(batches=[int(b) for b in a.batches.split(",")], reps=a.reps, budget_s=30.0)
     variants = a.variants.split(",")
-    bundles = {v: str(variant_bundle(v, a.workdir, paths["bundle"])) for v in variants}
+    from novic.runtime.bundle import Bundle
+    weights = Bundle.open(paths["bundle"], verify=False).manifest["export"]["checkpoint_sha256"]
+    bundles = {v: str(variant_bundle(v, a.workdir, paths["bundle"], weights)) for v in variants}
     runs = {"baseline": [], **{v: [] for v in variants}}
     for r in range(a.rounds):
         load = os.getloadavg()[0]
         runs["baseline"].append(run_side("baseline", dict(checkpoint=paths["checkpoint"], device="cpu", **common)))
         for v in variants:
-            precision, _, how = v.partition("@")[0].partition("-")
+            precision, how, _ = parse_variant(v)
             runs[v].append(run_side("ours", dict(bundle=bundles[v], backend="ort-cpu", precision=precision,
                                                  ort_spinning=how == "spinning", all_rows=how == "allrows",
                                                  **common)))

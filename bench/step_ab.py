@@ -11,14 +11,12 @@ is a few ms among seconds of encoder work on the same two cores.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
-from novic.config import DecoderConfig
+from novic.runtime.bundle import Bundle
 from novic.runtime.backends.ort import make_session
 
 
@@ -32,12 +30,12 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    configs = [json.loads((Path(d) / "manifest.json").read_text())["decoder"] for d in (a.a, a.b)]
-    if configs[0] != configs[1]:
+    bundles = {name: Bundle.open(d, verify=False) for name, d in (("A", a.a), ("B", a.b))}
+    if bundles["A"].decoder_config != bundles["B"].decoder_config:
         raise SystemExit("the two bundles have different decoder configs")
-    cfg = DecoderConfig.from_dict(configs[0])
-    sessions = {name: make_session(Path(d) / "decoder_step.onnx", threads=a.threads)
-                for name, d in (("A", a.a), ("B", a.b))}
+    cfg = bundles["A"].decoder_config
+    sessions = {name: make_session(b.artifact_path("decoder_step", "fp32"), threads=a.threads)
+                for name, b in bundles.items()}
     rng = np.random.default_rng(0)
     print(f"| position | A: {a.a} | B: {a.b} | A / B |")
     print("|---|---|---|---|")
