@@ -57,6 +57,25 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_of_private_writers_follow_the_umask(tmp_path, umask):
+    """A writer that creates its file 0o600 (safetensors' save_file does: checkpoints, training
+    states and import outputs were unreadable to a service user) still gives a normal new file."""
+    from novic.model.checkpoint import write_safetensors
+    import torch
+
+    old = os.umask(umask)
+    try:
+        atomic.write_file_atomic(tmp_path / "private.bin", lambda name: os.close(
+            os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
+        write_safetensors(tmp_path / "ckpt.safetensors", {"w": torch.zeros(2)}, {"format": "x"})
+    finally:
+        os.umask(old)
+    for name in ("private.bin", "ckpt.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "private.bin"]
+
+
 def test_write_file_atomic_by_name(tmp_path):
     """A writer that takes a file name (safetensors' save_file) writes a temp file that replaces the
     target whole; a writer that fails leaves the old file and no temp file."""

@@ -121,7 +121,9 @@ def write_safetensors(path, tensors: dict, metadata: dict) -> None:
     writes the temp file itself (no bytes object of the whole file)."""
     from safetensors.torch import save_file
 
-    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(metadata)) \
+        + 100 * len(tensors)   # + the header: metadata and about 100 bytes per tensor entry
+    write_file_atomic(path, lambda name: save_file(tensors, name, metadata=metadata), size)
 
 
 def _read_header(path: Path) -> dict:
