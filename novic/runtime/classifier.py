@@ -156,6 +156,7 @@ class Classifier:
         self._decode_lock = threading.Lock()
         self._vocab_lock = threading.Lock()
         self._vocabs: OrderedDict = OrderedDict()
+        self._closing = False                   # set first thing in close(): see _load_batch
         self._text_encoder = None
         self._token_index: dict[int, int] | None = None
 
@@ -211,6 +212,7 @@ class Classifier:
     def close(self) -> None:
         """Stop the loading pool and release backend resources (GPU buffers); idempotent. Waits for
         a batch that another thread is encoding or decoding (its buffers must not go under it)."""
+        self._closing = True
         self.preprocessor.close()
         with self._encode_lock, self._decode_lock:
             if self.closed:
@@ -432,15 +434,25 @@ class Classifier:
             return
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="novic-prefetch")
         try:
-            pending = loader.submit(self.preprocessor.load_batch, [sources[i] for i in chunks[0]])
+            pending = loader.submit(self._load_batch, [sources[i] for i in chunks[0]])
             for n, chunk in enumerate(chunks):
                 pixels, errors = pending.result()
                 if n + 1 < len(chunks):
-                    pending = loader.submit(self.preprocessor.load_batch, [sources[i] for i in chunks[n + 1]])
+                    pending = loader.submit(self._load_batch, [sources[i] for i in chunks[n + 1]])
                 yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
                                            topk, beam_width, temperature, alpha)
         finally:
             loader.shutdown(wait=False, cancel_futures=True)
+
+    def _load_batch(self, sources):
+        """preprocessor.load_batch; if close() shut its pool down under this call (another thread
+        closed the Classifier), the closed error instead of the pool's RuntimeError."""
+        try:
+            return self.preprocessor.load_batch(sources)
+        except RuntimeError:
+            if self._closing:
+                raise ClassifierError(CLOSED) from None
+            raise
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed pixels [B,3,H,W] -> unit embeddings [B,F] (serialised on the encoder lock)."""
@@ -482,14 +494,17 @@ class Classifier:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+CLOSED = "this Classifier was closed; load it again with Classifier.load(bundle)"
+
+
 class _Closed:
     """Stands in for the backend after close(): any use says so in one line."""
 
     def __getattr__(self, name):
-        raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
+        raise ClassifierError(CLOSED)
 
     def __call__(self, *args, **kwargs):
-        raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
+        raise ClassifierError(CLOSED)
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
