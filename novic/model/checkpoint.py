@@ -74,6 +74,9 @@ def _problems(ckpt: Checkpoint) -> list[str]:
     for k, v in ckpt.state_dict.items():
         if not v.is_floating_point():
             out.append(f"{k} has dtype {v.dtype}, expected floating point")
+        elif not torch.isfinite(v).all():   # a diverged run: every label would score NaN
+            out.append(f"{k} holds {int((~torch.isfinite(v)).sum())} NaN/inf values (weights of a diverged "
+                       f"or damaged run; use an earlier checkpoint)")
     if ckpt.token_table.vocab_size != cfg.vocab_size:
         out.append(f"token table has {ckpt.token_table.vocab_size} tokens but config.vocab_size "
                    f"is {cfg.vocab_size}")

@@ -327,6 +327,9 @@ def map_state_dict(sd: dict, label: str = "checkpoint") -> tuple[dict[str, torch
     for key, value in sd.items():
         if key not in _IGNORED and (not isinstance(value, torch.Tensor) or not value.is_floating_point()):
             bad(f"{key} is not a floating-point tensor")
+        if key not in _IGNORED and not torch.isfinite(value).all():
+            raise CheckpointImportError(f"{label}: weight {key} holds {int((~torch.isfinite(value)).sum())} NaN/inf "
+                                        f"values (a diverged or damaged training run); import another checkpoint")
 
     def f32(t):
         return t.detach().to(torch.float32).contiguous().clone()

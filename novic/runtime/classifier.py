@@ -481,6 +481,11 @@ class Classifier:
             if keep:
                 hyps = self.decode(embeds[keep], vocabulary, beam_width, temperature, alpha)
                 for j, h in zip(keep, hyps):
+                    if not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):   # never a NaN label
+                        results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
+                                                  f"the bundle's weights are damaged or from a diverged "
+                                                  f"training run: export it again from a good checkpoint")
+                        continue
                     results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
                                                      float(hyp.prob)) for hyp in h[:topk]]
         return results

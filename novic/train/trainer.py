@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from novic.atomic import check_writable_dir, write_json_atomic
 from novic.config import EOS, DecoderConfig
+from novic.errors import NovicError
 from novic.model.checkpoint import write_safetensors
 from novic.model.decoder import ObjectDecoder
 from novic.train.config import ConfigError, TrainConfig
@@ -195,6 +196,10 @@ def load_train_state(path: Path, model, optimizer) -> tuple[int, dict]:
 
 
 # --- the trainer ----------------------------------------------------------------------------
+class TrainingDiverged(NovicError):
+    """A non-finite loss, gradient or weight: the run stops without saving the bad step."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: TrainData, embedder_spec, dist_: Dist | None = None):
         self.cfg, self.data, self.embedder_spec = cfg, data, embedder_spec
@@ -283,16 +288,39 @@ class Trainer:
             loss_sum += loss.detach()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                self.cfg.optim.grad_clip or float("inf"))
+        if not torch.isfinite(gnorm):   # the same on every rank (DDP averaged the gradients)
+            raise self.diverged(step + 1, f"the loss is {loss_sum.item():g} and the gradient norm {float(gnorm):g}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dist.world > 1:
             dist.all_reduce(loss_sum)
+        if not torch.isfinite(loss_sum):
+            raise self.diverged(step + 1, f"the loss is {loss_sum.item():g}")
         return {"step": step + 1, "loss": loss_sum.item(), "lr": lr, "grad_norm": float(gnorm),
                 "epoch": (step + 1) / self.steps_per_epoch}
+
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
+        """The one-line stop: what went non-finite, and the checkpoint that is still good."""
+        latest = self.out / LATEST
+        try:
+            info = json.loads(latest.read_text())
+            kept = f"the last good checkpoint is {self.out / info['checkpoint']} (step {info['step']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = "no checkpoint was written before it"
+        return TrainingDiverged(f"training diverged at step {step}: {what} (learning rate "
+                                f"{lr_at(step - 1, self.total_steps, self.cfg.optim):g}); stopped without "
+                                f"saving it; {kept}; lower optim.lr and train again")
+
+    def check_weights(self) -> None:
+        """Refuse to save weights with NaN/inf (an update can overflow with a finite loss)."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise self.diverged(self.step, f"weight {name} holds NaN/inf values")
 
     # checkpoints --------------------------------------------------------------------------
     def save(self):
         """train state (for --resume) + a foundation-format checkpoint (for export/inference)."""
+        self.check_weights()   # on every rank (their weights are equal), so that all of them stop
         if not self.dist.main:
             return
         from novic.model.checkpoint import Checkpoint, save_checkpoint
