@@ -26,6 +26,7 @@ import functools
 import math
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -51,6 +52,18 @@ TRAIN_SUFFIX = ".train"
 
 class CheckpointImportError(NovicError):
     """An original checkpoint that cannot (or must not) be imported."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What an original file may unpack to. Checked from the zip directories before anything is
+    unpacked, and again while streaming, so that a small hostile file cannot fill TMPDIR or RAM.
+    The defaults are far above the released checkpoints (about 1-2 GB, a pickle of a few MB);
+    tests set them small."""
+    max_bytes: int = 32 << 30         # a .train member of a release zip, or all records of a .train
+    max_pickle_bytes: int = 256 << 20  # the pickle (data.pkl) of a torch zip: structure and nouns only
+    max_ratio: float = 50.0            # unpacked / packed size of one member; float weights do not
+    ratio_from: int = 64 << 20         # compress 50x; checked for members unpacking to more than this
 
 
 @dataclass
@@ -85,26 +98,71 @@ def _first_sentence(text: str) -> str:
 
 
 def _pickle_protocol(path: Path, head: bytes) -> int:
-    """The pickle protocol of a torch.save file (its data.pkl for the zip format); 0 if unknown."""
+    """The pickle protocol of a torch.save file (its data.pkl for the zip format); 0 if unknown.
+    Reads 2 bytes of the pickle, never all of it."""
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as zf:
                 pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                head = zf.read(pkl)[:2] if pkl else b""
+                if not pkl:
+                    return 0
+                with zf.open(pkl) as f:
+                    head = f.read(2)
         except (zipfile.BadZipFile, OSError):
             return 0
     return head[1] if len(head) > 1 and head[0] == 0x80 else 0
 
 
-def _torch_load(path: Path, label: str) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(512)
-    # torch.save writes a zip archive, or in its legacy format a protocol-2 pickle (b'\x80\x02'):
-    # anything else is no checkpoint, and the unpickler would fail on it with a cryptic error.
+def _check_head(head: bytes, label) -> None:
+    """torch.save writes a zip archive, or in its legacy format a protocol-2 pickle (b'\x80\x02'):
+    anything else is no checkpoint, and the unpickler would fail on it with a cryptic error."""
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         what = ("an empty file" if not head else "an HTML/XML page (a failed download?)"
                 if head.lstrip().startswith(b"<") else "neither a PyTorch zip archive nor a pickle")
         raise _not_original(label, f"it is {what}; pass the release .zip or the .train file inside it")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_member(info: zipfile.ZipInfo, label, limit: int, limits: ReadLimits, what: str) -> None:
+    """Refuse a zip member whose declared size is over `limit`, or that unpacks suspiciously far."""
+    if info.file_size > limit:
+        raise CheckpointImportError(f"{label}: {what} {info.filename} unpacks to {_gib(info.file_size)}, more than "
+                                    f"the {_gib(limit)} a NOVIC checkpoint needs; refusing to unpack it (a damaged "
+                                    f"or hostile file)")
+    if info.file_size > limits.ratio_from and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        raise CheckpointImportError(f"{label}: {what} {info.filename} unpacks from {_gib(info.compress_size)} to "
+                                    f"{_gib(info.file_size)} ({info.file_size // max(info.compress_size, 1)}:1), far "
+                                    f"more than checkpoint weights compress; refusing to unpack it (a zip bomb?)")
+
+
+def _check_torch_zip(path: Path, label, limits: ReadLimits) -> None:
+    """The records of a torch.save zip, from its directory, before torch reads any of them: the
+    pickle is read whole into memory, so it gets its own, smaller cap."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return   # torch.load names the damage
+    total = 0
+    for info in infos:
+        is_pickle = info.filename.endswith("data.pkl")
+        _check_member(info, label, limits.max_pickle_bytes if is_pickle else limits.max_bytes, limits,
+                      "its pickle" if is_pickle else "its record")
+        total += info.file_size
+    if total > limits.max_bytes:
+        raise CheckpointImportError(f"{label}: its records unpack to {_gib(total)}, more than the "
+                                    f"{_gib(limits.max_bytes)} a NOVIC checkpoint needs; refusing to load it")
+
+
+def _torch_load(path: Path, label: str, limits: ReadLimits = ReadLimits()) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    _check_head(head, label)
+    if head.startswith(b"PK\x03\x04"):
+        _check_torch_zip(path, label, limits)
     try:
         with warnings.catch_warnings():   # "Detected pickle protocol 4": noise before the error line
             warnings.simplefilter("ignore", UserWarning)
@@ -141,9 +199,32 @@ def _train_member(zf: zipfile.ZipFile) -> str | None:
     return max(names, key=chunk)
 
 
-def read_original(path: str | Path) -> tuple[dict, str]:
+def _extract(zf: zipfile.ZipFile, member: str, target: Path, label: str, limits: ReadLimits) -> None:
+    """Stream `member` to `target` after checking its declared size (against the limits and the
+    free space where it goes) and its first bytes; count while streaming (a lying header)."""
+    info = zf.getinfo(member)
+    _check_member(info, label, limits.max_bytes, limits, "member")
+    free = shutil.disk_usage(target.parent).free
+    if info.file_size > free:
+        raise CheckpointImportError(f"{label}: unpacking it needs {_gib(info.file_size)} in {target.parent}, which "
+                                    f"has {_gib(free)} free; set TMPDIR to a directory with more space")
+    written = 0
+    with zf.open(member) as src, open(target, "wb") as dst:
+        while block := src.read(1 << 22):
+            if not written:
+                _check_head(block, label)   # a bomb of zeros is refused after 4 MiB, not 4 GiB
+            written += len(block)
+            if written > min(info.file_size, limits.max_bytes):
+                raise CheckpointImportError(f"{label}: unpacks to more than its declared "
+                                            f"{_gib(info.file_size)}; refusing it (a damaged or hostile zip)")
+            dst.write(block)
+    if not written:
+        _check_head(b"", label)
+
+
+def read_original(path: str | Path, limits: ReadLimits = ReadLimits()) -> tuple[dict, str]:
     """Load the original checkpoint dict from a `.train` file or a release `.zip`.
-    Returns (dict, source label)."""
+    Returns (dict, source label). `limits`: what the file may unpack to (ReadLimits)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointImportError(f"file not found: {path} (give an original NOVIC .train file or a release .zip)")
@@ -152,19 +233,17 @@ def read_original(path: str | Path) -> tuple[dict, str]:
             with zipfile.ZipFile(path) as zf:
                 member = _train_member(zf)
                 if member is not None:
+                    label = f"{path}:{member}"
                     with tempfile.TemporaryDirectory(prefix="novic-import-") as tmp:
                         target = Path(tmp) / Path(member).name
-                        with zf.open(member) as src, open(target, "wb") as dst:
-                            while block := src.read(1 << 22):
-                                dst.write(block)
-                        label = f"{path}:{member}"
-                        return _torch_load(target, label), label
+                        _extract(zf, member, target, label, limits)
+                        return _torch_load(target, label, limits), label
                 if not any(n.endswith("data.pkl") for n in zf.namelist()):
                     raise _not_original(path, f"a zip file without a {TRAIN_SUFFIX} file inside (a NOVIC "
                                               f"release zip holds one)")
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
             raise CheckpointImportError(f"{path} is a damaged zip file ({e}): re-download it") from None
-    return _torch_load(path, str(path)), str(path)
+    return _torch_load(path, str(path), limits), str(path)
 
 
 # --- the embedder spec and its tokenizer --------------------------------------------------------------
@@ -519,12 +598,13 @@ def convert(raw: dict, *, label: str = "checkpoint", embedder: EmbedderSpec | No
     return ImportResult(checkpoint=ckpt, source=label, warnings=warnings)
 
 
-def import_checkpoint(path: str | Path, out: str | Path | None = None, **kwargs) -> ImportResult:
-    """Read an original `.train` / release `.zip`, convert it, and (if `out`) save it atomically.
-    Keyword arguments go to `convert` (embedder, heads, tokenizer, tokenizer_file)."""
+def import_checkpoint(path: str | Path, out: str | Path | None = None, *, limits: ReadLimits = ReadLimits(),
+                      **kwargs) -> ImportResult:
+    """Read an original `.train` / release `.zip` (within `limits`), convert it, and (if `out`) save
+    it atomically. Other keyword arguments go to `convert` (embedder, heads, tokenizer, tokenizer_file)."""
     if out is not None:
         _check_out(out)   # before the import, which can take minutes
-    raw, label = read_original(path)
+    raw, label = read_original(path, limits)
     result = convert(raw, label=label, **kwargs)
     del raw
     if out is not None:
@@ -559,5 +639,5 @@ def summary(result: ImportResult) -> str:
             f"{len(result.checkpoint.nouns or [])} nouns, {c.num_params():,} parameters")
 
 
-__all__ = ["CheckpointImportError", "ImportResult", "read_original", "parse_embedder_spec", "load_tokenizer",
+__all__ = ["CheckpointImportError", "ImportResult", "ReadLimits", "read_original", "parse_embedder_spec", "load_tokenizer",
            "map_state_dict", "build_vocab", "convert", "import_checkpoint", "summary"]
