@@ -287,7 +287,7 @@ def test_session_reports_topk_and_clear_errors(tiny, tmp_path):
     assert sess.topk == TOPK and sess.cache_dtype == np.float32
     with pytest.raises(RuntimeError, match="before prefill"):
         sess.step(np.array([1]), TINY.prefix_len, np.array([0]), 1.0, np.zeros((1, 1), np.int64))
-    with pytest.raises(OrtError, match="kv_cache shape"):
+    with pytest.raises(OrtError, match="kv_cache has shape .* but the bundle.s decoder config needs"):
         session(graphs, DecoderConfig(embed_dim=32, vocab_size=60, max_tokens=8, width=64,
                                       heads=4, ffn_width=16, layers=2))
     with pytest.raises(OrtError, match="does not match the decoder contract"):

@@ -405,6 +405,18 @@ class Bundle:
     def embed_dim(self) -> int:
         return int(self.manifest["embedder"].get("embed_dim", self.decoder_config.embed_dim))
 
+    def check_encoder(self, image_size, embed_dim) -> None:
+        """An image encoder (its input H, W and output width, as loaded) against this bundle's
+        preprocessing size and decoder: at load, so that graphs of another model in a re-hashed
+        manifest fail here and not in the middle of a classification."""
+        want_size, want_dim = tuple(self.preprocess_config.size), self.decoder_config.embed_dim
+        size = tuple(d if isinstance(d, int) else None for d in image_size)
+        if size != want_size or embed_dim != want_dim:
+            raise BundleError(f"{self.path}: the image encoder takes {'x'.join(map(str, size))} images and returns "
+                              f"{embed_dim}-d embeddings, but the bundle preprocesses to "
+                              f"{'x'.join(map(str, want_size))} and its decoder takes {want_dim}-d embeddings: the "
+                              f"graphs come from different models; {REEXPORT}")
+
     @property
     def search_defaults(self) -> dict:
         """{"topk": k of the graphs, "beam_width": 10, ...}"""

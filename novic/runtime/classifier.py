@@ -190,6 +190,7 @@ class Classifier:
             encoder, decoder, used = _open_trt(bundle, choice, device_id)
         else:
             encoder, decoder, used = _open_ort(bundle, choice, precision, threads, device_id)
+        bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
         clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
                   precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
                   fast_decode=fast_decode)

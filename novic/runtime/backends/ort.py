@@ -19,6 +19,7 @@ import numpy as np
 
 from novic.config import DecoderConfig
 from novic.errors import NovicError, first_line
+from novic.runtime.bundle import REEXPORT
 from novic.runtime.search import StepScores
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -99,6 +100,17 @@ def _check_io(session, path, inputs, outputs):
                        f"decoder contract {list(inputs)} -> {list(outputs)}; re-export with novic-export onnx")
 
 
+def _check_dims(session, path, expected: dict) -> None:
+    """Each named input/output of `session` has the `expected` dims (None: any size)."""
+    specs = {t.name: t for t in (*session.get_inputs(), *session.get_outputs())}
+    for name, want in expected.items():
+        got = [d if isinstance(d, int) else None for d in specs[name].shape]
+        if got != want:
+            shown = ", ".join("N" if d is None else str(d) for d in want)
+            raise OrtError(f"{Path(path).name}: {name} has shape {specs[name].shape} but the bundle's decoder "
+                           f"config needs [{shown}]: the graph comes from another model; {REEXPORT}")
+
+
 class _GraphsOrPlain:
     """`cuda_graphs` / `cuda_graph_error` of a session that replays CUDA graphs (`self._graphs`)
     where onnxruntime can capture them, and otherwise runs plainly with the same results."""
@@ -143,13 +155,12 @@ class OrtDecoderSession(_GraphsOrPlain):
         self.topk = int(outs["topk_ids"].shape[1])
         cache = {i.name: i for i in self._step.get_inputs()}["kv_cache"]
         self.cache_dtype = ORT_DTYPES[cache.type]
-        cfg = config
-        expect = list(cfg.cache_shape(None))
-        got = [d if isinstance(d, int) else None for d in cache.shape]
-        if got != expect:
-            raise OrtError(f"{Path(step_path).name}: kv_cache shape {cache.shape} does not match "
-                           f"the decoder config (expected [{cfg.layers}, 2, M, {cfg.heads}, "
-                           f"{cfg.seq_len}, {cfg.head_dim}]); graph and checkpoint do not belong together")
+        # Both graphs against the bundle's decoder config, now rather than mid-classification
+        # (graphs of another model in a re-hashed manifest load fine and fail on first use).
+        cache_dims = list(config.cache_shape(None))
+        _check_dims(self._prefill, prefill_path, {"embedding": [None, config.embed_dim], "kv_cache": cache_dims,
+                                                  "topk_ids": [None, self.topk]})
+        _check_dims(self._step, step_path, {"kv_cache": cache_dims, "kv_cache_out": cache_dims})
         self.iobinding = (provider == "cuda") if iobinding is None else bool(iobinding)
         self._device = "cuda" if provider == "cuda" else "cpu"
         self._ort = import_ort(provider)
