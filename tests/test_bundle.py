@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,22 @@ def test_verification_cache(copy, monkeypatch):
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
     assert calls == ["decoder_step.fp16.onnx"]          # touched: hashed again
+
+
+def test_verification_cache_sees_a_write_that_restores_the_mtime(copy):
+    """A flipped byte written with the old mtime put back: the ctime moved, so cached mode hashes
+    the file again and refuses it."""
+    f = copy / "decoder_step.fp16.onnx"
+    Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    time.sleep(0.01)   # a ctime step the file system can show
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        Bundle.open(copy, verify="cached").artifact_path("decoder_step", "fp16")
 
 
 def test_failing_export_leaves_nothing(exported, tmp_path):

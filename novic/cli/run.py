@@ -107,7 +107,8 @@ def main_command(
     alpha: float = typer.Option(0.0, help="Length normalisation exponent for the final ranking."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for image loading and onnxruntime."),
     verify: str = typer.Option("cached", help="Artifact hash check: full (sha256 every start), cached "
-                               "(sha256 once, then remembered by size+mtime), size (sizes only)."),
+                               "(sha256 once, then remembered while size, mtime, ctime and inode stay: not proof "
+                               "against disk bit rot, use full for that), size (sizes only)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subdirectories."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
                                              help="Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, "

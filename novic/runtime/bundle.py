@@ -17,9 +17,12 @@ checked lazily, the first time its path is asked for (``artifact_path`` / ``engi
 streaming hash (1 MiB blocks, constant memory). A service therefore hashes only what it loads: a
 TensorRT service never reads the fp32 ONNX files, a CPU service never reads the engines.
 ``verify="cached"`` additionally remembers good hashes in a sidecar ``.novic-verified.json``
-(keyed by file, size and mtime_ns) so that restarts skip re-hashing unchanged files; this trusts
-the file system's mtime, so it detects accidental corruption and replaced files but not a
-deliberate same-size edit with a forged mtime. ``verify=False`` checks presence and size only.
+(keyed by file, size, mtime_ns, ctime_ns and inode) so that restarts skip re-hashing unchanged
+files. It trusts the file system's metadata: any write through the file system (even one that
+puts the mtime back: the ctime cannot be put back) and any replaced file is hashed again, but
+corruption below the file system (a failing disk flipping bits) leaves the metadata as it was
+and is found only by a full hash (``verify=True``, ``novic-run --verify full``,
+``novic-export check``). ``verify=False`` checks presence and size only.
 ``Bundle.verify()`` hashes everything now (used by ``novic-export check`` and the tests).
 """
 from __future__ import annotations
@@ -497,8 +500,11 @@ def _verify_mode(verify) -> str:
 
 
 def _cache_key(ref: FileRef, p: Path) -> dict:
+    """What must be unchanged for a remembered hash to stand: the ctime and inode as well as the
+    mtime, since a write can restore the mtime (os.utime, touch -d) but not the ctime."""
     st = p.stat()
-    return {"sha256": ref.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": ref.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
 
 
 def _load_cache(root: Path) -> dict:
