@@ -441,20 +441,43 @@ def test_results_independent_of_batch(tiny):
         assert_same([batched[i] for i in shuffled], again, atol=1e-5)
 
 
-def test_length_normalisation_only_reranks(tiny):
-    _, session = tiny
+def test_length_normalisation_selects_like_the_original(tiny):
+    """alpha != 0: beams compete by score * n**-alpha at every step (the original release's rule),
+    not only in the final ranking; runtime and oracle agree, lists come best first by that key."""
+    model, session = tiny
     embeds = unit_embeddings(60, TINY.embed_dim, seed=22)
     T = TINY.max_new_tokens
     raw = search.beam_search(session, embeds, 10)
     normed = search.beam_search(session, embeds, 10, alpha=1.0)
-    changed = 0
+    assert tokens_of(normed) == tokens_of(reference.beam_search(model, embeds, 10, alpha=1.0))
+    reselected = 0
     for a, b in zip(raw, normed):
-        assert sorted(a) == sorted(b)  # same beams and raw scores: selection ignores alpha
         n = [len(h.tokens) + (len(h.tokens) < T) for h in b]  # + the EOS of finished beams
-        keys = [h.logprob / k for h, k in zip(b, n)]
+        keys = [np.float32(h.logprob) * np.float32(float(k) ** -1.0) for h, k in zip(b, n)]
         assert keys == sorted(keys, reverse=True)
-        changed += a != b
-    assert changed >= 5
+        reselected += sorted(h.tokens for h in a) != sorted(h.tokens for h in b)
+    assert reselected >= 5   # other beams survive, not just another order
+
+
+def test_length_normalisation_by_hand():
+    """Width 2, alpha 1, worked by hand. Step 2 keeps [1,EOS] (-1.2) and [2,4] (-1.6). Step 3:
+    the live beam's [2,4,5] (-1.65 / 3 = -0.55) and [2,4,6] (-1.7 / 3) beat the finished [1]
+    (-1.2 / 2 = -0.6), which drops out; ranking only at the end would have kept it (raw -1.2 is
+    the best score) and listed it second."""
+    table = np.full((1, TABLE.max_new_tokens, TABLE.vocab_size, TABLE.vocab_size), -10, np.float32)
+    for (step, prev, tok), lp in {(0, EOS, 1): -1.0, (0, EOS, 2): -1.5, (1, 1, EOS): -0.2, (1, 1, 3): -2.0,
+                                  (1, 2, 4): -0.1, (1, 2, EOS): -3.0, (2, 4, 5): -0.05, (2, 4, 6): -0.1,
+                                  (2, 4, EOS): -2.0, (3, 5, EOS): -0.1, (3, 6, EOS): -0.1}.items():
+        table[0, step, prev, tok] = lp
+    f32 = np.float32
+    want = [((2, 4, 5), float(f32(-1.5) + f32(-0.1) + f32(-0.05) + f32(-0.1))),
+            ((2, 4, 6), float(f32(-1.5) + f32(-0.1) + f32(-0.1) + f32(-0.1)))]
+    got = search.beam_search(TableSession(table, 4), np.ones((1, TABLE.embed_dim), np.float32), 2, alpha=1.0)
+    assert [(h.tokens, h.logprob) for h in got[0]] == want
+    oracle = reference.beam_one(table_logprobs(table, 0), TABLE.max_new_tokens, 2, 1.0)
+    assert [(h.tokens, h.logprob) for h in oracle] == want
+    plain = search.beam_search(TableSession(table, 4), np.ones((1, TABLE.embed_dim), np.float32), 2)
+    assert [h.tokens for h in plain[0]] == [(1,), (2, 4, 5)]   # alpha 0: raw scores
 
 
 def test_search_input_validation(tiny):

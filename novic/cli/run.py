@@ -104,7 +104,8 @@ def main_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature."),
-    alpha: float = typer.Option(0.0, help="Length normalisation exponent for the final ranking."),
+    alpha: float = typer.Option(0.0, help="Length normalisation exponent: beams compete by score * n**-alpha "
+                                "at every step, as in the original release (labels keep the raw log-prob)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for image loading and onnxruntime."),
     verify: str = typer.Option("cached", help="Artifact hash check: full (sha256 every start), cached "
                                "(sha256 once, then remembered while size, mtime, ctime and inode stay: not proof "

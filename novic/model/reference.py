@@ -111,25 +111,26 @@ def beam_one(next_logprobs, max_new_tokens: int, width: int, alpha: float = 0.0,
         logp[done] = NEG_INF
         logp[done, EOS] = 0.0  # a finished beam only "emits" EOS with log-prob 0
         cand = scores[:, None] + logp  # [K, V] fp32
+        # Length normalisation (the original release's rule): candidates compete by
+        # score * n**-alpha, n = the beam's tokens + the one it adds (a finished beam: + its EOS).
+        scale = torch.tensor([float(len(seq) + 1) ** -alpha for seq in seqs], device=logp.device)
+        key = cand * scale[:, None] if alpha != 0 else cand
         # Order each beam's candidates by log-prob (stable: ties lower id first), then take a
-        # stable sort of all K*V by score: score ties go to the lower beam, then the higher
-        # log-prob, then the lower id. (Distinct log-probs can round to equal fp32 scores; this
-        # order is the one that a per-beam top-k reproduces exactly.)
+        # stable sort of all K*V by key: ties go to the lower beam, then the higher log-prob,
+        # then the lower id. (Distinct log-probs can round to equal fp32 scores; this order is
+        # the one that a per-beam top-k reproduces exactly.)
         by_logp = torch.sort(logp, dim=1, descending=True, stable=True).indices
-        cand = cand.gather(1, by_logp).flatten()
-        best = torch.sort(cand, descending=True, stable=True).indices[:width]
+        key = key.gather(1, by_logp).flatten()
+        best = torch.sort(key, descending=True, stable=True).indices[:width]
         parents, toks = (best // V).tolist(), by_logp.flatten()[best].tolist()
-        scores = cand[best]
+        scores = cand.gather(1, by_logp).flatten()[best]
         seqs = [seqs[p] + ([] if finished[p] or tok == EOS else [tok])
                 for p, tok in zip(parents, toks)]
         finished = [finished[p] or tok == EOS for p, tok in zip(parents, toks)]
         if all(finished):
             break
 
-    hyps = []
-    for seq, score, fin in zip(seqs, scores.tolist(), finished):
-        if score == NEG_INF:
-            continue  # dead beam: fewer valid continuations than beams
-        n = len(seq) + int(fin)
-        hyps.append((score / n ** alpha, Hypothesis(tuple(seq), score, math.exp(score))))
-    return [h for _, h in sorted(hyps, key=lambda kh: -kh[0])]
+    # The beams are in ranking order (the last selection's); dead ones (fewer valid
+    # continuations than beams) are dropped.
+    return [Hypothesis(tuple(seq), score, math.exp(score))
+            for seq, score in zip(seqs, scores.tolist()) if score != NEG_INF]

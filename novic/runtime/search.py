@@ -60,27 +60,22 @@ class DecoderSession(Protocol):
              temperature: float, cand_ids: np.ndarray) -> StepScores: ...
 
 
-def rank_hypotheses(scores, lengths, finished, tokens, alpha: float) -> list[Hypothesis]:
-    """Final ranking of one image's beams (in beam order): drop dead (-inf) beams, sort by
-    score / n**alpha (n counts the EOS of a finished beam), stable so ties keep beam order."""
-    return _rank(np.asarray(scores).tolist(), np.asarray(lengths).tolist(),
-                 np.asarray(finished, bool).tolist(), np.asarray(tokens).tolist(), alpha)
+def length_scales(alpha: float, max_new_tokens: int) -> np.ndarray:
+    """f32 [max_new_tokens + 2]: entry n is n**-alpha, the factor on the score of a candidate whose
+    beam has n - 1 tokens (n counts the token it adds, or the EOS of a finished beam).
+    Python's float power, as the oracle computes it, so both round the same."""
+    return np.array([1.0] + [float(n) ** -alpha for n in range(1, max_new_tokens + 2)], np.float32)
 
 
-def _rank(scores: list, lengths: list, finished: list, tokens: list, alpha: float):
-    live = [i for i, score in enumerate(scores) if score != float("-inf")]
-    hyps = [Hypothesis(tuple(tokens[i][:lengths[i]]), scores[i], math.exp(scores[i])) for i in live]
-    keys = [scores[i] / (lengths[i] + finished[i]) ** alpha for i in live]
-    if all(a >= b for a, b in zip(keys, keys[1:])):
-        return hyps  # already in order (beams come sorted by score): the stable sort keeps it
-    order = sorted(range(len(hyps)), key=lambda i: -keys[i])
-    return [hyps[i] for i in order]
+def _rank(scores: list, lengths: list, tokens: list) -> list[Hypothesis]:
+    """One image's beams, which the search keeps best first, without the dead (-inf) ones."""
+    return [Hypothesis(tuple(seq[:n]), score, math.exp(score))
+            for score, n, seq in zip(scores, lengths, tokens) if score != float("-inf")]
 
 
-def _results(score, length, finished, tokens, alpha) -> list[list[Hypothesis]]:
-    """rank_hypotheses for every image, with one host conversion of each array."""
-    return [_rank(*per_image, alpha) for per_image in
-            zip(score.tolist(), length.tolist(), finished.tolist(), tokens.tolist())]
+def _results(score, length, tokens) -> list[list[Hypothesis]]:
+    """_rank for every image, with one host conversion of each array."""
+    return [_rank(*per_image) for per_image in zip(score.tolist(), length.tolist(), tokens.tolist())]
 
 
 def _check(session: DecoderSession, embeds, width: int, temperature: float,
@@ -221,29 +216,35 @@ class _Guide:
         return np.where(ok, self.trie.cand_tokens[at], EOS), self.trie.cand_next[at]
 
 
-def _select(score, done, lp, width):
+def _select(score, done, lp, width, scale=None):
     """One beam-search selection for B images at once.
 
     score, done [B, Kp]; lp [B, Kp, G]: each beam's candidates in descending log-prob order,
     ties lower id first, as a top-k returns them (invalid entries -inf, last). Finished beams
-    are replaced by their single EOS candidate (slot 0) with log-prob 0. Returns (parent [B,K],
-    slot [B,K], new score [B,K]) of the `width` best candidates by a stable sort of the
-    flattened scores: ties go to the lower beam, then the higher log-prob, then the lower id
+    are replaced by their single EOS candidate (slot 0) with log-prob 0. `scale` [B, Kp] (length
+    normalisation, None = 1): each beam's candidates compete by score x scale. Returns (parent
+    [B,K], slot [B,K], new score [B,K]) of the `width` best candidates by a stable sort of the
+    flattened keys: ties go to the lower beam, then the higher log-prob, then the lower id
     (the oracle's order; exact as long as every beam offers >= width candidates, or at least
-    its best `width`: a beam's later candidates never come before its earlier ones).
+    its best `width`: a beam's later candidates never come before its earlier ones, since its
+    scale is positive).
     """
     B, Kp, G = lp.shape
     if done.any():
         eos_only = np.full(G, NEG_INF, dtype=np.float32)
         eos_only[0] = 0.0
         lp = np.where(done[:, :, None], eos_only, lp)
-    cand = (score[:, :, None] + lp).reshape(B, Kp * G)  # fp32, same additions as the oracle
+    cand = score[:, :, None] + lp  # fp32, same additions as the oracle
+    key = (cand if scale is None else cand * scale[:, :, None]).reshape(B, Kp * G)
+    cand = cand.reshape(B, Kp * G)
     n = Kp * G
     if n < width:  # fewer candidates than beams: pad with dead ones (after every real one)
-        cand = np.concatenate([cand, np.full((B, width - n), NEG_INF, np.float32)], 1)
-    best, new_score = _best(cand, width)
+        key = np.concatenate([key, np.full((B, width - n), NEG_INF, np.float32)], 1)
+    best, _ = _best(key, width)
+    best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
+    new_score = np.take_along_axis(cand, best, 1)
     if n < width:
-        best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
+        new_score[:, n:] = NEG_INF
     parent, slot = np.divmod(best, G)
     return parent, slot, new_score
 
@@ -285,6 +286,8 @@ class _Rows:
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
                 alpha: float = 0.0, trie: TokenTrie | None = None) -> list[list[Hypothesis]]:
     """Beam search (free, or guided by a noun trie). -> per image, hypotheses best first.
+    `alpha` != 0: candidates compete by score * n**-alpha at every step (the original release's
+    length normalisation; docs/internals.md "Decoding semantics"); hypotheses keep raw scores.
 
     A finished beam only ever appends EOS with log-prob 0, so it needs no decoder: when the
     session allows it (`drops_finished_rows`), each step runs the unfinished beams' rows alone
@@ -313,6 +316,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     out = session.prefill(embeds, temperature, cand_ids)
     rows = _Rows(session, B)
     no_cands = np.zeros((B * K, 1), np.int64)
+    scales = length_scales(alpha, T) if alpha != 0 else None
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
@@ -326,7 +330,8 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
             lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
         lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
         G = lp.shape[1]
-        parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K)
+        scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
+        parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
         src = (first_row * Kp + parent).reshape(-1)  # previous beam each new beam continues
         slot = slot.reshape(-1)
         was_done = done[src]
@@ -352,9 +357,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)
 
     Kf = score.shape[1]
-    finished = done & (score.reshape(-1) > NEG_INF)
-    return _results(score, length.reshape(B, Kf), finished.reshape(B, Kf),
-                    tokens.reshape(B, Kf, T), alpha)
+    return _results(score, length.reshape(B, Kf), tokens.reshape(B, Kf, T))
 
 
 def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
