@@ -3,7 +3,10 @@ checkpoint format (REFERENCE.md "Original checkpoint file").
 
 Safety: the file is read with ``torch.load(weights_only=True)``: only tensors, torch dtypes and
 plain containers are unpickled. A file that needs anything else (arbitrary classes, callables) is
-refused with `CheckpointImportError` before any of its code could run.
+refused with `CheckpointImportError` before any of its code could run. What the file may unpack
+to is capped (`ReadLimits`: a release zip's .train member, a torch zip's records and its pickle),
+from the zip directories before anything is unpacked and again while streaming, so that a small
+hostile file cannot fill TMPDIR or memory. NaN/inf weights are refused by name.
 
 Mapping (original key -> ObjectDecoder key):
   embed_mlp.mlp.0.weight [P*H, F]                        -> prefix_proj.weight
