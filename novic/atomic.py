@@ -24,7 +24,7 @@ class DiskFullError(NovicError):
     """A write that ran out of disk space (the file it was replacing is left as it was)."""
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno in _FULL_ERRNOS
     return bool(_FULL_TEXT.search(str(exc)))
@@ -152,7 +152,7 @@ def _replacing(tmp: Path, path, size: int | None = None):
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, Exception) and _is_disk_full(exc):
+        if isinstance(exc, Exception) and is_disk_full(exc):
             raise disk_full(path, size) from None   # after the unlink: the free space is real
         raise
     fsync_dir(Path(path).parent)

@@ -87,3 +87,20 @@ def test_disk_full_from_an_os_error_too(tmp_path, monkeypatch):
     with pytest.raises(atomic.DiskFullError, match=r"it needs about 2\.0 KiB"):
         atomic.write_file_atomic(tmp_path / "x.bin", write, size=2048)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_metrics_onto_a_full_disk(tmp_path, monkeypatch):
+    """The metrics log is appended to, not replaced: a full disk there gives the same line."""
+    import errno
+
+    from novic.train import trainer as trainer_module
+
+    trainer = make_trainer(small_config(tmp_path))
+
+    def full(path, mode="r", *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(trainer_module, "open", full, raising=False)
+    with pytest.raises(atomic.DiskFullError) as exc:
+        trainer.fit()
+    assert_disk_full_line(str(exc.value), tmp_path / "run" / "metrics.jsonl")

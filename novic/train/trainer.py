@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from novic.atomic import check_writable_dir, write_json_atomic
+from novic.atomic import check_writable_dir, disk_full, is_disk_full, write_json_atomic
 from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
 from novic.model.checkpoint import write_safetensors
@@ -358,8 +358,14 @@ class Trainer:
     def log(self, row: dict):
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            line = json.dumps(row) + "\n"
+            try:
+                with open(self.out / METRICS, "a") as f:
+                    f.write(line)
+            except OSError as exc:   # the same line as a checkpoint that does not fit
+                if is_disk_full(exc):
+                    raise disk_full(self.out / METRICS, len(line)) from None
+                raise
 
     def run_eval(self) -> dict:
         row = {"step": self.step}
