@@ -5,9 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from novic.atomic import check_writable_file, write_json_atomic
-from novic.cli._common import run_app
+from novic.bench.timing import spread_warning
+from novic.cli._common import err, run_app
 
 app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.",
                   add_completion=False, no_args_is_help=True)
@@ -45,6 +47,10 @@ def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
                  threads=threads)
     typer.echo(f"backend {result['backend']} ({result['precision']}): {result['reason']}")
     typer.echo(f"end-to-end 1 image: p50 {result['single']['p50_ms']:.1f} ms, p90 {result['single']['p90_ms']:.1f} ms")
+    for key in ("single", "encoder", "decoder"):
+        line = spread_warning(key, result[key])
+        if line:
+            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     for b, m in result["throughput"].items():
         typer.echo(f"batch {b}: {m['img_per_s']:.1f} img/s")
     typer.echo(f"encoder: {result['encoder']['p50_ms']:.1f} ms; decoder (beam, guided): "
@@ -80,6 +86,8 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
                      batches=_ints(batches), reps=reps, console=Console(stderr=True))
     typer.echo(f"config {config}: {result['note']}")
     typer.echo(result["markdown"])
+    for line in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if json_out is not None:
         write_json_atomic(json_out, result)
 
