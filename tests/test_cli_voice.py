@@ -128,3 +128,14 @@ def test_bad_option_values_exit_2_in_every_console_script(module, args, flag, tm
     app = importlib.import_module(f"novic.cli.{module}").app
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 2 and flag in out.output, out.output
+
+
+def test_the_pixel_limit_is_named_as_the_caller_sets_it(classifier, runtime_bundle, image, monkeypatch):  # noqa: F811
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)   # restored after the test
+    Image.MAX_IMAGE_PIXELS = 20_000   # the image (480 x 300) is over twice it
+    error = classifier.classify_one(str(image)).error
+    assert "image too large" in error and "(PIL.Image.MAX_IMAGE_PIXELS)" in error and "novic-run" not in error
+    out = _run("--bundle", runtime_bundle.bundle, "-q", "--max-pixels", 20_000, image)
+    assert out.exit_code == 1 and "(novic-run --max-pixels N)" in out.stderr and "PIL.Image" not in out.stderr
