@@ -1,6 +1,7 @@
 """`novic-bench`: benchmark a bundle, or compare against the original-style PyTorch pipeline."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -83,6 +84,8 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
 
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):   # checked now, not after minutes of building
+        raise typer.BadParameter(f"{device!r} is not cpu, cuda or cuda:N", param_hint="--device")
     _check_writable(json_out)
     result = compare(config, str(workdir), backend=choice(backend), device=device, precision=choice(precision),
                      batches=_ints(batches), reps=reps, console=Console(stderr=True))
