@@ -145,8 +145,9 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
         except (QuantError, ModelOptError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
+            other = "static" if method == "dynamic" else "dynamic"
             raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
-                             f"try {option('method=', '--method ')}{'static' if method == 'dynamic' else 'dynamic'}") from None
+                             f"try {option('method=' + repr(other), '--method ' + other)}") from None
         # A self-contained source gives a self-contained variant; else its weights go in <name>.data
         # (onnxruntime names them so already; modelopt_quantize tidies ModelOpt's own files).
         weights = one_weight_file(out) if external else []

@@ -125,14 +125,15 @@ def main_command(
                                           help="Bundle directory (written by novic-export onnx)."),
     backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
     precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
-                                            help="Graph precision for ORT backends: fp32, fp16, int8, fp8 (int8/fp8: the "
-                                                 "calibrated encoder, novic-export calib)."),
+                                                  help="Graph precision for ORT backends: fp32, fp16, int8, fp8 "
+                                                       "(int8/fp8: the calibrated encoder, novic-export calib)."),
     topk: Optional[int] = typer.Option(None, "--topk", "-k", min=1, show_default=False,
-                                       help=f"Labels per image [default: {DEFAULT_TOPK}, or --beam-width if smaller]."),
+                                       help=f"Labels per image (default {DEFAULT_TOPK}, or --beam-width if smaller)."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
-    vocab: Optional[List[str]] = typer.Option(None, "--vocab", help="Nouns for guided decoding: a text file with one "
-                                              "noun per line, or nouns separated by commas ('cat,dog'); repeated, "
-                                              "the nouns of all are used (default: the bundle's)."),
+    vocab: Optional[List[str]] = typer.Option(None, "--vocab", metavar="FILE|NOUNS",
+                                              help="Nouns for guided decoding: a text file with one noun per line, or "
+                                                   "nouns separated by commas ('cat,dog'); repeated, the nouns of all "
+                                                   "are used (default: the bundle's)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature."),
@@ -161,7 +162,8 @@ def main_command(
     if topk is None:   # beam search keeps beam-width hypotheses: --beam-width 1 alone is greedy, one label
         topk = min(DEFAULT_TOPK, beam_width)
         if topk < DEFAULT_TOPK and not quiet:
-            err.print(f"[yellow]note:[/] --beam-width {beam_width} gives at most {beam_width} label(s) per image", highlight=False)
+            err.print(f"[yellow]note:[/] --beam-width {beam_width} gives at most {beam_width} label(s) per image",
+                      highlight=False)
     elif topk > beam_width:
         fail(f"--topk {topk} exceeds --beam-width {beam_width}: beam search keeps --beam-width hypotheses; "
              f"raise --beam-width to at least {topk}", code=2)
