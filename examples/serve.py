@@ -7,32 +7,144 @@
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
 (`Result.to_dict()`); `?topk=N` sets how many. Each request is served in its own thread and the
 requests are classified in batches (`novic.Batcher`), which is what makes a GPU worth it.
-Statuses: 200 labels; 400 a bad query or Content-Length; 413 a body over MAX_BYTES; 422 an image
-that cannot be read; 503 the service cannot classify (closed, or a backend error). The body says
-why in one line.
+Statuses: 200 labels; 400 a bad query or Content-Length; 408 a request that did not arrive in
+time; 413 a body over MAX_BYTES; 422 an image that cannot be read; 503 the service cannot classify
+(closed, a backend error, or MAX_CONNECTIONS already open). The body says why in one line.
+
+Bounds, so that slow or hostile clients cannot exhaust the machine: every read waits at most
+READ_TIMEOUT (an idle or half-sent request is dropped) and a body must arrive within BODY_SECONDS;
+at most MAX_CONNECTIONS connections are served at once (the next ones get 503 at once, not a
+thread); images being decoded together hold at most DECODE_PIXELS pixels (a few huge images wait
+for each other instead of all being decoded at once). A body over MAX_BYTES is answered 413 from
+its Content-Length before it is read, and the rest is discarded for a moment so that the client
+reads the 413 rather than a reset. A client that leaves early is not an error: nothing is logged.
+A client trickling a byte per READ_TIMEOUT through its headers is bounded only by MAX_CONNECTIONS:
+put a reverse proxy in front of a service on an open network.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from novic import Batcher, Classifier
+from novic.errors import NovicError
 from novic.runtime.classifier import ClassifierError
 
-MAX_BYTES = 64 << 20   # 64 MiB: larger bodies are refused before they are read
+MAX_BYTES = 64 << 20          # 64 MiB: larger bodies are refused before they are read
+READ_TIMEOUT = 10.0           # seconds one read of the socket may wait (headers, body, idle)
+BODY_SECONDS = 60.0           # seconds the whole body may take
+DRAIN_SECONDS = 2.0           # after a 413: how long the unread body is discarded before closing
+MAX_CONNECTIONS = 64          # connections served at once (one thread each)
+DECODE_PIXELS = 180_000_000   # pixels decoded at once, all requests together (~0.5 GB as RGB);
+                              # Pillow refuses single images over ~179 M pixels anyway
+
+
+class PixelBudget:
+    """Lets decodes run together while their pixels add up to at most `limit`; an image as large
+    as the whole budget waits until it can be decoded alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image's header (nothing is decoded); 0 if it cannot be read (the
+    classifier then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - an unreadable image is answered 422 by the classifier
+        return 0
+
+
+def _query_int(query: dict, name: str, default: int) -> int:
+    text = query.get(name, [str(default)])[0]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {text!r}") from None
+
+
+class _Refused(Exception):
+    """A request answered before its body was read: (status, one-line reason)."""
+
+
+class BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections served at once, and no traceback for a
+    client that left or was too slow."""
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):   # full: answer here, in the accepting thread
+            body = json.dumps({"error": "too many connections; retry shortly"}).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:   # no thread started: give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return   # the client left (reset, broken pipe) or stalled: nothing to report
+        super().handle_error(request, client_address)
 
 
 def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that classifies with `batcher`; port 0 picks a free one."""
+    budget = PixelBudget(DECODE_PIXELS)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = READ_TIMEOUT   # socket timeout of every read and write on this connection
+
         def _reply(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -45,29 +157,74 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             url = urlparse(self.path)
             if url.path != "/classify":
                 return self._reply(404, {"error": "use POST /classify or GET /health"})
-            try:   # the client's mistakes: 400
-                size = int(self.headers.get("Content-Length") or 0)
-                if size < 0:
-                    raise ValueError(f"Content-Length {size} is negative")
-                topk = int(parse_qs(url.query).get("topk", ["5"])[0])
-                if not batcher.classifier.closed:   # closed is the service's fault (below)
-                    batcher.classifier.check_options(topk=topk)
-            except (ValueError, ClassifierError) as exc:
-                self.close_connection = True   # the body stays unread
-                return self._reply(400, {"error": str(exc)})
-            if size > MAX_BYTES:
-                self.close_connection = True
-                return self._reply(413, {"error": f"body of {size} bytes exceeds {MAX_BYTES}"})
             try:
-                result = batcher.classify_one(self.rfile.read(size), topk=topk)
+                topk, body = self._read_request(url)
+            except _Refused as refused:
+                self.close_connection = True   # the body stays unread
+                status, reason = refused.args
+                self._reply(status, {"error": reason})
+                if status != 408:   # a body that was not read (408: the client stalled on it)
+                    self._discard_body()
+                return
+            try:
+                with budget.hold(image_pixels(body)):
+                    result = batcher.classify_one(body, topk=topk)
             except Exception as exc:  # noqa: BLE001 - closed, or a backend failure: not the client's
                 return self._reply(503, {"error": " ".join(str(exc).split()) or type(exc).__name__})
             self._reply(200 if result.ok else 422, result.to_dict())
 
+        def _read_request(self, url) -> tuple[int, bytes]:
+            """-> (topk, body), or _Refused(status, reason) for the client's mistakes."""
+            length = self.headers.get("Content-Length") or "0"
+            try:
+                size = int(length)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                raise _Refused(400, f"Content-Length must be a number of bytes, got {length!r}") from None
+            try:
+                topk = _query_int(parse_qs(url.query), "topk", 5)
+                if not batcher.classifier.closed:   # closed is the service's fault (503, below)
+                    batcher.classifier.check_options(topk=topk)
+            except (ValueError, ClassifierError) as exc:
+                raise _Refused(400, str(exc)) from None
+            if size > MAX_BYTES:
+                raise _Refused(413, f"body of {size} bytes exceeds the limit of {MAX_BYTES} bytes")
+            return topk, self._read_body(size)
+
+        def _read_body(self, size: int) -> bytes:
+            chunks, got, deadline = [], 0, time.monotonic() + BODY_SECONDS
+            try:
+                while got < size and time.monotonic() < deadline:
+                    chunk = self.rfile.read1(min(size - got, 1 << 20))
+                    if not chunk:
+                        break   # the client closed its side early
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                pass
+            if got < size:
+                raise _Refused(408, f"the body ended after {got} of the {size} bytes that Content-Length "
+                                    f"announced (or took longer than {BODY_SECONDS:g} s)")
+            return b"".join(chunks)
+
+        def _discard_body(self) -> None:
+            """After an early reply: read and drop what the client still sends, for a moment, so
+            that closing does not reset the connection before the client has read the reply."""
+            self.wfile.flush()
+            try:
+                self.connection.shutdown(socket.SHUT_WR)   # the reply is complete
+                self.connection.settimeout(DRAIN_SECONDS)
+                deadline = time.monotonic() + DRAIN_SECONDS
+                while time.monotonic() < deadline and self.connection.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
         def log_message(self, *args):   # quiet: a service logs its own way
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return BoundedServer((host, port), Handler, MAX_CONNECTIONS)
 
 
 def main():
@@ -78,9 +235,15 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--fast-decode", action="store_true")
     a = ap.parse_args()
-    with Classifier.load(a.bundle, backend=a.backend, fast_decode=a.fast_decode, verbose=True) as clf, \
-            Batcher(clf) as batcher:
-        server = make_server(batcher, a.host, a.port)
+    try:
+        clf = Classifier.load(a.bundle, backend=a.backend, fast_decode=a.fast_decode, verbose=True)
+    except (NovicError, OSError) as exc:   # a missing or damaged bundle, an unusable backend: one line
+        sys.exit(f"error: {' '.join(str(exc).split())}")
+    with clf, Batcher(clf) as batcher:
+        try:
+            server = make_server(batcher, a.host, a.port)
+        except OSError as exc:   # e.g. the port is taken
+            sys.exit(f"error: cannot listen on {a.host}:{a.port}: {exc.strerror or exc}; pick another --port")
         print(f"serving on http://{a.host}:{server.server_port}/classify (Ctrl-C stops)")
         try:
             server.serve_forever()

@@ -1,7 +1,8 @@
 """Backend auto-selection with injected facts (novic.runtime.backends.select)."""
 import pytest
 
-from novic.runtime.backends.select import BackendError, Choice, Probe, probe, select_backend
+from fixtures_runtime import runtime_bundle  # noqa: F401  (fixture)
+from novic.runtime.backends.select import BackendError, Choice, Probe, probe, probe_parts, select_backend
 
 ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
 
@@ -84,3 +85,40 @@ def test_probe_here_never_raises():
     assert isinstance(facts, Probe)
     # onnxruntime is a test dependency; the choice on this machine is a real one
     assert select_backend((), facts=facts).backend in ("ort-cpu", "ort-cuda")
+
+
+def test_probe_parts_follow_the_request():
+    assert probe_parts("ort-cpu") == ("ort",)
+    assert probe_parts("ort-cuda") == probe_parts("auto") == ("gpu", "ort")   # no engines: TensorRT is moot
+    assert probe_parts("auto", engines()) == probe_parts("trt") == ("gpu", "trt", "ort")
+
+
+def test_ort_cpu_imports_no_cuda_or_tensorrt(runtime_bundle, tmp_path):
+    """`--backend ort-cpu` loads without importing cuda.bindings or tensorrt and without running
+    nvidia-smi: stand-ins for all three record being touched (in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    touched = tmp_path / "touched"
+    fakes = tmp_path / "fakes"
+    (fakes / "cuda" / "bindings").mkdir(parents=True)
+    (fakes / "cuda" / "__init__.py").write_text("")
+    record = f"open({str(touched)!r}, 'a').write(__name__ + '\\n')\n"
+    (fakes / "cuda" / "bindings" / "__init__.py").write_text(record)
+    (fakes / "cuda" / "bindings" / "runtime.py").write_text(record)
+    (fakes / "tensorrt.py").write_text(record + "__version__ = '0'\n")
+    smi = fakes / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho nvidia-smi >> {touched}\nexit 1\n")
+    smi.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fakes), os.environ.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([str(fakes), os.environ["PATH"]]))
+    code = ("import sys; from novic import Classifier; "
+            f"clf = Classifier.load({str(runtime_bundle.bundle)!r}, backend='ort-cpu'); print(clf.backend)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ort-cpu", out.stderr
+    assert not touched.exists(), touched.read_text()
+    # the stand-ins do work: auto probes the GPU through them
+    code = "from novic.runtime.backends.select import probe; print(probe().gpu_error)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert set(touched.read_text().split()) >= {"cuda.bindings", "tensorrt", "nvidia-smi"}, out.stderr

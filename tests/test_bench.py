@@ -86,3 +86,31 @@ def test_bench_setup_exports_again_only_when_needed(tmp_path, monkeypatch, capsy
     calls.clear()
     setup.build(setup.BenchConfig(**{**tiny.__dict__, "vocab_size": 400}), tmp_path)
     assert calls == [("weights", 400), ("export", ckpt)]           # other sizes: new weights
+
+
+def test_spread_and_outliers_are_reported():
+    """A baseline p90 of 1284.8 ms against a median of 68.2 ms is flagged, not printed bare."""
+    from novic.bench.compare import spread_warnings, table
+    from novic.bench.timing import summarize
+
+    steady = summarize([10.0, 10.5, 11.0, 10.2, 10.1, 10.4, 10.3, 10.6, 10.8, 10.9])
+    assert steady["outliers"] == 0 and steady["max_ms"] == 11.0 and abs(steady["mad_ms"] - 0.3) < 1e-9
+    noisy = summarize([68.2] * 8 + [1284.8, 1300.0])
+    assert (noisy["p50_ms"], noisy["p90_ms"], noisy["outliers"]) == (68.2, 1300.0, 2)
+    noisy = {**noisy, "p90_ms": 1284.8}
+
+    def side(single, **extra):
+        return {"single": single, "encoder": steady, "decoder": steady, "throughput": {},
+                "peak_rss_mb": 100.0, "labels": ["cat"], "step_ms_by_position": [1.0, 1.0], **extra}
+
+    result = {"ours": side(steady, backend="ort-cpu", precision="fp32"), "baseline": side(noisy, device="cpu"),
+              "ratios": {"single": 1.0, "encoder": 1.0, "decoder": 1.0}}
+    row = next(line for line in table(result).splitlines() if "p90" in line)
+    assert "| 1284.8 ms (2/10) **outliers** | 11.0 ms (0/10) |" in row
+    assert spread_warnings(result) == [
+        "original-style single: p90 1284.8 ms is 18.8x the median 68.2 ms (2 of 10 runs took over 2x the "
+        "median): the machine was disturbed during those runs; compare medians, or rerun on a quiet machine "
+        "with more --reps"]
+    old = {k: v for k, v in noisy.items() if k not in ("outliers", "max_ms", "mad_ms")}   # results saved before
+    result["baseline"]["single"] = old
+    assert "some runs were much slower" in spread_warnings(result)[0] and "1284.8 ms **outliers**" in table(result)

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from novic.bench.timing import OUTLIER_FACTOR, spread_warning
+
 
 def run_side(side: str, args: dict, timeout: float = 3600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +44,24 @@ def phase_cell(ph: dict) -> str:
             f"host search {ph['host_search_ms']:.2f} ms")
 
 
+def spread_cell(m: dict) -> str:
+    """p90 of a measurement with its outlier count, flagged when p90 is far above the median."""
+    outliers = f" ({m['outliers']}/{m['runs']})" if "outliers" in m else ""
+    flag = " **outliers**" if spread_warning("", m) else ""
+    return f"{m['p90_ms']:.1f} ms{outliers}{flag}"
+
+
+def spread_warnings(result: dict) -> list[str]:
+    """One line per measurement of either side whose p90 is far above its median."""
+    lines = []
+    for side, name in (("baseline", "original-style"), ("ours", "novic")):
+        for key in ("single", "encoder", "decoder"):
+            line = spread_warning(f"{name} {key}", result[side][key])
+            if line:
+                lines.append(line)
+    return lines
+
+
 def table(result: dict) -> str:
     ours, base, r = result["ours"], result["baseline"], result["ratios"]
     lines = [f"| measurement | original-style ({base['device']}) | novic ({ours['backend']}, {ours['precision']}) | speed-up |",
@@ -49,7 +69,8 @@ def table(result: dict) -> str:
     for key, label in (("single", "end-to-end, 1 image, p50"), ("encoder", "encoder only, 1 image, p50"),
                        ("decoder", "decoder only, beam 10 guided, p50")):
         lines.append(f"| {label} | {base[key]['p50_ms']:.1f} ms | {ours[key]['p50_ms']:.1f} ms | {r[key]:.1f}x |")
-    lines.append(f"| end-to-end, 1 image, p90 | {base['single']['p90_ms']:.1f} ms | {ours['single']['p90_ms']:.1f} ms | |")
+    lines.append(f"| end-to-end, 1 image, p90 (runs over {OUTLIER_FACTOR:g}x the median) | {spread_cell(base['single'])} | "
+                 f"{spread_cell(ours['single'])} | |")
     for b in ours["throughput"]:
         if b in base["throughput"]:
             lines.append(f"| throughput, batch {b} | {base['throughput'][b]['img_per_s']:.1f} img/s | "
@@ -85,6 +106,7 @@ def compare(config: str, workdir: str, backend: str = "ort-cpu", device: str = "
               "ratios": ratios(ours, base),
               "export": json.loads(Path(paths["info"]).read_text())}
     result["markdown"] = table(result)
+    result["warnings"] = spread_warnings(result)
     return result
 
 

@@ -22,9 +22,34 @@ def measure(fn, *, warmup: int = 2, reps: int = 10, budget_s: float = 60.0, sync
         if sync:
             sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "min_ms": times[0], "runs": len(times)}
+    return summarize(times)
+
+
+# A run more than this many times the median was disturbed (another process, a page-fault storm, a
+# first-touch allocation), not the code being measured: it is counted, and flagged in reports.
+OUTLIER_FACTOR = 2.0
+
+
+def summarize(times_ms) -> dict:
+    """Median/p90/min/max of run times (ms), their spread and the outliers (> OUTLIER_FACTOR x median)."""
+    times = sorted(times_ms)
+    p50 = statistics.median(times)
+    return {"p50_ms": p50, "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "min_ms": times[0], "max_ms": times[-1], "runs": len(times),
+            "mad_ms": statistics.median(abs(t - p50) for t in times),   # median absolute deviation
+            "outliers": sum(t > OUTLIER_FACTOR * p50 for t in times)}
+
+
+def spread_warning(name: str, m: dict) -> str | None:
+    """One line when a measurement's p90 is over OUTLIER_FACTOR x its median, else None."""
+    p50, p90 = m.get("p50_ms"), m.get("p90_ms")
+    if not p50 or not p90 or p90 <= OUTLIER_FACTOR * p50:
+        return None
+    outliers = m.get("outliers")
+    counted = f"{outliers} of {m['runs']} runs took over {OUTLIER_FACTOR:g}x the median" if outliers is not None \
+        else "some runs were much slower than the median"
+    return (f"{name}: p90 {p90:.1f} ms is {p90 / p50:.1f}x the median {p50:.1f} ms ({counted}): the machine "
+            f"was disturbed during those runs; compare medians, or rerun on a quiet machine with more --reps")
 
 
 def peak_rss_mb() -> float:

@@ -35,7 +35,7 @@ from novic.calib.gates import BEAM_WIDTH, MIN_AGREEMENT, MIN_MEAN_COSINE, run_ga
 from novic.calib.modelopt import ModelOptError, modelopt_python, modelopt_quantize
 from novic.calib.ort_int8 import QuantError, quantize_encoder
 from novic.calib.weights import one_weight_file
-from novic.errors import NovicError
+from novic.errors import NovicError, option
 
 METHOD_PRECISION = {"dynamic": "int8", "static": "int8", "modelopt-int8": "int8", "modelopt-fp8": "fp8"}
 METHODS = tuple(METHOD_PRECISION)
@@ -119,7 +119,7 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
 
     console = console or Console(stderr=True)
     if method not in METHODS:
-        raise CalibError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+        raise CalibError(f"{option('method', '--method')} {method!r}: use one of {', '.join(METHODS)}")
     precision = METHOD_PRECISION[method]
     python = modelopt_python(modelopt) if method.startswith("modelopt-") else None  # fails before any work
     t_start = time.perf_counter()
@@ -145,8 +145,9 @@ def calibrate_bundle(bundle_dir, *, images=None, n: int = 64, n_heldout: int = 4
         except (QuantError, ModelOptError):
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantiser fails in many ways
+            other = "static" if method == "dynamic" else "dynamic"
             raise CalibError(f"{src.name}: {method} quantisation failed ({type(exc).__name__}: {exc}); "
-                             f"try --method {'static' if method == 'dynamic' else 'dynamic'}") from None
+                             f"try {option('method=' + repr(other), '--method ' + other)}") from None
         # A self-contained source gives a self-contained variant; else its weights go in <name>.data
         # (onnxruntime names them so already; modelopt_quantize tidies ModelOpt's own files).
         weights = one_weight_file(out) if external else []

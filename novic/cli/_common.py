@@ -1,15 +1,33 @@
-"""Small helpers shared by the console scripts."""
+"""Small helpers shared by the console scripts.
+
+Exit codes, in every console script: 0 done; 1 an input or the work failed (a file, an image, a
+bundle, the environment); 2 a usage error (an option's value or a combination of options cannot be
+used; nothing was run), as typer itself answers a malformed option. 130 interrupted."""
 from __future__ import annotations
 
 import re
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
 
+from novic.runtime.backends.select import AUTO, BACKENDS
+
 err = Console(stderr=True)
+
+# Choices checked by typer itself, so that a bad value is a usage error (exit code 2) in every
+# console script. The precisions are novic.runtime.bundle.PRECISIONS (not imported: it would load
+# numpy for --help; a test compares them).
+Backend = Enum("Backend", {name: name for name in (AUTO, *BACKENDS)}, type=str)
+Precision = Enum("Precision", {name: name for name in ("fp32", "fp16", "int8", "fp8")}, type=str)
+
+
+def choice(value):
+    """The string of a Backend/Precision option (None stays None)."""
+    return value.value if isinstance(value, Enum) else value
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

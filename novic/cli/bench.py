@@ -1,13 +1,16 @@
 """`novic-bench`: benchmark a bundle, or compare against the original-style PyTorch pipeline."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from novic.atomic import check_writable_file, write_json_atomic
-from novic.cli._common import run_app
+from novic.bench.timing import spread_warning
+from novic.cli._common import Backend, Precision, choice, err, run_app
 
 app = typer.Typer(help="Benchmark a bundle against the original-style PyTorch pipeline.",
                   add_completion=False, no_args_is_help=True)
@@ -31,8 +34,9 @@ def _check_writable(path: Optional[Path]) -> None:
 
 @app.command("run")
 def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
-                backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-                precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
+                backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+                precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                        help="Graph precision (ORT): fp32, fp16, int8, fp8."),
                 batches: str = typer.Option("1,8,32,256", help="Batch sizes for throughput."),
                 reps: int = typer.Option(10, min=1, help="Timed repetitions per measurement (after warm-up)."),
                 threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime intra-op threads."),
@@ -41,10 +45,14 @@ def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
     from novic.bench.measure import run
 
     _check_writable(json_out)   # before minutes of measuring, not after
-    result = run(str(bundle), backend=backend, precision=precision, batches=_ints(batches), reps=reps,
+    result = run(str(bundle), backend=choice(backend), precision=choice(precision), batches=_ints(batches), reps=reps,
                  threads=threads)
     typer.echo(f"backend {result['backend']} ({result['precision']}): {result['reason']}")
     typer.echo(f"end-to-end 1 image: p50 {result['single']['p50_ms']:.1f} ms, p90 {result['single']['p90_ms']:.1f} ms")
+    for key in ("single", "encoder", "decoder"):
+        line = spread_warning(key, result[key])
+        if line:
+            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     for b, m in result["throughput"].items():
         typer.echo(f"batch {b}: {m['img_per_s']:.1f} img/s")
     typer.echo(f"encoder: {result['encoder']['p50_ms']:.1f} ms; decoder (beam, guided): "
@@ -59,9 +67,10 @@ def run_command(bundle: Path = typer.Argument(..., help="Bundle directory."),
 @app.command("compare")
 def compare_command(config: str = typer.Option("paper", help="paper, large or tiny (random weights); paper "
                                                "and large build real-size models first (minutes, GBs)."),
-                    backend: str = typer.Option("ort-cpu", help="Our backend."),
+                    backend: Backend = typer.Option("ort-cpu", help="Our backend."),
                     device: str = typer.Option("cpu", help="Device of the PyTorch baseline (cpu, cuda)."),
-                    precision: Optional[str] = typer.Option(None, help="fp32 or fp16 graphs (ORT)."),
+                    precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                            help="Graph precision (ORT): fp32, fp16, int8, fp8."),
                     batches: str = typer.Option("1,8", help="Batch sizes for throughput."),
                     reps: int = typer.Option(10, min=1, help="Timed repetitions per measurement."),
                     workdir: Path = typer.Option(Path.home() / ".cache" / "novic" / "bench",
@@ -75,11 +84,15 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
 
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):   # checked now, not after minutes of building
+        raise typer.BadParameter(f"{device!r} is not cpu, cuda or cuda:N", param_hint="--device")
     _check_writable(json_out)
-    result = compare(config, str(workdir), backend=backend, device=device, precision=precision,
+    result = compare(config, str(workdir), backend=choice(backend), device=device, precision=choice(precision),
                      batches=_ints(batches), reps=reps, console=Console(stderr=True))
     typer.echo(f"config {config}: {result['note']}")
     typer.echo(result["markdown"])
+    for line in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if json_out is not None:
         write_json_atomic(json_out, result)
 

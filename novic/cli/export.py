@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from novic.cli._common import err, run_app
+from novic.errors import cli_voice
 
 app = typer.Typer(help="Export a checkpoint to an ONNX/TensorRT bundle.", add_completion=False,
                   no_args_is_help=True)
@@ -126,6 +127,7 @@ def check_command(
 
 
 @app.command("calib")
+@cli_voice
 def calib_command(
     bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
     images: Optional[Path] = typer.Option(None, "--images",
@@ -149,8 +151,10 @@ def calib_command(
     """Quantise the image encoder (INT8, or FP8 for TensorRT), check it against fp32 on held-out
     images (embedding cosine, top-1 labels) and add it to the bundle only if it passes
     (use it with novic-run --precision int8|fp8, or novic-export trt --precision int8|fp8)."""
-    from novic.calib.run import calibrate_bundle
+    from novic.calib.run import METHODS, calibrate_bundle
 
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
     result = calibrate_bundle(bundle, images=images, n=n, n_heldout=heldout, method=method, seed=seed,
                               min_mean_cosine=min_cosine, min_agreement=min_agreement, console=err,
                               dry_run=dry_run, modelopt=modelopt_python)

@@ -54,9 +54,12 @@ def main_command(
         fail(f"{out} exists; pass --force to overwrite it", code=2)
     if out.suffix != ".safetensors":
         err.print(f"[yellow]note:[/] {out} is written in safetensors format", highlight=False)
-    from novic.model.importer import import_checkpoint, parse_embedder_spec, summary
+    from novic.model.importer import CheckpointImportError, import_checkpoint, parse_embedder_spec, summary
 
-    spec = parse_embedder_spec(embedder) if embedder else None
+    try:
+        spec = parse_embedder_spec(embedder) if embedder else None
+    except CheckpointImportError as exc:   # a malformed option value: a usage error
+        raise typer.BadParameter(str(exc), param_hint="--embedder") from None
     result = import_checkpoint(file, out, embedder=spec, heads=heads, tokenizer_file=tokenizer)
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

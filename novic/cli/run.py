@@ -7,7 +7,8 @@
 Inputs: files (any extension), directories (their image files; --recursive descends), glob
 patterns (quoted, `**` allowed), and '-' for one image on stdin. Output: a table (default) or JSON
 lines (--json: {"source", "labels": [{"text", "logprob", "prob"}], "error"}). Bad inputs get one
-error line each on stderr and do not stop the others; the exit code is 1 if any input failed.
+error line each on stderr and do not stop the others; the exit code is 1 if any input failed, 2 for
+a usage error (a bad option value or combination, refused before any image is read).
 Imports are lazy so that `--help` and startup stay fast.
 """
 from __future__ import annotations
@@ -26,11 +27,13 @@ import typer
 
 from rich.markup import escape
 
-from novic.cli._common import err, error_line, fail, printable, run_app
+from novic.cli._common import Backend, Precision, choice, err, error_line, fail, printable, run_app
+from novic.errors import cli_voice
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
 GLOB_CHARS = set("*?[")
+DEFAULT_TOPK = 5
 
 app = typer.Typer(help="Classify images with a bundle.", add_completion=False, no_args_is_help=False)
 
@@ -81,6 +84,30 @@ def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[
     return inputs, problems
 
 
+def vocab_option(values: Optional[List[str]]):
+    """--vocab values -> what Classifier takes: None (the bundle's nouns), one file's path, or the
+    nouns of all values in order (files, and comma-separated nouns)."""
+    if not values:
+        return None
+    if len(values) == 1 and os.path.exists(values[0]):
+        return values[0]   # the classifier names the file in its messages and caches it by mtime
+    from novic.runtime.classifier import ClassifierError, read_vocab_file
+
+    nouns = []
+    for value in values:
+        if os.path.exists(value):
+            try:
+                nouns += read_vocab_file(value)
+            except ClassifierError as exc:
+                fail(f"--vocab {exc}", code=2)
+        elif "," in value:
+            nouns += [noun.strip() for noun in value.split(",") if noun.strip()]
+        else:
+            fail(f"--vocab {value}: no such file; give a text file with one noun per line, or nouns "
+                 f"separated by commas (--vocab 'cat,dog')", code=2)
+    return nouns
+
+
 class _Stdin:
     """'-': the image bytes on standard input (read when the batch is loaded)."""
 
@@ -91,16 +118,22 @@ class _Stdin:
 
 
 @app.command()
+@cli_voice
 def main_command(
     images: Optional[List[str]] = typer.Argument(None, help="Image files, directories, glob patterns, or - for stdin."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
                                           help="Bundle directory (written by novic-export onnx)."),
-    backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends: fp32, fp16, int8, fp8 (int8/fp8: the "
-                                                                "calibrated encoder, novic-export calib)."),
-    topk: int = typer.Option(5, "--topk", "-k", min=1, help="Labels per image."),
+    backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+    precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                  help="Graph precision for ORT backends: fp32, fp16, int8, fp8 "
+                                                       "(int8/fp8: the calibrated encoder, novic-export calib)."),
+    topk: Optional[int] = typer.Option(None, "--topk", "-k", min=1, show_default=False,
+                                       help=f"Labels per image (default {DEFAULT_TOPK}, or --beam-width if smaller)."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line (default: the bundle's)."),
+    vocab: Optional[List[str]] = typer.Option(None, "--vocab", metavar="FILE|NOUNS",
+                                              help="Nouns for guided decoding: a text file with one noun per line, or "
+                                                   "nouns separated by commas ('cat,dog'); repeated, the nouns of all "
+                                                   "are used (default: the bundle's)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature."),
@@ -128,11 +161,17 @@ def main_command(
     """Classify images with a bundle: fine-grained noun labels with probabilities."""
     if not images:
         fail("no images given: pass image files, directories or glob patterns (or - for stdin)", code=2)
-    if topk > beam_width:
-        fail(f"--topk {topk} exceeds --beam-width {beam_width}: beam search keeps beam-width hypotheses; "
+    if topk is None:   # beam search keeps beam-width hypotheses: --beam-width 1 alone is greedy, one label
+        topk = min(DEFAULT_TOPK, beam_width)
+        if topk < DEFAULT_TOPK and not quiet:
+            err.print(f"[yellow]note:[/] --beam-width {beam_width} gives at most {beam_width} label(s) per image",
+                      highlight=False)
+    elif topk > beam_width:
+        fail(f"--topk {topk} exceeds --beam-width {beam_width}: beam search keeps --beam-width hypotheses; "
              f"raise --beam-width to at least {topk}", code=2)
-    if vocab is not None and not guided:
+    if vocab and not guided:
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
+    vocab = vocab_option(vocab)
 
     modes = {"full": True, "cached": "cached", "size": False}
     if verify not in modes:
@@ -158,7 +197,7 @@ def main_command(
     if max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels
     logging.getLogger("novic").addHandler(logging.NullHandler())   # its lines are printed below, once
-    clf = Classifier.load(bundle, backend=backend, precision=precision,
+    clf = Classifier.load(bundle, backend=choice(backend), precision=choice(precision),
                           threads=threads, verify=modes[verify], fast_decode=fast_decode)
     try:   # what needs the bundle (the decoder's top-k, the vocabulary), before any image is read
         vocabulary = clf.check_options(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,

@@ -19,6 +19,7 @@ from typing import List, Optional
 import typer
 
 from novic.cli._common import one_line_errors, run_app
+from novic.errors import cli_voice
 
 app = typer.Typer(help="Train a NOVIC object decoder from text (captions of nouns) alone.",
                   add_completion=False, no_args_is_help=True)
@@ -59,6 +60,7 @@ def config(out: Optional[Path] = typer.Argument(None, help="Write here instead o
 
 
 @app.command()
+@cli_voice   # its errors name --wordnet-dir (in `cache` and `train` it is the config's wordnet_dir)
 def nouns(out: Path = typer.Argument(..., help="Noun list to write (.json, .csv or .txt)."),
           min_zipf: float = typer.Option(3.0, help="wordfreq Zipf frequency threshold."),
           max_nouns: Optional[int] = typer.Option(None, min=1, help="Keep at most this many (most frequent)."),

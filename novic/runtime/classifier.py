@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from novic.errors import NovicError
+from novic.errors import NovicError, option
 from novic.runtime.bundle import PRECISIONS, QUANTIZED
 from novic.runtime.images import describe
 
@@ -111,6 +111,8 @@ class Vocabulary:
 def read_vocab_file(path: str | os.PathLike) -> list[str]:
     """One noun per line; blank lines and lines starting with '#' are ignored; duplicates dropped."""
     p = Path(path)
+    if p.is_dir():
+        raise ClassifierError(f"{p}: is a directory; pass a text file with one noun per line")
     if not p.is_file():
         raise ClassifierError(f"{p}: vocabulary file not found; pass a text file with one noun per line")
     try:
@@ -247,7 +249,7 @@ class Classifier:
                 st = p.stat()
             except OSError:
                 raise ClassifierError(f"{p}: vocabulary file not found; pass a text file with one noun "
-                                      f"per line, or a list of nouns") from None
+                                      f"per line, or {option('a list of nouns', 'nouns separated by commas')}") from None
             if p.is_dir():
                 raise ClassifierError(f"{p}: is a directory; pass a text file with one noun per line")
             key = ("file", str(p.resolve()), st.st_mtime_ns, st.st_size)
@@ -285,7 +287,8 @@ class Classifier:
         if key[0] == "bundle":
             if not known:
                 raise ClassifierError(f"{self.bundle.path}: the bundle has no noun vocabulary for guided "
-                                      f"decoding; pass vocab=[...] / --vocab FILE, or use guided=False / --free")
+                                      f"decoding; pass {option('vocab=[...]', '--vocab FILE')}, or use "
+                                      f"{option('guided=False', '--free')}")
             nouns, name = list(known), "the bundle's vocabulary"
         elif key[0] == "file":
             nouns, name = read_vocab_file(vocab), str(vocab)
@@ -318,7 +321,7 @@ class Classifier:
         if not usable:
             first = f" (e.g. {skipped[0][0]!r}: {skipped[0][1]})" if skipped else ""
             raise ClassifierError(f"none of the nouns in {name} can be produced by this model{first}; "
-                                  f"use nouns from the model's vocabulary or guided=False / --free")
+                                  f"use nouns from the model's vocabulary or {option('guided=False', '--free')}")
         return Vocabulary(name, usable, seqs, skipped, TokenTrie(seqs), text_of)
 
     def _tokenize(self, noun: str) -> tuple[tuple[int, ...], str | None]:
@@ -408,8 +411,9 @@ class Classifier:
             raise ClassifierError("this Classifier was closed; load it again with Classifier.load(bundle)")
         topk, beam_width = _positive_int(topk, "topk"), _positive_int(beam_width, "beam_width")
         if topk > beam_width:
-            raise ClassifierError(f"topk {topk} exceeds beam_width {beam_width}: beam search keeps "
-                                  f"beam_width hypotheses; raise beam_width to at least {topk}")
+            width = option("beam_width", "--beam-width")
+            raise ClassifierError(f"{option('topk', '--topk')} {topk} exceeds {width} {beam_width}: beam search "
+                                  f"keeps {width} hypotheses; raise {width} to at least {topk}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ClassifierError(f"temperature must be a positive number, got {temperature!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
@@ -424,8 +428,8 @@ class Classifier:
             if beam_width > self.decoder.topk:
                 raise ClassifierError(f"free decoding with beam width {beam_width} needs decoder graphs "
                                       f"with top-k >= {beam_width}, this bundle's have {self.decoder.topk}: use "
-                                      f"beam width <= {self.decoder.topk}, or re-export the bundle with "
-                                      f"novic-export onnx --topk {beam_width}")
+                                      f"{option('beam_width', '--beam-width')} <= {self.decoder.topk}, or re-export the "
+                                      f"bundle with novic-export onnx --topk {beam_width}")
             vocabulary = None
         return topk, beam_width, float(temperature), float(alpha), vocabulary
 
@@ -475,9 +479,10 @@ class Classifier:
         if good:
             embeds = self.embed(pixels[good] if len(good) < len(results) else pixels)
             finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
+            fp32 = option("precision='fp32'", "--precision fp32")
             for j in np.flatnonzero(~finite):
                 results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
-                                          f"embedding; try precision='fp32'")
+                                          f"embedding; try {fp32}")
             keep = [j for j in range(len(good)) if finite[j]]
             if keep:
                 hyps = self.decode(embeds[keep], vocabulary, beam_width, temperature, alpha)

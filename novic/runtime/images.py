@@ -49,7 +49,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from novic.errors import NovicError, first_line
+from novic.errors import NovicError, first_line, option
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, Any]
 
@@ -66,8 +66,9 @@ class ImageError(NovicError):
         super().__init__(f"{source}: {problem}; {fix}")
 
 
-BOMB_FIX = ("downscale it, or if you trust it raise the limit (novic-run --max-pixels N; in Python "
-            "PIL.Image.MAX_IMAGE_PIXELS)")
+def bomb_fix() -> str:
+    return ("downscale it, or if you trust it raise the limit ("
+            + option("PIL.Image.MAX_IMAGE_PIXELS", "novic-run --max-pixels N") + ")")
 
 
 def describe(source: Any) -> str:
@@ -144,7 +145,7 @@ def _decode(handle, name: str, draft: tuple[int, int] | None = None) -> Image.Im
             _try_draft(image, draft)
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({first_line(exc)})",
-                         BOMB_FIX) from None
+                         bomb_fix()) from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image file Pillow can read (unknown or corrupt header)",
                          "check that it really is a JPEG/PNG/GIF/WebP/... file and re-export it") from None
@@ -179,7 +180,7 @@ def _load_pil(image: Image.Image, name: str) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(name, f"image too large ({first_line(exc)})",
-                         BOMB_FIX) from None
+                         bomb_fix()) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         problem = first_line(exc)
         if "truncated" in problem.lower() or isinstance(exc, EOFError):

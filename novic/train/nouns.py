@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from novic.atomic import write_bytes_atomic
+from novic.errors import option
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 PHYSICAL_ENTITY = "00001930"    # physical_entity.n.01 in WordNet 3.0
@@ -202,7 +203,8 @@ def read_wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR):
     path = Path(wordnet_dir) / "data.noun"
     if not path.is_file():
         raise FileNotFoundError(f"WordNet database not found at {path}: install Debian's "
-                                f"wordnet-base (apt-get install wordnet-base) or pass wordnet_dir")
+                                f"wordnet-base (apt-get install wordnet-base) or "
+                                f"{option('pass wordnet_dir', 'pass --wordnet-dir DIR')}")
     lemmas: dict[str, list[str]] = {}
     hypernyms: dict[str, list[str]] = {}
     with path.open(encoding="latin-1") as f:

@@ -133,7 +133,7 @@ def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, fact
     requested = (requested or AUTO).lower()
     if requested not in (AUTO, *BACKENDS):
         raise BackendError(f"unknown backend {requested!r}; use one of: auto, {', '.join(BACKENDS)}")
-    probe_ = facts if facts is not None else probe()
+    probe_ = facts if facts is not None else probe(parts=probe_parts(requested, engines))
     gpu_precision = "fp16" if "fp16" in precisions else "fp32"
     rejected = []
 
@@ -189,34 +189,51 @@ def _probe_gpu_nvidia_smi(device: int):
     return name, cc
 
 
-def probe(device: int = 0) -> Probe:
-    """Gather the facts with lazy imports; never raises."""
+PROBE_PARTS = ("gpu", "trt", "ort")
+
+
+def probe_parts(requested: str, engines=()) -> tuple:
+    """The facts a request needs: probing the others would import CUDA and TensorRT libraries for
+    nothing (their import can print driver warnings, and costs time on a CPU-only machine)."""
+    if requested == "ort-cpu":
+        return ("ort",)
+    if requested == "ort-cuda" or (requested == AUTO and not engines):  # no engines: TensorRT is moot
+        return ("gpu", "ort")
+    return PROBE_PARTS
+
+
+def probe(device: int = 0, parts=PROBE_PARTS) -> Probe:
+    """Gather the facts named in `parts` (gpu: cuda-python and the device; trt: TensorRT;
+    ort: onnxruntime) with lazy imports; never raises. Facts not gathered keep Probe's defaults."""
     facts: dict = {}
-    try:
-        from cuda.bindings import runtime as _  # noqa: F401
-        facts["cuda_python"] = True
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
-        facts["cuda_python_error"] = _short(exc)
-    gpu_errors = []
-    for fn in ((_probe_gpu_cuda_python,) if facts.get("cuda_python") else ()) + (_probe_gpu_nvidia_smi,):
+    if "gpu" in parts or "trt" in parts:   # cuda-python: the device query, and what TensorRT runs on
         try:
-            facts["gpu_name"], facts["compute_capability"] = fn(device)
-            break
+            from cuda.bindings import runtime as _  # noqa: F401
+            facts["cuda_python"] = True
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+            facts["cuda_python_error"] = _short(exc)
+        gpu_errors = []
+        for fn in ((_probe_gpu_cuda_python,) if facts.get("cuda_python") else ()) + (_probe_gpu_nvidia_smi,):
+            try:
+                facts["gpu_name"], facts["compute_capability"] = fn(device)
+                break
+            except Exception as exc:  # noqa: BLE001
+                gpu_errors.append(_short(exc))
+        if "compute_capability" not in facts:
+            facts["gpu_error"] = "; ".join(gpu_errors) or "no GPU"
+    if "trt" in parts:
+        try:
+            import tensorrt as trt
+            facts["tensorrt_version"] = str(trt.__version__)
         except Exception as exc:  # noqa: BLE001
-            gpu_errors.append(_short(exc))
-    if "compute_capability" not in facts:
-        facts["gpu_error"] = "; ".join(gpu_errors) or "no GPU"
-    try:
-        import tensorrt as trt
-        facts["tensorrt_version"] = str(trt.__version__)
-    except Exception as exc:  # noqa: BLE001
-        facts["tensorrt_error"] = _short(exc)
-    try:
-        import onnxruntime as ort
-        facts["ort_version"] = str(ort.__version__)
-        facts["ort_providers"] = tuple(ort.get_available_providers())
-    except Exception as exc:  # noqa: BLE001
-        facts["ort_error"] = _short(exc)
+            facts["tensorrt_error"] = _short(exc)
+    if "ort" in parts:
+        try:
+            import onnxruntime as ort
+            facts["ort_version"] = str(ort.__version__)
+            facts["ort_providers"] = tuple(ort.get_available_providers())
+        except Exception as exc:  # noqa: BLE001
+            facts["ort_error"] = _short(exc)
     return Probe(**facts)
 
 
