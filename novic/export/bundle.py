@@ -230,6 +230,19 @@ def _guided_widths(sequences) -> tuple[int, int]:
     return max(int(step), 1), int(root)
 
 
+def _hierarchy_entry(root: Path, nouns, wordnet_dir, console) -> dict | None:
+    """hierarchy.json for the bundle's nouns + its manifest entry, or None (no nouns, or no WordNet:
+    one warning line)."""
+    from novic.export.hierarchy import write_hierarchy
+    from novic.wordnet import WORDNET_DIR
+
+    def warn(line):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+    entry = write_hierarchy(root, nouns, wordnet_dir or WORDNET_DIR, warn=warn)
+    return None if entry is None else {**file_entry(root, root / entry["file"]), **entry}
+
+
 def _novic_version() -> str:
     try:
         from importlib.metadata import version
@@ -241,11 +254,13 @@ def _novic_version() -> str:
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
                   fp16: bool = True, topk: int = 10, beam_width: int = DEFAULT_BEAM_WIDTH,
-                  overwrite: bool = False, console=None, fail_after: str | None = None) -> dict:
+                  overwrite: bool = False, console=None, fail_after: str | None = None,
+                  wordnet_dir=None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
 
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
-    `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee."""
+    `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
+    `wordnet_dir`: the WordNet database for the noun hierarchy (default /usr/share/wordnet)."""
     import onnx
     import torch
     from rich.console import Console
@@ -328,6 +343,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 nouns = {"count": len(pairs), "text": [p[0] for p in pairs], "tokens": [p[1] for p in pairs],
                          "eos_terminated": False}
                 guided_max, guided_root = _guided_widths(nouns["tokens"]) if pairs else (None, None)
+            hierarchy = _hierarchy_entry(root, nouns["text"] if nouns else None, wordnet_dir, progress.console)
             return {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "novic_version": _novic_version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -340,6 +356,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 "tokens": ckpt.token_table.to_dict(),
                 "nouns": nouns,
                 "tokenizer": tok_entry,
+                "hierarchy": hierarchy,
                 "artifacts": [artifact_entry(root, e, role, prec) for e, role, prec in exports],
                 "engines": [],
                 "export": {"checkpoint": str(Path(checkpoint_path).absolute()),
