@@ -112,6 +112,7 @@ class Hierarchy:
         self.by_offset = {o: i for i, o in enumerate(offsets)}
         self._children: list[list[int]] | None = None
         self.rollups: dict = {}     # rollup_for's cache
+        self._by_lemma: dict[str, list[int]] | None = None
 
     @classmethod
     def from_dict(cls, data: dict, where: str = HIERARCHY_FILE) -> "Hierarchy":
@@ -165,6 +166,16 @@ class Hierarchy:
                 return self.index[s]
         return None
 
+    def with_lemma(self, text: str) -> list[int]:
+        """Synsets of the table that have `text` among their lemmas (any sense)."""
+        if self._by_lemma is None:
+            by_lemma: dict[str, list[int]] = {}
+            for i, words in enumerate(self.lemmas):
+                for w in words:
+                    by_lemma.setdefault(normalize(w), []).append(i)
+            self._by_lemma = by_lemma
+        return list(self._by_lemma.get(normalize(text), []))
+
     def place(self, text: str) -> Place | None:
         """Where `text` sits (module doc: exact, then fallback phrases), or None."""
         found = self.find(text)
@@ -216,7 +227,10 @@ class Hierarchy:
         under."""
         if normalize(predicted) == normalize(truth):
             return "correct"
-        a, b = self.place(predicted), self.place(truth)
+        return self.relation_of(self.place(predicted), self.place(truth))
+
+    def relation_of(self, a: Place | None, b: Place | None) -> str:
+        """`relation` of two placed labels (a rolled-up label is placed on its target synset)."""
         if a is None or b is None:
             return "unknown"
         if a.exact and b.exact and a.synset == b.synset:
@@ -270,26 +284,31 @@ def builtin_targets(level: str) -> list[str]:
 class RollUp:
     """Maps labels to the nearest listed ancestor in a hierarchy (see the module doc)."""
 
-    def __init__(self, hierarchy: Hierarchy, targets: list[str], name: str):
+    def __init__(self, hierarchy: Hierarchy, targets: list[str], name: str, builtin: bool = False):
         self.hierarchy = hierarchy
         self.name = name
+        self.builtin = builtin      # a shipped list: anchors outside this bundle's nouns are expected
         self.targets: list[int] = []
         self.display: dict[int, str] = {}
         self.unknown: list[str] = []
         for t in targets:
             found = hierarchy.find(t)
-            if found is None:
+            # a plain noun whose primary sense is not in the table may still name one of its
+            # ancestors in another sense ('plant' the organism, not the factory): take those
+            senses = [found] if found is not None else hierarchy.with_lemma(t)
+            if not senses:
                 self.unknown.append(t)      # not an ancestor of anything this bundle names
-            elif found not in self.display:
-                self.targets.append(found)
-                shown = t.strip()
-                self.display[found] = hierarchy.label(found) if (_SYNSET_NAME.match(shown) or _WNID.match(shown)) \
-                    else shown
+            shown = t.strip()
+            for s in senses:
+                if s not in self.display:
+                    self.targets.append(s)
+                    self.display[s] = hierarchy.label(s) if (_SYNSET_NAME.match(shown) or _WNID.match(shown)) \
+                        else shown
         self._rank = {s: i for i, s in enumerate(self.targets)}
         self._cache: dict[str, Rolled] = {}
 
     def unknown_summary(self, limit: int = 5) -> str | None:
-        if not self.unknown:
+        if not self.unknown or self.builtin:
             return None
         shown = ", ".join(repr(u) for u in self.unknown[:limit])
         more = f" and {len(self.unknown) - limit} more" if len(self.unknown) > limit else ""
@@ -363,7 +382,7 @@ def rollup_for(bundle, granularity) -> RollUp | None:
                              f"got {type(granularity).__name__}")
     cache = bundle.hierarchy.rollups
     if key not in cache:
-        rollup = RollUp(bundle.hierarchy, load(), name)
+        rollup = RollUp(bundle.hierarchy, load(), name, builtin=key[0] == "builtin")
         if not rollup.targets:
             raise HierarchyError(f"none of the labels of {name} is in this bundle's noun hierarchy "
                                  f"(e.g. {rollup.unknown[0]!r}); use nouns, synset names (dog.n.01) or "
