@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from novic.cli._common import err, fail, run_app
+from novic.cli._common import err, fail, one_line_errors, run_app
 
 app = typer.Typer(help="Measure a bundle on a labelled image set.", add_completion=False, no_args_is_help=True)
 
@@ -46,7 +46,11 @@ def main_command(
     if vocab is not None and not guided:
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
     level = roll_up if roll_up is not None else granularity
+    with one_line_errors():   # bad DATA, bundle or --out: one line, also when the app is called directly
+        _run(data, bundle, backend, precision, level, guided, vocab, beam_width, batch_size, threads, out, model)
 
+
+def _run(data, bundle, backend, precision, level, guided, vocab, beam_width, batch_size, threads, out, model):
     from novic.atomic import check_writable_dir
     from novic.evaluation import read_dataset
 
