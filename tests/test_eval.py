@@ -130,3 +130,25 @@ def test_csv_dataset(tmp_path):
     (tmp_path / "bad.csv").write_text("a.png,dog\nb.png\n")
     with pytest.raises(EvalError, match="line 2: expected two cells"):
         read_dataset(tmp_path / "bad.csv")
+
+
+def _tiny_report():
+    return {"granularity": "fine", "per_class": [{"class": "dog", "top1": 0.5}, {"class": "cat", "top1": None}]}
+
+
+def test_chart_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from novic.evaluation import write_chart
+
+    assert write_chart(_tiny_report(), tmp_path / "c.png") is None
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_without_matplotlib_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from novic.evaluation import write_chart
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import fails as if not installed
+    line = write_chart(_tiny_report(), tmp_path / "c.png")
+    assert "pip install 'novic[eval]'" in line and not (tmp_path / "c.png").exists()
