@@ -257,3 +257,19 @@ def test_novic_run_granularity_and_roll_up_json(runtime_bundle, tmp_path):
     bad = CliRunner().invoke(app, ["--bundle", str(runtime_bundle.bundle), "--granularity", "medium",
                                    str(tmp_path / "a.png")])
     assert bad.exit_code == 2 and "use fine, basic or coarse" in bad.output
+
+
+@pytest.mark.parametrize("data, why", [
+    ({}, "not a novic-hierarchy file"),
+    ({"format": "novic-hierarchy", "format_version": 9, "synsets": [], "index": {}}, "upgrade novic"),
+    ({"format": "novic-hierarchy", "format_version": 1, "synsets": [["0", "a.n.01", ["a"], [5]]], "index": {}},
+     "out of range"),
+    ({"format": "novic-hierarchy", "format_version": 1, "synsets": [["0", "a.n.01", ["a"]]], "index": {}}, "invalid"),
+    ({"format": "novic-hierarchy", "format_version": 1, "synsets": [], "index": {"a": True}}, "not an integer"),
+])
+def test_invalid_hierarchy_is_one_clear_error(data, why):
+    from novic.runtime.hierarchy import HierarchyError
+
+    with pytest.raises(HierarchyError, match=why) as info:
+        Hierarchy.from_dict(data, "b/hierarchy.json")
+    assert str(info.value).startswith("b/hierarchy.json: ") and "\n" not in str(info.value)

@@ -123,14 +123,14 @@ class Hierarchy:
                 raise ValueError(f"format_version {data['format_version']} is newer than this novic "
                                  f"supports ({FORMAT_VERSION}); upgrade novic")
             rows = data["synsets"]
-            offsets = [str(r[0]) for r in rows]
-            names = [str(r[1]) for r in rows]
-            lemmas = [[str(x) for x in r[2]] for r in rows]
-            parents = [[int(p) for p in r[3]] for r in rows]
-            index = {str(k): int(v) for k, v in data["index"].items()}
+            offsets, names, lemmas, parents = (list(column) for column in zip(*rows)) if rows else ([], [], [], [])
+            index = data["index"]
             n = len(rows)
-            if any(not 0 <= p < n for ps in parents for p in ps) or any(not 0 <= v < n for v in index.values()):
-                raise ValueError("a synset index is out of range")
+            ids = [p for ps in parents for p in ps] + list(index.values())
+            if not all(type(i) is int and 0 <= i < n for i in ids):   # noqa: E721 (bool is no index)
+                raise ValueError("a synset index is out of range or not an integer")
+            if not all(type(w) is str for ws in lemmas for w in ws) or not all(type(x) is str for x in names):
+                raise ValueError("a synset name or lemma is not a string")
         except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
             raise HierarchyError(f"{where}: invalid noun hierarchy ({exc}); re-export the bundle "
                                  f"with novic-export onnx") from None
