@@ -173,13 +173,22 @@ def test_tampered_hierarchy_is_refused(runtime_bundle, tmp_path):
         Bundle.open(copy).hierarchy   # noqa: B018
 
 
-def test_export_without_wordnet_skips_with_one_warning(tmp_path):
-    from novic.export.hierarchy import write_hierarchy
+def test_export_without_wordnet_skips_with_one_warning(runtime_bundle, tmp_path):
+    import io
 
-    lines = []
-    assert write_hierarchy(tmp_path, ["dog"], tmp_path / "no-wordnet", warn=lines.append) is None
-    assert len(lines) == 1 and "wordnet-base" in lines[0] and "re-export" in lines[0]
-    assert not (tmp_path / "hierarchy.json").exists()
+    from rich.console import Console
+
+    from novic.export.bundle import export_bundle
+    from novic.runtime.bundle import Bundle
+
+    log = io.StringIO()
+    export_bundle(runtime_bundle.checkpoint, tmp_path / "b", fp16=False, wordnet_dir=tmp_path / "no-wordnet",
+                  console=Console(file=log, width=400))
+    warnings = [line for line in log.getvalue().splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "wordnet-base" in warnings[0] and "re-export" in warnings[0]
+    b = Bundle.open(tmp_path / "b", verify="eager")
+    assert b.manifest["hierarchy"] is None and not b.has_hierarchy
+    assert not (tmp_path / "b" / "hierarchy.json").exists()
 
 
 def _old_bundle(runtime_bundle, tmp_path):

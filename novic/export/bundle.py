@@ -278,7 +278,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         raise ExportError(f"beam width {beam_width} must be in [1, topk={topk}] (free beam search reads "
                           f"the graph's top-k); raise --topk")
     steps = ["checkpoint", "CLIP model", "image encoder", "decoder"] + (["fp16 encoder", "fp16 decoder"] if fp16 else []) \
-        + ["manifest"]
+        + ["noun hierarchy", "manifest"]
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress, \
@@ -328,6 +328,9 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
             exports += [(enc16, "image_encoder", "fp16"), (dec16["prefill"], "decoder_prefill", "fp16"),
                         (dec16["step"], "decoder_step", "fp16")]
 
+        noun_texts = [n for n in ckpt.nouns if n] if ckpt.nouns is not None and ckpt.noun_tokens is not None else None
+        hierarchy = run("noun hierarchy", lambda: _hierarchy_entry(root, noun_texts, wordnet_dir, progress.console))
+
         def manifest():
             tok_src = tokenizer_file(embedder, ckpt.token_table)
             tok_entry = None
@@ -343,7 +346,6 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 nouns = {"count": len(pairs), "text": [p[0] for p in pairs], "tokens": [p[1] for p in pairs],
                          "eos_terminated": False}
                 guided_max, guided_root = _guided_widths(nouns["tokens"]) if pairs else (None, None)
-            hierarchy = _hierarchy_entry(root, nouns["text"] if nouns else None, wordnet_dir, progress.console)
             return {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "novic_version": _novic_version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
