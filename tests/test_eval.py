@@ -47,7 +47,7 @@ def test_eval_numbers_on_a_folder_with_known_predictions(classifier, runtime_bun
     data = tmp_path / "data"
     expect = {"correct": 0, "close": 0, "incorrect": 0, "top5": 0}
     for i, (img, top5) in enumerate(kept):
-        kind = ("correct", "close", "incorrect")[i % 3]
+        kind = ("close", "incorrect", "correct")[i % 3]
         if kind == "incorrect":
             name = next(u for u in UNRELATED if u not in top5)
         else:
@@ -71,6 +71,9 @@ def test_eval_numbers_on_a_folder_with_known_predictions(classifier, runtime_bun
     assert report["hierarchy"] == pytest.approx({k: expect[k] / n for k in ("correct", "close", "incorrect")},
                                                 abs=1e-6)
     assert report["errors"][0]["path"].endswith("broken.jpg")
+    synonyms = {c["class"]: c["top1"] for c in report["per_class"] if c["class"] in ("adult female", "adult male",
+                                                                                      "spaceman", "kitty")}
+    assert all(v == 1.0 for v in synonyms.values())     # a synonym folder name is a top-1 match
     assert sum(c["images"] for c in report["per_class"]) == n
     assert sum(c["count"] for c in report["confusions"]) == n - expect["correct"]
     assert report["throughput"]["images_per_second"] > 0

@@ -110,7 +110,6 @@ class Hierarchy:
         self.source = source
         self.by_name = {n: i for i, n in enumerate(names)}
         self.by_offset = {o: i for i, o in enumerate(offsets)}
-        self._children: list[list[int]] | None = None
         self.rollups: dict = {}     # rollup_for's cache
         self._by_lemma: dict[str, list[int]] | None = None
 
@@ -199,15 +198,6 @@ class Hierarchy:
                     seen[p] = (seen[node][0] + 1, node)
                     queue.append(p)
         return seen
-
-    def children(self, synset: int) -> list[int]:
-        if self._children is None:
-            kids: list[list[int]] = [[] for _ in self.names]
-            for child, ps in enumerate(self.parents):
-                for p in ps:
-                    kids[p].append(child)
-            self._children = kids
-        return self._children[synset]
 
     def path(self, place: Place, target: int) -> list[str]:
         """Display texts from the label up to `target` (an ancestor of its synset)."""
