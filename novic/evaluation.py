@@ -198,7 +198,7 @@ def _report(rows, errors, classes, k, seconds, notes, has_hierarchy, clf, granul
 
 
 # --- writing -----------------------------------------------------------------------------------------
-def _pct(x) -> str:
+def percent(x) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
 
@@ -209,10 +209,10 @@ def markdown(report: dict, data: str) -> str:
              f"Bundle `{report['bundle']}` on {report['backend']} ({report['precision']}), granularity "
              f"{report['granularity']}.", "",
              f"- images: {report['images']} ({report['scored']} scored, {report['failed']} failed)",
-             f"- top-1: {_pct(report['top1'])}, top-{k}: {_pct(report[f'top{k}'])}"]
+             f"- top-1: {percent(report['top1'])}, top-{k}: {percent(report[f'top{k}'])}"]
     if h is not None:
-        lines.append(f"- top-1 by the hierarchy: correct {_pct(h['correct'])}, close {_pct(h['close'])}, "
-                     f"incorrect {_pct(h['incorrect'])}")
+        lines.append(f"- top-1 by the hierarchy: correct {percent(h['correct'])}, close {percent(h['close'])}, "
+                     f"incorrect {percent(h['incorrect'])}")
     t = report["throughput"]
     lines.append(f"- throughput: {t['images_per_second']} images/s ({t['seconds']} s)")
     lines += [f"- note: {note}" for note in report["notes"]]
@@ -220,9 +220,9 @@ def markdown(report: dict, data: str) -> str:
         + ["most predicted", "errors"]
     lines += ["", "## Per class", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for c in report["per_class"]:
-        cells = [c["class"], str(c["images"]), _pct(c["top1"]), _pct(c[f"top{k}"])]
+        cells = [c["class"], str(c["images"]), percent(c["top1"]), percent(c[f"top{k}"])]
         if h is not None:
-            cells += [_pct(c[rel]) for rel in RELATIONS]
+            cells += [percent(c[rel]) for rel in RELATIONS]
         cells += [c["most_predicted"] or "-", str(c["errors"])]
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     if report["confusions"]:

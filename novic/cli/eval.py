@@ -85,7 +85,7 @@ def _print_summary(report: dict) -> None:
     from rich.markup import escape
 
     from novic.cli._common import error_line, printable
-    from novic.evaluation import _pct
+    from novic.evaluation import percent
 
     for e in report["errors"]:
         error_line(e["error"])
@@ -94,10 +94,10 @@ def _print_summary(report: dict) -> None:
     k, h, t = report["k"], report["hierarchy"], report["throughput"]
     out = Console()
     out.print(f"images {report['images']} ({report['scored']} scored, {report['failed']} failed)  "
-              f"top-1 {_pct(report['top1'])}  top-{k} {_pct(report[f'top{k}'])}", highlight=False)
+              f"top-1 {percent(report['top1'])}  top-{k} {percent(report[f'top{k}'])}", highlight=False)
     if h is not None:
-        out.print(f"top-1 by the hierarchy: correct {_pct(h['correct'])}, close {_pct(h['close'])}, "
-                  f"incorrect {_pct(h['incorrect'])}", highlight=False)
+        out.print(f"top-1 by the hierarchy: correct {percent(h['correct'])}, close {percent(h['close'])}, "
+                  f"incorrect {percent(h['incorrect'])}", highlight=False)
     for c in report["confusions"][:5]:
         out.print(f"confused: {printable(c['class'])} -> {printable(c['predicted'])} ({c['count']}x)", highlight=False)
     out.print(f"throughput {t['images_per_second']} images/s", highlight=False)
