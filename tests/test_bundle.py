@@ -84,9 +84,12 @@ def test_round_trip(exported):
     assert step.input("kv_cache").dtype == "float16" and step.output("topk_logprobs").dtype == "float32"
     assert step.input("kv_cache").shape[2] == "M" and step.input("tokens").shape == ("N",)
     assert b.artifact("image_encoder").input("pixels").shape == ("B", 3, 64, 64)
-    # every artifact hashed, plus the tokenizer (CLIP BPE merges copied from open_clip)
+    # every artifact hashed, plus the tokenizer (CLIP BPE merges copied from open_clip) and, where
+    # WordNet is installed, the noun hierarchy
     checked = b.verify()
-    assert len(checked) == 7 and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    wordnet = b.has_hierarchy
+    assert len(checked) == 7 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert ("hierarchy.json" in checked) == wordnet == (Path("/usr/share/wordnet/data.noun").is_file())
     assert b.tokenizer_file.name == "bpe_simple_vocab_16e6.txt.gz" and b.tokenizer_kind == "clip_bpe"
     assert b.artifact_path("decoder_step", "fp16") == path / "decoder_step.fp16.onnx"
     assert b.engines == []
@@ -238,7 +241,7 @@ def test_overwrite_needs_the_flag(exported, tmp_path):
         for a in manifest["artifacts"]:
             shutil.copy(exported[1] / a["file"], stage.tmp / a["file"])
         manifest["created"] = "replaced"
-        manifest["tokenizer"] = None
+        manifest["tokenizer"] = manifest["hierarchy"] = None
         stage.commit(manifest)
     assert Bundle.open(target, verify="eager").created == "replaced"
     assert not (target / "tokenizer").exists()          # the old directory is gone, not merged

@@ -30,8 +30,9 @@ def test_runtime_and_base_cli_import_without_torch():
         import novic, novic.config, novic.tokens, novic.runtime
         for mod in pkgutil.walk_packages(novic.runtime.__path__, "novic.runtime."):
             importlib.import_module(mod.name)
-        for name in ("run", "bench", "export", "importer"):
+        for name in ("run", "bench", "export", "importer", "eval"):
             importlib.import_module("novic.cli." + name)
+        import novic.evaluation, novic.wordnet
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "onnx"))
         assert not leaked, leaked
         print("ok")
@@ -41,7 +42,7 @@ def test_runtime_and_base_cli_import_without_torch():
 
 
 def test_cli_help_without_torch():
-    for name in ("run", "export", "bench", "importer"):
+    for name in ("run", "export", "bench", "importer", "eval"):
         result = run_without_torch(f"""
             import sys
             sys.argv = ["novic-{name}", "--help"]

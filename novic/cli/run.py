@@ -6,9 +6,10 @@
 
 Inputs: files (any extension), directories (their image files; --recursive descends), glob
 patterns (quoted, `**` allowed), and '-' for one image on stdin. Output: a table (default) or JSON
-lines (--json: {"source", "labels": [{"text", "logprob", "prob"}], "error"}). Bad inputs get one
-error line each on stderr and do not stop the others; the exit code is 1 if any input failed, 2 for
-a usage error (a bad option value or combination, refused before any image is read).
+lines (--json: {"source", "labels": [{"text", "logprob", "prob"}], "error"}; with --granularity or
+--roll-up each label also has "fine" and "path", docs/labels.md). Bad inputs get one error line each
+on stderr and do not stop the others; the exit code is 1 if any input failed, 2 for a usage error
+(a bad option value or combination, refused before any image is read).
 Imports are lazy so that `--help` and startup stay fast.
 """
 from __future__ import annotations
@@ -150,6 +151,11 @@ def main_command(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale (libjpeg DCT "
                                      "scaling, >= 2x the model's input size): several times faster for camera "
                                      "photos; pixels differ slightly from open_clip's."),
+    granularity: str = typer.Option("fine", "--granularity", "-g",
+                                    help="Label level: fine (as decoded), basic (dog, tree, car) or coarse (animal, "
+                                         "plant, vehicle); needs the bundle's noun hierarchy (docs/labels.md)."),
+    roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels, one per line: each label "
+                                           "rolls up to its nearest listed ancestor (instead of --granularity)."),
     json_lines: bool = typer.Option(False, "--json", help="Write JSON lines to stdout instead of a table."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bar (default: on for more than one batch on a terminal)."),
@@ -173,6 +179,12 @@ def main_command(
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
     vocab = vocab_option(vocab)
 
+    if granularity not in ("fine", "basic", "coarse"):
+        fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)
+    if roll_up is not None and granularity != "fine":
+        fail("--roll-up replaces --granularity; pass one of them", code=2)
+    level = roll_up if roll_up is not None else granularity
+
     modes = {"full": True, "cached": "cached", "size": False}
     if verify not in modes:
         fail(f"--verify {verify!r}: use full, cached or size", code=2)
@@ -191,7 +203,9 @@ def main_command(
 
     from PIL import Image
 
+    from novic.errors import NovicError
     from novic.runtime.classifier import Classifier, ClassifierError
+    from novic.runtime.hierarchy import rollup_for
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the hard limit still errors
     if max_pixels is not None:
@@ -202,18 +216,21 @@ def main_command(
     try:   # what needs the bundle (the decoder's top-k, the vocabulary), before any image is read
         vocabulary = clf.check_options(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width,
                                        temperature=temperature, alpha=alpha)[4]   # built once, used below
-    except ClassifierError as exc:
+        rollup = rollup_for(clf.bundle, level)
+    except (ClassifierError, NovicError) as exc:
         fail(str(exc), code=2)
     startup = time.perf_counter() - _T0
     if not quiet:
         err.print(f"novic-run: {escape(printable(clf.describe()))} (startup {startup:.2f} s)", highlight=False,
                   soft_wrap=True)
     summary = vocabulary.skipped_summary() if vocabulary is not None else None
-    if summary:
-        err.print(f"[yellow]warning:[/] {escape(printable(summary))}", highlight=False, soft_wrap=True)
+    for line in (summary, rollup.unknown_summary() if rollup is not None else None):
+        if line:
+            err.print(f"[yellow]warning:[/] {escape(printable(line))}", highlight=False, soft_wrap=True)
 
     results_iter = clf.iter_classify(inputs, topk=topk, guided=guided, vocab=vocabulary, beam_width=beam_width,
-                                     temperature=temperature, alpha=alpha, batch_size=batch_size)
+                                     temperature=temperature, alpha=alpha, batch_size=batch_size,
+                                     granularity=level)
     show_bar = progress if progress is not None else (len(inputs) > batch_size and err.is_terminal)
     failed, rows = 0, []
     t_run = time.perf_counter()
@@ -261,9 +278,14 @@ def _print_table(rows, topk: int) -> None:
     table.add_column("label")
     table.add_column("prob", justify="right")
     for r in rows:
-        table.add_row(Text(printable(r.source)), Text("\n".join(printable(l.text) for l in r.labels)),
+        table.add_row(Text(printable(r.source)), Text("\n".join(printable(_shown(l)) for l in r.labels)),
                       "\n".join(_prob(l.prob) for l in r.labels))
     Console().print(table)
+
+
+def _shown(label) -> str:
+    """A label for the table: a rolled-up one shows the fine label it came from."""
+    return label.text if label.fine is None or label.fine == label.text else f"{label.text} ({label.fine})"
 
 
 def _prob(p: float) -> str:

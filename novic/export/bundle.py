@@ -230,6 +230,19 @@ def _guided_widths(sequences) -> tuple[int, int]:
     return max(int(step), 1), int(root)
 
 
+def _hierarchy_entry(root: Path, nouns, wordnet_dir, console) -> dict | None:
+    """hierarchy.json for the bundle's nouns + its manifest entry, or None (no nouns, or no WordNet:
+    one warning line)."""
+    from novic.export.hierarchy import write_hierarchy
+    from novic.wordnet import WORDNET_DIR
+
+    def warn(line):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+    entry = write_hierarchy(root, nouns, wordnet_dir or WORDNET_DIR, warn=warn)
+    return None if entry is None else {**file_entry(root, root / entry["file"]), **entry}
+
+
 def _novic_version() -> str:
     try:
         from importlib.metadata import version
@@ -241,11 +254,13 @@ def _novic_version() -> str:
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
                   fp16: bool = True, topk: int = 10, beam_width: int = DEFAULT_BEAM_WIDTH,
-                  overwrite: bool = False, console=None, fail_after: str | None = None) -> dict:
+                  overwrite: bool = False, console=None, fail_after: str | None = None,
+                  wordnet_dir=None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
 
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
-    `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee."""
+    `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
+    `wordnet_dir`: the WordNet database for the noun hierarchy (default /usr/share/wordnet)."""
     import onnx
     import torch
     from rich.console import Console
@@ -263,7 +278,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         raise ExportError(f"beam width {beam_width} must be in [1, topk={topk}] (free beam search reads "
                           f"the graph's top-k); raise --topk")
     steps = ["checkpoint", "CLIP model", "image encoder", "decoder"] + (["fp16 encoder", "fp16 decoder"] if fp16 else []) \
-        + ["manifest"]
+        + ["noun hierarchy", "manifest"]
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress, \
@@ -313,6 +328,9 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
             exports += [(enc16, "image_encoder", "fp16"), (dec16["prefill"], "decoder_prefill", "fp16"),
                         (dec16["step"], "decoder_step", "fp16")]
 
+        noun_texts = [n for n in ckpt.nouns if n] if ckpt.nouns is not None and ckpt.noun_tokens is not None else None
+        hierarchy = run("noun hierarchy", lambda: _hierarchy_entry(root, noun_texts, wordnet_dir, progress.console))
+
         def manifest():
             tok_src = tokenizer_file(embedder, ckpt.token_table)
             tok_entry = None
@@ -340,6 +358,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 "tokens": ckpt.token_table.to_dict(),
                 "nouns": nouns,
                 "tokenizer": tok_entry,
+                "hierarchy": hierarchy,
                 "artifacts": [artifact_entry(root, e, role, prec) for e, role, prec in exports],
                 "engines": [],
                 "export": {"checkpoint": str(Path(checkpoint_path).absolute()),

@@ -8,6 +8,7 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
     decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
     image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
+    hierarchy.json                   the nouns' WordNet hypernyms (optional; novic.runtime.hierarchy)
     engines/*.engine, engines/timing.*.cache     added by ``novic-export trt`` (optional; one timing
                                                  cache per GPU architecture and TensorRT release)
 
@@ -298,9 +299,10 @@ class Bundle:
     def _all_refs(self) -> list[FileRef]:
         refs = [r for a in self.artifacts for r in a.files()] + [
             FileRef(e.file, e.sha256, e.size) for e in self.engines]
-        tok = self.manifest.get("tokenizer")
-        if tok:
-            refs.append(FileRef(tok["file"], tok["sha256"], tok["size"]))
+        for key in ("tokenizer", "hierarchy"):
+            entry = self.manifest.get(key)
+            if entry:
+                refs.append(FileRef(entry["file"], entry["sha256"], entry["size"]))
         return refs
 
     def _check_size(self, ref: FileRef) -> Path:
@@ -348,10 +350,11 @@ class Bundle:
             if roles is None or e.role in roles:
                 self._verify_ref(FileRef(e.file, e.sha256, e.size))
                 checked.append(e.file)
-        tok = self.manifest.get("tokenizer")
-        if tok and roles is None:
-            self._verify_ref(FileRef(tok["file"], tok["sha256"], tok["size"]))
-            checked.append(tok["file"])
+        for key in ("tokenizer", "hierarchy"):
+            entry = self.manifest.get(key)
+            if entry and roles is None:
+                self._verify_ref(FileRef(entry["file"], entry["sha256"], entry["size"]))
+                checked.append(entry["file"])
         return checked
 
     # --- typed accessors -------------------------------------------------------------------
@@ -452,6 +455,28 @@ class Bundle:
     def tokenizer_kind(self) -> str | None:
         tok = self.manifest.get("tokenizer")
         return tok.get("kind") if tok else None
+
+    @property
+    def has_hierarchy(self) -> bool:
+        return bool(self.manifest.get("hierarchy"))
+
+    @functools.cached_property
+    def hierarchy(self):
+        """The nouns' hierarchy (novic.runtime.hierarchy.Hierarchy), verified and parsed once."""
+        from novic.runtime.hierarchy import Hierarchy, HierarchyError
+
+        entry = self.manifest.get("hierarchy")
+        if not entry:
+            raise BundleError(f"{self.path}: this bundle has no noun hierarchy (exported before novic had one, "
+                              f"without a noun vocabulary, or on a machine without WordNet), which granularity and "
+                              f"hierarchy-aware scoring need; re-export it with novic-export onnx where wordnet-base "
+                              f"is installed")
+        try:
+            _file_ref(entry, self.path / MANIFEST, "hierarchy")
+            path = self._verify_ref(FileRef(entry["file"], entry["sha256"], entry["size"]))
+            return Hierarchy.load(path)
+        except HierarchyError as exc:
+            raise BundleError(str(exc)) from None
 
     def precisions(self, role: str) -> list[str]:
         return [a.precision for a in self.artifacts if a.role == role]

@@ -60,9 +60,16 @@ class Label:
     text: str
     logprob: float          # beam score: sum of token log-probs
     prob: float             # exp(logprob); not normalised across labels
+    fine: str | None = None             # with a granularity: the fine label that was rolled up
+    path: tuple[str, ...] | None = None  # with a granularity: fine label ... rolled-up label
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.fine is None:
+            del d["fine"], d["path"]
+        else:
+            d["path"] = list(self.path or ())
+        return d
 
 
 @dataclass
@@ -362,22 +369,29 @@ class Classifier:
     # ---- classification ---------------------------------------------------------------------
     def classify(self, images, topk: int = 5, guided: bool = True, vocab: Any = None,
                  beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0,
-                 batch_size: int = 32) -> list[Result]:
+                 batch_size: int = 32, granularity: Any = None) -> list[Result]:
         """Classify images (a list of paths / bytes / file objects / PIL images / arrays, or one of
         them). -> one `Result` per input, in order. At most `beam_width` labels per image (beam
-        search keeps that many hypotheses); `beam_width=1` is greedy decoding."""
+        search keeps that many hypotheses); `beam_width=1` is greedy decoding. `granularity`:
+        'fine' (None, the decoder's labels), 'basic', 'coarse', a file of target labels or a list
+        of them: all beam labels roll up through the bundle's noun hierarchy and labels reaching
+        the same target are merged (novic.runtime.hierarchy)."""
         return list(self.iter_classify(images, topk=topk, guided=guided, vocab=vocab,
                                        beam_width=beam_width, temperature=temperature, alpha=alpha,
-                                       batch_size=batch_size))
+                                       batch_size=batch_size, granularity=granularity))
 
     def classify_one(self, image, **kwargs) -> Result:
         return self.classify([image], **kwargs)[0]
 
     def iter_classify(self, images, topk: int = 5, guided: bool = True, vocab: Any = None,
                       beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0,
-                      batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Result]:
+                      batch_size: int = 32, names: Sequence[str] | None = None,
+                      granularity: Any = None) -> Iterator[Result]:
         """Like `classify`, yielding results in input order as each batch finishes. Arguments are
         checked (and the vocabulary built) at once; `names` overrides the printed source names."""
+        from novic.runtime.hierarchy import roll_up_results, rollup_for
+
+        rollup = rollup_for(self.bundle, granularity)
         sources = _as_list(images)
         batch_size = _positive_int(batch_size, "batch_size")
         if names is not None and len(names) != len(sources):
@@ -385,7 +399,10 @@ class Classifier:
         topk, beam_width, temperature, alpha, vocabulary = self.check_options(topk, guided, vocab, beam_width,
                                                                               temperature, alpha)
         labels = [describe(s) for s in sources] if names is None else [str(n) for n in names]
-        return self._iterate(sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size)
+        if rollup is None:
+            return self._iterate(sources, labels, vocabulary, topk, beam_width, temperature, alpha, batch_size)
+        results = self._iterate(sources, labels, vocabulary, beam_width, beam_width, temperature, alpha, batch_size)
+        return roll_up_results(results, rollup, topk)   # every beam label rolls up, then the top k
 
     def classify_pixels(self, pixels: np.ndarray, names: Sequence[str], topk: int = 5, guided: bool = True,
                         vocab: Any = None, beam_width: int = 10, temperature: float = 1.0,

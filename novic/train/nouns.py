@@ -9,7 +9,7 @@ A noun list is a list of `Noun` (noun, frequency, plural, aliases, plural_only).
 Duplicates are dropped (first one kept); the order of the file is kept.
 
 `wordnet_nouns()` reads the WordNet 3.0 database (Debian package ``wordnet-base``, installed under
-/usr/share/wordnet) with a small parser of data.noun / noun.exc, keeps the lemmas of noun synsets
+/usr/share/wordnet; parsed by novic.wordnet), keeps the lemmas of noun synsets
 below ``physical_entity`` (objects, organisms, food, artefacts, substances, natural formations;
 not processes), and ranks them by the English word frequencies of the ``wordfreq`` package.
 """
@@ -19,16 +19,13 @@ import csv
 import io
 import json
 import re
-from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from novic.atomic import write_bytes_atomic
-from novic.errors import option
+from novic.wordnet import (WORDNET_DIR, physical_synsets, read_irregular_plurals, read_sense_index,  # noqa: F401
+                           read_wordnet_nouns)
 
-WORDNET_DIR = Path("/usr/share/wordnet")
-PHYSICAL_ENTITY = "00001930"    # physical_entity.n.01 in WordNet 3.0
-EXCLUDED_ROOTS = ("00029677",)  # process.n.06 (physical processes are not objects)
 
 
 @dataclass
@@ -183,88 +180,7 @@ def pluralize(noun: str, irregular: dict[str, str] | None = None) -> str:
     return " ".join(words)
 
 
-@lru_cache(maxsize=2)
-def read_irregular_plurals(wordnet_dir: str | Path = WORDNET_DIR) -> dict[str, str]:
-    """singular -> plural from WordNet's noun.exc (which lists plural -> singular)."""
-    out: dict[str, str] = {}
-    for line in (Path(wordnet_dir) / "noun.exc").read_text(encoding="latin-1").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] != parts[1]:
-            out.setdefault(parts[1].replace("_", " "), parts[0].replace("_", " "))
-    return out
-
-
-# --- WordNet ---------------------------------------------------------------------------------
-@lru_cache(maxsize=2)  # parsing takes ~1 s; results are read-only
-def read_wordnet_nouns(wordnet_dir: str | Path = WORDNET_DIR):
-    """Parse data.noun -> (lemmas {offset: [lemma]}, hypernyms {offset: [offset]}).
-    Instance hypernyms (@i: named individuals such as cities and people) are not followed, and
-    capitalised names of people, places and groups (lexicographer files 14, 15, 18) are left out."""
-    path = Path(wordnet_dir) / "data.noun"
-    if not path.is_file():
-        raise FileNotFoundError(f"WordNet database not found at {path}: install Debian's "
-                                f"wordnet-base (apt-get install wordnet-base) or "
-                                f"{option('pass wordnet_dir', 'pass --wordnet-dir DIR')}")
-    lemmas: dict[str, list[str]] = {}
-    hypernyms: dict[str, list[str]] = {}
-    with path.open(encoding="latin-1") as f:
-        for line in f:
-            if line.startswith("  "):  # licence header
-                continue
-            fields = line.split(" | ", 1)[0].split()
-            offset, n_words = fields[0], int(fields[3], 16)
-            words = [fields[4 + 2 * i] for i in range(n_words)]
-            k = 4 + 2 * n_words
-            n_ptr = int(fields[k])
-            ptrs = [fields[k + 1 + 4 * i: k + 5 + 4 * i] for i in range(n_ptr)]
-            words = [re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in words]
-            if fields[1] in ("14", "15", "18"):  # noun.group, noun.location, noun.person
-                words = [w for w in words if not w[:1].isupper()]
-            lemmas[offset] = [w for w in words if not (len(w) > 1 and w.isupper())]  # acronyms
-            hypernyms[offset] = [p[1] for p in ptrs if p[0] == "@" and p[2] == "n"]
-    return lemmas, hypernyms
-
-
-def physical_synsets(hypernyms: dict[str, list[str]], root: str = PHYSICAL_ENTITY,
-                     excluded: tuple[str, ...] = EXCLUDED_ROOTS) -> set[str]:
-    """Synsets with `root` among their hypernym ancestors, skipping the `excluded` subtrees."""
-    children: dict[str, list[str]] = {}
-    for child, parents in hypernyms.items():
-        for p in parents:
-            children.setdefault(p, []).append(child)
-    keep, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if node in keep or node in excluded:
-            continue
-        keep.add(node)
-        stack.extend(children.get(node, []))
-    return keep
-
-
-@lru_cache(maxsize=2)
-def read_sense_index(wordnet_dir: str | Path = WORDNET_DIR):
-    """-> (senses {lemma: [offset, ...]} in WordNet's sense order, tag counts
-    {lemma: {(pos, sense_number): count}}) from index.noun and cntlist.rev (SemCor tag counts)."""
-    wordnet_dir = Path(wordnet_dir)
-    senses: dict[str, list[str]] = {}
-    for line in (wordnet_dir / "index.noun").read_text(encoding="latin-1").splitlines():
-        if line.startswith("  "):
-            continue
-        f = line.split()
-        n_synsets, n_ptr = int(f[2]), int(f[3])
-        senses[f[0].replace("_", " ")] = f[6 + n_ptr: 6 + n_ptr + n_synsets]
-    counts: dict[str, dict[tuple[str, int], int]] = {}
-    cntlist = wordnet_dir / "cntlist.rev"
-    if cntlist.is_file():
-        for line in cntlist.read_text(encoding="latin-1").splitlines():
-            key, number, count = line.split()
-            lemma, rest = key.split("%", 1)
-            pos = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}[rest[0]]
-            counts.setdefault(lemma.replace("_", " "), {})[(pos, int(number))] = int(count)
-    return senses, counts
-
-
+# --- WordNet (novic.wordnet reads the database) -------------------------------------------------
 def is_object_noun(lemma: str, senses: dict, counts: dict, physical: set[str]) -> bool:
     """Mostly used as a noun (SemCor tag counts, 0.5 per untagged noun sense), and a physical
     meaning is one of its first two senses or carries >= 30 % of its noun uses. This drops
