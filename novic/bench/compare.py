@@ -101,6 +101,9 @@ def _side_main(argv: list[str]) -> None:
         if args.get("backend", "").startswith("ort-cuda") or args.get("backend") == "trt":
             args["sync"] = None
         result = run(**args)
+    elif side == "peer":   # the best plain-PyTorch deployment of the same weights (peer.py)
+        from novic.bench.peer import run
+        result = run(**args)
     elif side == "baseline":
         import torch
         if args.get("device", "cpu") == "cpu" and os.environ.get("NOVIC_BENCH_THREADS"):
