@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for ONE device call (see docs/benchmarks.md "GPU"; what it measures that no GPU
-# run has yet: "GPU: prepared since run 2"). The device image has torch,
+# run has yet: "GPU: prepared since run 2"). Ends with one summary table ($OUT/summary.md): tokens
+# vs the CPU oracle, phases at batch 1, host work per decoder call, throughput from pixels / photos /
+# JPEG bytes, ratios to the PyTorch peer (torch.compile) and the original-style pipeline, GPU
+# memory, GPU name. Rehearsed on the CPU by `python bench/gpu_check.py --cpu-smoke` (a test runs it);
+# to fit a short device budget: --precisions fp16 --skip serving,decoder_rows. The device image has torch,
 # onnx and onnxruntime (CPU) but no open_clip and no onnxruntime-gpu, and reaches no registry, so
 # they are carried: .gpu/whl/*.whl (open_clip, ftfy, wcwidth) and onnxruntime-gpu as an xz'd tree
 # split in parts that earlier calls left in /tmp/ortp (bench/gpu_prepare.sh makes them here).
