@@ -151,13 +151,37 @@ def decoder_rows_ab(bundle_dir: str, backend: str, precision: str, batches=(1, 3
     return out
 
 
+def jpeg_decoders_ab(bundle_dir: str, device: str, n: int = 256, reps: int = 5) -> dict:
+    """Decoding + preprocessing n JPEG files in memory: nvImageCodec (novic.runtime.nvjpeg, on
+    `device`) against Pillow, img/s each, and how far the preprocessed pixels are apart."""
+    from novic.bench.measure import jpeg_bytes, sample_images
+    from novic.bench.timing import measure
+    from novic.runtime.bundle import Bundle
+    from novic.runtime.nvjpeg import jpeg_decoder
+    from novic.runtime.preprocess import Preprocessor
+
+    config = Bundle.open(bundle_dir).preprocess_config
+    jpegs = jpeg_bytes(sample_images(n))
+    sides = {"pillow": Preprocessor(config), "nvimgcodec": Preprocessor(config, jpeg_decoder=jpeg_decoder("nvimgcodec", device))}
+    (want, _), (got, errors) = (side.load_batch(jpegs) for side in sides.values())
+    diff = np.abs(got - want)
+    out = {"n": n, "device": device, "failed": sum(e is not None for e in errors),
+           "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+    for name, side in sides.items():
+        out[f"{name}_img_per_s"] = n / (measure(lambda: side.load_batch(jpegs), reps=reps)["p50_ms"] / 1e3)
+    log(f"JPEG decode + preprocess of {n} images: nvImageCodec ({device}) {out['nvimgcodec_img_per_s']:.0f} img/s, "
+        f"Pillow {out['pillow_img_per_s']:.0f} img/s; pixels max |diff| {out['max_abs_diff']:.3f}, "
+        f"mean {out['mean_abs_diff']:.4f}")
+    return out
+
+
 def _how(session) -> str:
     """What a decoder session really did (on the CPU neither side has graphs, both drop rows)."""
     return (f"{'CUDA graphs' if session.cuda_graphs else 'plain runs'}, "
             f"{'unfinished rows only' if session.drops_finished_rows else 'every row'}")
 
 
-SECTIONS = ("tokens", "encoder_graphs", "decoder_rows", "bench", "peer", "serving")
+SECTIONS = ("tokens", "encoder_graphs", "decoder_rows", "jpeg", "bench", "peer", "serving")
 SMOKE = dict(config="tiny", backend="ort-cpu", device="cpu", batches="1,2", peer_batches="1,2", reps=2, n=6,
              precisions="fp32", peer_compile="none", serving="4,2,1")
 
@@ -239,6 +263,12 @@ def summary(results: dict) -> str:
                      f"{_rate(base, 'throughput', b)} | | {_ratio(ours, base, 'throughput', b)} |")
     for b in batches:
         lines.append(f"| throughput {b}, from JPEG bytes (2 batches) | {_rate(ours, 'throughput_jpeg', b)} | | | | |")
+    jpeg = results.get("jpeg")
+    if jpeg:
+        lines.append(f"| JPEG decode + preprocess, {jpeg['n']} images (nvImageCodec on {jpeg['device']} / Pillow) | "
+                     f"{jpeg['nvimgcodec_img_per_s']:.0f} / {jpeg['pillow_img_per_s']:.0f} img/s, pixels max abs diff "
+                     f"{jpeg['max_abs_diff']:.3f} | | | | |")
+
     def mem(side, key):
         return f"{side[key]:.0f} MB" if side and side.get(key) is not None else "-"
     lines.append(f"| GPU memory (novic: nvidia-smi of its process; torch: peak allocated) | {mem(ours, 'gpu_mb')} | "
@@ -321,6 +351,8 @@ def main(argv=None) -> int:
     section("decoder_rows", lambda: decoder_rows_ab(paths["bundle"], args.backend, precisions[0],
                                                     [b for b in batches if b in (1, 32, 256)] or batches,
                                                     reps=max(3, args.reps // 2)))
+    section("jpeg", lambda: jpeg_decoders_ab(paths["bundle"], "cuda" if args.device.startswith("cuda") else "cpu",
+                                             max(batches), reps=max(3, args.reps // 4)))
     baseline = None
     for precision in precisions:
         def bench(precision=precision):

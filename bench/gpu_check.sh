@@ -14,13 +14,15 @@ STAGE=/tmp/novic_gpu
 mkdir -p "$STAGE/site" "$STAGE/ort" "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" .gpu/whl/*.whl || exit 1
+# nvImageCodec's wheel makes `nvidia` a regular package; keep it a namespace shared with torch's nvidia-* libs
+rm -f "$STAGE/site/nvidia/__init__.py"
 if [ ! -f "$STAGE/ort/onnxruntime/__init__.py" ]; then
   cat /tmp/ortp/part0* | xz -d | tar -x -C "$STAGE/ort" || { echo "onnxruntime-gpu parts missing"; exit 1; }
 fi
 export PYTHONPATH="$STAGE/ort:$STAGE/site:$PWD"
 # onnxruntime-gpu finds CUDA 13 / cuDNN in the nvidia-* wheels that torch installed.
 SP=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
-export LD_LIBRARY_PATH="$(find "$SP/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:):${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$(find "$SP/nvidia" "$STAGE/site/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:):${LD_LIBRARY_PATH:-}"
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

@@ -27,7 +27,7 @@ def test_cpu_smoke_runs_every_section_and_prints_one_table(gpu_check, tmp_path, 
     assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
     assert [k for k in results if k.endswith("_error")] == []
-    assert {"tokens", "encoder_graphs", "decoder_rows", "bench_fp32", "peer", "serving"} <= set(results)
+    assert {"tokens", "encoder_graphs", "decoder_rows", "jpeg", "bench_fp32", "peer", "serving"} <= set(results)
     tokens = results["tokens"]
     assert tokens["fp32"]["beam_all_equal"] == tokens["fp32"]["n"] == 6
     assert tokens["cpu_vs_oracle_equal"] == tokens["oracle_n"]
