@@ -296,11 +296,14 @@ class _CapturedRuns:
     raises instead, and the caller falls back to plain runs. Graph ids start at 1; -1 runs
     uncaptured (onnxruntime's convention)."""
 
+    reuse_bindings = True   # a graph's IOBinding and RunOptions are made once (fewer host calls per run)
+
     def __init__(self, ort, device: str, device_id: int):
         self._ort, self.device, self.device_id = ort, device, device_id
         self.buffers: dict[tuple, object] = {}
         self.ids: dict[tuple, int] = {}
         self._bound: dict[int, dict] = {}
+        self._bindings: dict[int, tuple] = {}   # graph id -> (IOBinding, RunOptions)
 
     def buffer(self, key: tuple, shape, dtype):
         if key not in self.buffers:
@@ -310,23 +313,33 @@ class _CapturedRuns:
 
     def run(self, session, inputs: dict, outputs: dict, graph: tuple | None) -> None:
         """Run `session` on bound OrtValues as captured graph `graph` (None: uncaptured)."""
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name, value in outputs.items():
-            binding.bind_ortvalue_output(name, value)
         graph_id = -1
         if graph is not None:
             graph_id = self.ids.setdefault(graph, len(self.ids) + 1)
             addresses = {name: value.data_ptr() for name, value in {**inputs, **outputs}.items()}
             if self._bound.setdefault(graph_id, addresses) != addresses:
                 raise RuntimeError(f"CUDA graph {graph} was bound to other buffers than it was captured with")
+        # A graph always runs on the same buffers (checked above), so its binding is kept.
+        cached = self._bindings.get(graph_id) if graph_id > 0 and self.reuse_bindings else None
+        if cached is None:
+            cached = self._bind(session, inputs, outputs, graph_id)
+            if graph_id > 0:
+                self._bindings[graph_id] = cached
+        binding, run_options = cached
         # update_inplace copies on the default CUDA stream; onnxruntime computes on its own
         # non-blocking stream, so wait for the copies before the replay reads the buffers.
         binding.synchronize_inputs()
+        session.run_with_iobinding(binding, run_options)
+
+    def _bind(self, session, inputs: dict, outputs: dict, graph_id: int) -> tuple:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
         run_options = self._ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        session.run_with_iobinding(binding, run_options)
+        return binding, run_options
 
 
 class _DecoderGraphs:
