@@ -186,15 +186,18 @@ SMOKE = dict(config="tiny", backend="ort-cpu", device="cpu", batches="1,2", peer
              precisions="fp32", peer_compile="none", serving="4,2,1")
 
 
-def peer_side(paths: dict, device: str, batches, reps: int, compile_mode: str | None) -> dict:
-    """The PyTorch peer in its own process; compiled first, eager if compiling fails (recorded)."""
+def peer_side(paths: dict, device: str, batches, reps: int, compile_mode: str | None, timeout: float = 300) -> dict:
+    """The PyTorch peer in its own process; compiled first, eager if compiling fails or takes more
+    than `timeout` seconds (recorded)."""
+    import subprocess
+
     from novic.bench.compare import run_side
 
     args = dict(checkpoint=paths["checkpoint"], bundle=paths["bundle"], device=device, batches=list(batches),
                 reps=reps, budget_s=20)
     try:
-        return run_side("peer", {**args, "compile_mode": compile_mode})
-    except RuntimeError as exc:
+        return run_side("peer", {**args, "compile_mode": compile_mode}, timeout=timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
         if compile_mode is None:
             raise
         log(f"peer with torch.compile({compile_mode!r}) failed; eager instead:\n{str(exc)[-1500:]}")
@@ -282,6 +285,8 @@ def summary(results: dict) -> str:
         same = sum(a == b for a, b in zip(ours["labels"], peer["labels"]))
         lines.append(f"| top-1 labels equal on the photos | | {same}/{min(len(ours['labels']), len(peer['labels']))} "
                      f"equal to novic's | | | |")
+    if peer and peer.get("cudagraph_skips"):
+        lines.append(f"| peer: compiled calls without CUDA graphs | | {peer['cudagraph_skips']} (see the log) | | | |")
     if peer and peer.get("compile_error"):
         lines.append(f"| peer compile error | | {peer['compile_error'].splitlines()[-1][:200]} | | | |")
     failed = sorted(k[:-len("_error")] for k in results if k.endswith("_error"))
@@ -303,6 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp16,fp32")
     ap.add_argument("--peer-batches", default="1,256",
                     help="batch sizes of the peer (each compiles its own graphs: minutes on a GPU machine)")
+    ap.add_argument("--peer-timeout", type=float, default=300, help="seconds for the compiled peer, else eager")
     ap.add_argument("--serving", default="32,8,2", help="serving section: clients,requests,rounds")
     ap.add_argument("--peer-compile", default="reduce-overhead",
                     help="torch.compile mode of the peer's decoder, or 'none' (eager)")
@@ -321,8 +327,13 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"machine": gpu_name(), "python": sys.version.split()[0], "args": vars(args)}
 
-    def save():
+    def save():   # after every section: a run cut short by the device's time limit keeps its table
         (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+        try:
+            table = summary(results)
+        except Exception:  # noqa: BLE001 - the JSON above is what counts; say why the table is missing
+            table = f"summary failed:\n{traceback.format_exc()}"
+        (out_dir / "summary.md").write_text(table + "\n")
 
     def section(name: str, fn, group: str | None = None):
         """Run one section (unless its group is skipped), keep its result or its traceback, save."""
@@ -345,16 +356,24 @@ def main(argv=None) -> int:
     save()
     precisions = args.precisions.split(",")
     batches = [int(b) for b in args.batches.split(",")]
+    # Most telling first (a run cut short keeps them): tokens, novic vs the original-style pipeline
+    # and vs the PyTorch peer in the first precision; then the A/B details and the other precisions.
+    def details():
+        compile_mode = None if args.peer_compile == "none" else args.peer_compile
+        peer_batches = [int(b) for b in args.peer_batches.split(",")]
+        section("peer", lambda: peer_side(paths, args.device, peer_batches, args.reps, compile_mode,
+                                          args.peer_timeout))
+        section("jpeg", lambda: jpeg_decoders_ab(paths["bundle"], "cuda" if args.device.startswith("cuda") else "cpu",
+                                                 max(batches), reps=max(3, args.reps // 4)))
+        section("encoder_graphs", lambda: encoder_graphs_ab(paths["bundle"], args.backend, precisions,
+                                                            [b for b in batches if b <= 32], reps=args.reps))
+        section("decoder_rows", lambda: decoder_rows_ab(paths["bundle"], args.backend, precisions[0],
+                                                        [b for b in batches if b in (1, 32, 256)] or batches,
+                                                        reps=max(3, args.reps // 2)))
+
     section("tokens", lambda: tokens_agree(paths["bundle"], paths["checkpoint"], args.backend, args.n))
-    section("encoder_graphs", lambda: encoder_graphs_ab(paths["bundle"], args.backend, precisions,
-                                                        [b for b in batches if b <= 32], reps=args.reps))
-    section("decoder_rows", lambda: decoder_rows_ab(paths["bundle"], args.backend, precisions[0],
-                                                    [b for b in batches if b in (1, 32, 256)] or batches,
-                                                    reps=max(3, args.reps // 2)))
-    section("jpeg", lambda: jpeg_decoders_ab(paths["bundle"], "cuda" if args.device.startswith("cuda") else "cpu",
-                                             max(batches), reps=max(3, args.reps // 4)))
     baseline = None
-    for precision in precisions:
+    for n, precision in enumerate(precisions):
         def bench(precision=precision):
             r = compare(args.config, args.workdir, backend=args.backend, device=args.device, precision=precision,
                         batches=batches, reps=args.reps, budget_s=20, baseline=baseline)
@@ -362,9 +381,8 @@ def main(argv=None) -> int:
             return r
         section(f"bench_{precision}", bench, group="bench")
         baseline = results.get(f"bench_{precision}", {}).get("baseline", baseline)
-    compile_mode = None if args.peer_compile == "none" else args.peer_compile
-    peer_batches = [int(b) for b in args.peer_batches.split(",")]
-    section("peer", lambda: peer_side(paths, args.device, peer_batches, args.reps, compile_mode))
+        if n == 0:
+            details()
 
     def serving():   # a service's load: 32 client threads, single images, with and without the Batcher
         from service_batching import compare_serving

@@ -184,6 +184,9 @@ def run(checkpoint: str, bundle: str, device: str = "cuda", batches=(1, 8, 32, 2
         m = measure(lambda: pipe.labels(pixels[:b]), warmup=1, reps=max(3, reps // 2), budget_s=budget_s, sync=sync)
         out["throughput"][str(b)] = {**m, "img_per_s": b / (m["p50_ms"] / 1e3)}
     out["peak_rss_mb"] = peak_rss_mb()
+    if compile_mode is not None:   # calls torch.compile ran without CUDA graphs, and why (its log says)
+        from torch._dynamo.utils import counters
+        out["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
     if sync:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
