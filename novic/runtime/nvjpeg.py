@@ -15,6 +15,7 @@ input, is decoded by Pillow as before (same clear errors for broken files).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,13 +84,15 @@ class NvImageCodecDecoder:
                                        backends=[nv.Backend(nv.CPU_ONLY)])
         self._params = nv.DecodeParams(apply_exif_orientation=True, color_spec=nv.ColorSpec.SRGB,
                                        allow_any_depth=False)
+        self._lock = threading.Lock()   # one Classifier's loading threads share this decoder
 
     def decode(self, payloads: Sequence[bytes]) -> list[np.ndarray | None]:
         """One array per payload; None where nvImageCodec could not decode it (Pillow then does)."""
         if not payloads:
             return []
         try:
-            images = self._decoder.decode(list(payloads), params=self._params)
+            with self._lock:
+                images = self._decoder.decode(list(payloads), params=self._params)
         except Exception:  # noqa: BLE001 - the whole batch failed: Pillow decodes every one
             return [None] * len(payloads)
         out = []
