@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/whl .gpu/src
 pyver="--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64"
-python3 -m pip download -q --no-deps $pyver -d .gpu/whl open_clip_torch==3.3.0 ftfy wcwidth
+python3 -m pip download -q --no-deps $pyver -d .gpu/whl open_clip_torch==3.3.0 ftfy wcwidth \
+  nvidia-nvimgcodec-cu13==0.9.0.20 "nvidia-nvjpeg>=13,<14"   # GPU JPEG decoding (novic.runtime.nvjpeg)
 python3 -m pip download -q --no-deps $pyver -d .gpu/src onnxruntime-gpu==1.31.1
 rm -rf .gpu/tree && mkdir .gpu/tree && (cd .gpu/tree && unzip -q ../src/onnxruntime_gpu-*.whl)
 rm -f .gpu/tree/onnxruntime/capi/libonnxruntime_providers_tensorrt.so

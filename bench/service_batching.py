@@ -11,7 +11,6 @@ or decoded PIL images (`--inputs pil`).
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import threading
 import time
@@ -19,19 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from novic.bench.measure import sample_images
+from novic.bench.measure import jpeg_bytes, sample_images
 from novic.bench.setup import CONFIGS, build
 from novic.runtime.batching import Batcher
 from novic.runtime.classifier import Classifier
-
-
-def jpeg_bytes(images) -> list[bytes]:
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
 
 
 def serve(classify, clients: int, requests: int, images) -> tuple[float, list[float]]:

@@ -123,11 +123,14 @@ def _side_main(argv: list[str]) -> None:
         if args.get("backend", "").startswith("ort-cuda") or args.get("backend") == "trt":
             args["sync"] = None
         result = run(**args)
-    elif side == "baseline":
+    elif side in ("baseline", "peer"):   # peer: the best plain-PyTorch deployment (peer.py)
         import torch
         if args.get("device", "cpu") == "cpu" and os.environ.get("NOVIC_BENCH_THREADS"):
             torch.set_num_threads(int(os.environ["NOVIC_BENCH_THREADS"]))
-        from novic.bench.baseline import run
+        if side == "peer":
+            from novic.bench.peer import run
+        else:
+            from novic.bench.baseline import run
         result = run(**args)
     else:
         raise SystemExit(f"unknown side {side!r}")

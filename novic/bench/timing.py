@@ -1,8 +1,10 @@
 """Timing helpers shared by both sides of a benchmark (torch-free)."""
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -64,3 +66,16 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def gpu_memory_mb(pid: int | None = None) -> float | None:
+    """GPU memory this process (or `pid`) holds, from nvidia-smi (what onnxruntime's arenas took);
+    None without an NVIDIA GPU."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        rows = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [float(row.split(",")[1]) for row in rows if row.split(",")[0].strip() == str(pid)]
+    return sum(used) if used else None

@@ -148,7 +148,8 @@ class Classifier:
     VOCAB_CACHE_SIZE = 8
 
     def __init__(self, bundle, encoder, decoder, *, backend: str, reason: str, precision: str,
-                 threads: int | None = None, load_seconds: float | None = None, fast_decode: bool = False):
+                 threads: int | None = None, load_seconds: float | None = None, fast_decode: bool = False,
+                 jpeg_decoder=None):
         from novic.runtime.preprocess import Preprocessor
 
         self.bundle = bundle
@@ -158,7 +159,8 @@ class Classifier:
         self.backend_reason = reason
         self.precision = precision
         self.load_seconds = load_seconds
-        self.preprocessor = Preprocessor(bundle.preprocess_config, threads=threads, fast_decode=fast_decode)
+        self.preprocessor = Preprocessor(bundle.preprocess_config, threads=threads, fast_decode=fast_decode,
+                                         jpeg_decoder=jpeg_decoder)
         self.config = bundle.decoder_config
         self.token_table = bundle.token_table
         self._encode_lock = threading.Lock()
@@ -173,16 +175,20 @@ class Classifier:
     @classmethod
     def load(cls, bundle, backend: str = "auto", precision: str | None = None, *,
              verify: bool | str = True, threads: int | None = None, device_id: int = 0,
-             fast_decode: bool = False, verbose: bool = False) -> "Classifier":
+             fast_decode: bool = False, jpeg_decoder: str = "auto", verbose: bool = False) -> "Classifier":
         """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
         'trt'). `precision` ('fp32'/'fp16'/'int8'/'fp8') overrides the backend's choice of graphs (ORT
         backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
         threads for onnxruntime on the CPU and the size of the image-loading pool. `fast_decode`:
         decode JPEG files/bytes at a reduced scale (several times faster for camera photos; pixels
-        differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). The choice
+        differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). `jpeg_decoder`:
+        'pillow', 'nvimgcodec' (JPEGs decoded in batches by nvImageCodec, `novic.runtime.nvjpeg`) or
+        'auto' (nvImageCodec on the GPU backends when it is installed, else Pillow). The choice
         and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
         from novic.runtime.backends.select import select_for_bundle
         from novic.runtime.bundle import Bundle
+        from novic.runtime.nvjpeg import JpegDecoderError
+        from novic.runtime.nvjpeg import jpeg_decoder as make_jpeg_decoder
 
         t0 = time.perf_counter()
         if not isinstance(bundle, (Bundle, str, os.PathLike)):
@@ -191,6 +197,10 @@ class Classifier:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         choice = select_for_bundle(bundle, backend)
+        try:
+            jpeg = make_jpeg_decoder(jpeg_decoder, "cpu" if choice.backend == "ort-cpu" else "cuda", device_id)
+        except JpegDecoderError as exc:
+            raise ClassifierError(str(exc)) from None
         if isinstance(precision, str):
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
@@ -202,7 +212,7 @@ class Classifier:
         bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
         clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
                   precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
-                  fast_decode=fast_decode)
+                  fast_decode=fast_decode, jpeg_decoder=jpeg)
         log.info("novic: %s", clf.describe())
         if verbose:
             print(f"novic: {clf.describe()}", file=sys.stderr)
@@ -494,16 +504,23 @@ class Classifier:
         results = [Result(name, [], str(err) if err is not None else None) for name, err in zip(names, errors)]
         good = [i for i, r in enumerate(results) if r.error is None]
         if good:
-            embeds = self.embed(pixels[good] if len(good) < len(results) else pixels)
-            finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
-            fp32 = option("precision='fp32'", "--precision fp32")
-            for j in np.flatnonzero(~finite):
-                results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
-                                          f"embedding; try {fp32}")
-            keep = [j for j in range(len(good)) if finite[j]]
+            batch = pixels[good] if len(good) < len(results) else pixels
+            embeds = self._embed_on_device(batch)
+            on_device = embeds is not None
+            if not on_device:   # on the host: checked here; on the device, by the scores below
+                embeds = self.embed(batch)
+                finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
+                keep = [j for j in range(len(good)) if finite[j]]
+                embeds = embeds[keep] if len(keep) < len(good) else embeds
+            else:
+                keep = list(range(len(good)))
+            bad_embedding = set(range(len(good))) - set(keep)
             if keep:
-                hyps = self.decode(embeds[keep], vocabulary, beam_width, temperature, alpha)
+                hyps = self.decode(embeds, vocabulary, beam_width, temperature, alpha)
                 for j, h in zip(keep, hyps):
+                    if on_device and h and math.isnan(h[0].logprob):   # a non-finite embedding: all NaN
+                        bad_embedding.add(j)
+                        continue
                     if not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):   # never a NaN label
                         results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
                                                   f"the bundle's weights are damaged or from a diverged "
@@ -511,7 +528,20 @@ class Classifier:
                         continue
                     results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
                                                      float(hyp.prob)) for hyp in h[:topk]]
+            fp32 = option("precision='fp32'", "--precision fp32")
+            for j in sorted(bad_embedding):
+                results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
+                                          f"embedding; try {fp32}")
         return results
+
+    def _embed_on_device(self, pixels):
+        """The embeddings left on the device for a decoder that reads them there (ort-cuda without a
+        CUDA graph for this batch: no host round trip between encoder and prefill), else None."""
+        on_device = getattr(self.encoder, "embed_on_device", None)
+        if on_device is None or not getattr(self.decoder, "reads_device_embeddings", False):
+            return None
+        with self._encode_lock:
+            return on_device(pixels)
 
     def _text(self, tokens: tuple[int, ...], vocabulary: Vocabulary | None) -> str:
         if vocabulary is not None:

@@ -159,12 +159,15 @@ class Preprocessor:
 
     fast_decode: JPEG files/bytes are decoded at a reduced scale (`load_image(draft=...)`) that
     stays at least DRAFT_OVERSAMPLE x the target size on both sides: several times faster for
-    camera photos, not bit-identical to open_clip. Thread-safe: the transform is a pure
-    function; the pool is created once, lazily."""
+    camera photos, not bit-identical to open_clip.
+    jpeg_decoder (`novic.runtime.nvjpeg.jpeg_decoder`): `load_batch` decodes the batch's JPEG
+    files/bytes with it in one call (nvImageCodec, on the GPU) and the rest with Pillow.
+    Thread-safe: the transform is a pure function; the pool is created once, lazily."""
 
     def __init__(self, config: PreprocessConfig | Mapping[str, Any], *, threads: int | None = None,
-                 fast_decode: bool = False):
+                 fast_decode: bool = False, jpeg_decoder=None):
         self.config = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
+        self.jpeg_decoder = jpeg_decoder   # novic.runtime.nvjpeg decoder for JPEG batches, or None (Pillow)
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
         side = DRAFT_OVERSAMPLE * max(self.config.size)   # square: EXIF rotation may swap the sides
         self.draft = (side, side) if fast_decode else None
@@ -215,9 +218,11 @@ class Preprocessor:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="novic-pre")
             return self._pool
 
-    def _one(self, source: Any, out: np.ndarray, index: int) -> ImageError | None:
+    def _one(self, source: Any, out: np.ndarray, index: int, decoded: np.ndarray | None = None) -> ImageError | None:
+        """Preprocess one input into out[index]; `decoded`: its RGB pixels if already decoded."""
         try:
-            self.normalize(self.pixels(load_image(source, draft=self.draft)), out=out[index])
+            image = Image.fromarray(decoded) if decoded is not None else load_image(source, draft=self.draft)
+            self.normalize(self.pixels(image), out=out[index])
             return None
         except ImageError as exc:
             return exc
@@ -233,11 +238,27 @@ class Preprocessor:
         Rows of failed inputs are left zero; a bad input never stops the others."""
         th, tw = self.config.size
         out = np.zeros((len(sources), 3, th, tw), dtype=np.float32)
+        decoded = self._decode_jpegs(sources)
         if len(sources) <= 1 or self.threads == 1:
-            errors = [self._one(s, out, i) for i, s in enumerate(sources)]
+            errors = [self._one(s, out, i, d) for i, (s, d) in enumerate(zip(sources, decoded))]
         else:
-            errors = list(self._executor().map(self._one, sources, [out] * len(sources), range(len(sources))))
+            errors = list(self._executor().map(self._one, sources, [out] * len(sources), range(len(sources)),
+                                               decoded))
         return out, errors
+
+    def _decode_jpegs(self, sources: Sequence[Any]) -> list[np.ndarray | None]:
+        """The JPEG files/bytes among `sources` decoded in one batch by `jpeg_decoder` (None for
+        the other inputs, for JPEGs it could not decode, and without a jpeg_decoder)."""
+        decoded: list[np.ndarray | None] = [None] * len(sources)
+        if self.jpeg_decoder is None:
+            return decoded
+        from novic.runtime.nvjpeg import jpeg_payload
+
+        payloads = [jpeg_payload(s) for s in sources]
+        at = [i for i, p in enumerate(payloads) if p is not None]
+        for i, array in zip(at, self.jpeg_decoder.decode([payloads[i] for i in at])):
+            decoded[i] = array
+        return decoded
 
     def batch(self, images: Iterable[Any]) -> np.ndarray:
         """Like `load_batch` but raises the first error (for callers that want all-or-nothing)."""

@@ -81,8 +81,9 @@ def _results(score, length, tokens) -> list[list[Hypothesis]]:
 def _check(session: DecoderSession, embeds, width: int, temperature: float,
            trie: TokenTrie | None) -> np.ndarray:
     cfg = session.config
-    embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-    if embeds.ndim != 2 or embeds.shape[1] != cfg.embed_dim:
+    if not _on_device(embeds):
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+    if len(embeds.shape) != 2 or embeds.shape[1] != cfg.embed_dim:
         raise ValueError(f"embeds must have shape [B, {cfg.embed_dim}], got {embeds.shape}")
     if int(width) != width or width < 1:
         raise ValueError(f"beam width must be a positive integer, got {width}")
@@ -99,6 +100,12 @@ def _check(session: DecoderSession, embeds, width: int, temperature: float,
             raise ValueError(f"noun trie has a {trie.max_len}-token noun but the decoder emits at "
                              f"most {cfg.max_new_tokens} tokens: trie and model do not match")
     return embeds
+
+
+def _on_device(embeds) -> bool:
+    """Embeddings that a backend left on its device (`on_device = True`, `.shape`, `len()`, e.g.
+    ort's `DeviceEmbeddings`): handed to the session's prefill as they are, never read here."""
+    return getattr(embeds, "on_device", False) is True
 
 
 _U32 = np.uint64(0xFFFFFFFF)

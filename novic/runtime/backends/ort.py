@@ -36,6 +36,24 @@ class OrtError(NovicError):
     """onnxruntime missing, a provider that is not available, or a graph that does not fit."""
 
 
+class DeviceEmbeddings:
+    """Image embeddings f32 [B, F] left where the encoder wrote them (an OrtValue, on the GPU with
+    "cuda"), so that the decoder's prefill reads them in place instead of through the host
+    (`OrtImageEncoder.embed_on_device`, `OrtDecoderSession.prefill`). `numpy()` copies them out."""
+
+    on_device = True   # novic.runtime.search passes them through to the session
+
+    def __init__(self, value):
+        self.value = value
+        self.shape = tuple(value.shape())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        return self.value.numpy()
+
+
 def import_ort(provider: str = "cpu"):
     try:
         import onnxruntime
@@ -192,8 +210,19 @@ class OrtDecoderSession(_GraphsOrPlain):
         return StepScores(*values[:3])
 
     # --- DecoderSession ---------------------------------------------------------------------
+    @property
+    def reads_device_embeddings(self) -> bool:
+        """Whether `prefill` binds `DeviceEmbeddings` in place (IOBinding without CUDA graphs: a
+        captured prefill reads its own fixed input buffer, which only a host copy can fill)."""
+        return self.iobinding and self._graphs is None
+
     def prefill(self, embeds, temperature: float, cand_ids) -> StepScores:
-        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        """embeds: f32 [B, F] on the host, or `DeviceEmbeddings` (read in place where
+        `reads_device_embeddings`, else copied to the host first)."""
+        if isinstance(embeds, DeviceEmbeddings) and not self.reads_device_embeddings:
+            embeds = embeds.numpy()
+        if not isinstance(embeds, DeviceEmbeddings):
+            embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         temp, cand = self._common(temperature, cand_ids, len(embeds))
         feeds = {"embedding": embeds, "temperature": temp, "cand_ids": cand}
         if not self.iobinding:
@@ -251,7 +280,10 @@ class OrtDecoderSession(_GraphsOrPlain):
     def _run_bound(self, session, feeds, cache_out: str, out_buffer):
         binding = session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)  # small host arrays; copied to the device by ORT
+            if isinstance(value, DeviceEmbeddings):   # already on the device: read in place
+                binding.bind_ortvalue_input(name, value.value)
+            else:
+                binding.bind_cpu_input(name, value)  # small host arrays; copied to the device by ORT
         if "kv_cache" in {i.name for i in session.get_inputs()}:
             binding.bind_ortvalue_input("kv_cache", self._cache)
         for name in SCORE_OUTPUTS:
@@ -275,11 +307,14 @@ class _CapturedRuns:
     raises instead, and the caller falls back to plain runs. Graph ids start at 1; -1 runs
     uncaptured (onnxruntime's convention)."""
 
+    reuse_bindings = True   # a graph's IOBinding and RunOptions are made once (fewer host calls per run)
+
     def __init__(self, ort, device: str, device_id: int):
         self._ort, self.device, self.device_id = ort, device, device_id
         self.buffers: dict[tuple, object] = {}
         self.ids: dict[tuple, int] = {}
         self._bound: dict[int, dict] = {}
+        self._bindings: dict[int, tuple] = {}   # graph id -> (IOBinding, RunOptions)
 
     def buffer(self, key: tuple, shape, dtype):
         if key not in self.buffers:
@@ -289,23 +324,33 @@ class _CapturedRuns:
 
     def run(self, session, inputs: dict, outputs: dict, graph: tuple | None) -> None:
         """Run `session` on bound OrtValues as captured graph `graph` (None: uncaptured)."""
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name, value in outputs.items():
-            binding.bind_ortvalue_output(name, value)
         graph_id = -1
         if graph is not None:
             graph_id = self.ids.setdefault(graph, len(self.ids) + 1)
             addresses = {name: value.data_ptr() for name, value in {**inputs, **outputs}.items()}
             if self._bound.setdefault(graph_id, addresses) != addresses:
                 raise RuntimeError(f"CUDA graph {graph} was bound to other buffers than it was captured with")
+        # A graph always runs on the same buffers (checked above), so its binding is kept.
+        cached = self._bindings.get(graph_id) if graph_id > 0 and self.reuse_bindings else None
+        if cached is None:
+            cached = self._bind(session, inputs, outputs, graph_id)
+            if graph_id > 0:
+                self._bindings[graph_id] = cached
+        binding, run_options = cached
         # update_inplace copies on the default CUDA stream; onnxruntime computes on its own
         # non-blocking stream, so wait for the copies before the replay reads the buffers.
         binding.synchronize_inputs()
+        session.run_with_iobinding(binding, run_options)
+
+    def _bind(self, session, inputs: dict, outputs: dict, graph_id: int) -> tuple:
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
         run_options = self._ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        session.run_with_iobinding(binding, run_options)
+        return binding, run_options
 
 
 class _DecoderGraphs:
@@ -389,22 +434,47 @@ class OrtImageEncoder(_GraphsOrPlain):
     bench/gpu_check.py times both paths side by side."""
 
     def __init__(self, path, *, provider: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, optimize: bool | None = None, cuda_graph: bool = True):
+                 device_id: int = 0, optimize: bool | None = None, cuda_graph: bool = True,
+                 device_output: bool | None = None):
+        """device_output: `embed_on_device` may leave embeddings on the device (None: with "cuda";
+        True on the CPU runs the same binding code against host memory, for the tests)."""
         kw = dict(threads=threads, device_id=device_id, optimize=optimize)
         self._session = make_session(path, provider, **kw)
         (inp,), (out,) = self._session.get_inputs(), self._session.get_outputs()
-        self._input, self._output = inp.name, out.name
+        self._input, self._output, self._output_type = inp.name, out.name, out.type
+        self.device_output = (provider == "cuda") if device_output is None else bool(device_output)
+        self._device, self._device_id = ("cuda" if provider == "cuda" else "cpu"), device_id
         self.image_size = tuple(inp.shape[2:4])   # (H, W)
         self.embed_dim = out.shape[1]
         if provider == "cuda" and cuda_graph:
             self._start_graphs(lambda: _EncoderGraphs(make_session(path, provider, cuda_graph=True, **kw),
                                                       import_ort(provider), device_id))
 
-    def __call__(self, pixels) -> np.ndarray:
+    def _checked(self, pixels) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != self.image_size:
             raise ValueError(f"pixels must have shape [B, 3, {self.image_size[0]}, "
                              f"{self.image_size[1]}], got {pixels.shape}")
+        return pixels
+
+    def embed_on_device(self, pixels) -> DeviceEmbeddings | None:
+        """Like calling the encoder, but the embeddings stay on the device (`DeviceEmbeddings`),
+        for a decoder that `reads_device_embeddings`. None where this encoder cannot leave them
+        there: a batch replayed as a CUDA graph (its output buffer is rewritten by the next batch,
+        which another thread may encode before this batch's prefill has read it), or an encoder
+        whose embeddings are not fp32 (the prefill's input type)."""
+        pixels = self._checked(pixels)
+        if not self.device_output or self._output_type != "tensor(float)" or (
+                self._graphs is not None and len(pixels) <= GRAPH_BUCKETS[-1]):
+            return None
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self._input, pixels)
+        binding.bind_output(self._output, self._device, self._device_id)   # allocated anew: this batch's own
+        self._session.run_with_iobinding(binding)
+        return DeviceEmbeddings(binding.get_outputs()[0])
+
+    def __call__(self, pixels) -> np.ndarray:
+        pixels = self._checked(pixels)
         if self._graphs is not None and 0 < len(pixels) <= GRAPH_BUCKETS[-1]:
             try:
                 return self._graphs(pixels)

@@ -1,0 +1,104 @@
+"""JPEG decoding through NVIDIA nvImageCodec (optional; on the GPU with nvJPEG), Pillow otherwise.
+
+Decoding camera JPEGs is the largest host cost in front of a GPU (docs/benchmarks.md, "Fast JPEG
+decoding"). nvImageCodec (`pip install 'novic[nvjpeg]'`, the `nvidia-nvimgcodec-cu13` wheel, plus
+`nvidia-nvjpeg` for the GPU decoder) decodes a whole batch of JPEGs in one call, on the GPU where
+it can. The decoded RGB images come back to the host, where `Preprocessor` resizes and normalises
+them as for Pillow's, so the pixels match Pillow's within a few 8-bit levels (IDCT and chroma
+upsampling may differ; tests/test_nvjpeg.py). EXIF orientation is applied by nvImageCodec.
+
+Only JPEG files and bytes take this path; a JPEG that nvImageCodec cannot decode, and every other
+input, is decoded by Pillow as before (same clear errors for broken files).
+
+    decoder = jpeg_decoder("auto", device="cuda")   # None when nvImageCodec is not installed
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from novic.errors import NovicError
+
+INSTALL = "pip install 'novic[nvjpeg]' (nvidia-nvimgcodec-cu13; nvidia-nvjpeg for the GPU decoder)"
+CHOICES = ("pillow", "nvimgcodec", "auto")
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class JpegDecoderError(NovicError, ValueError):
+    """nvImageCodec asked for but missing, or an unknown decoder name."""
+
+
+def import_nvimgcodec():
+    from nvidia import nvimgcodec   # the optional extra; ImportError when absent
+    return nvimgcodec
+
+
+def jpeg_decoder(choice: str = "pillow", device: str = "cpu", device_id: int = 0) -> "NvImageCodecDecoder | None":
+    """The decoder for `choice`: "pillow" -> None (Pillow decodes); "nvimgcodec" -> nvImageCodec on
+    `device` ("cuda" or "cpu"), a one-line error when it is not installed; "auto" -> nvImageCodec
+    when installed and `device` is "cuda", else None."""
+    if choice not in CHOICES:
+        raise JpegDecoderError(f"jpeg decoder {choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "pillow" or (choice == "auto" and device != "cuda"):
+        return None
+    try:
+        import_nvimgcodec()
+    except ImportError as exc:
+        if choice == "auto":
+            return None
+        raise JpegDecoderError(f"nvImageCodec is not installed ({exc}); {INSTALL}") from None
+    return NvImageCodecDecoder(device, device_id)
+
+
+def jpeg_payload(source: Any) -> bytes | None:
+    """The bytes of `source` if it is a JPEG file path or JPEG bytes, else None (Pillow decodes it)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return data if data[:3] == JPEG_MAGIC else None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            with open(path, "rb") as handle:
+                if handle.read(3) != JPEG_MAGIC:
+                    return None
+                return JPEG_MAGIC + handle.read()
+        except OSError:
+            return None   # Pillow's loader reports the missing or unreadable file
+    return None
+
+
+class NvImageCodecDecoder:
+    """One nvImageCodec decoder: JPEG bytes -> RGB uint8 [H, W, 3] host arrays, a batch per call."""
+
+    def __init__(self, device: str = "cuda", device_id: int = 0):
+        nv = import_nvimgcodec()
+        self.device = device
+        if device == "cuda":   # GPU first (hardware / CUDA nvJPEG), the CPU where it cannot
+            self._decoder = nv.Decoder(device_id=device_id)
+        else:
+            self._decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                       backends=[nv.Backend(nv.CPU_ONLY)])
+        self._params = nv.DecodeParams(apply_exif_orientation=True, color_spec=nv.ColorSpec.SRGB,
+                                       allow_any_depth=False)
+        self._lock = threading.Lock()   # one Classifier's loading threads share this decoder
+
+    def decode(self, payloads: Sequence[bytes]) -> list[np.ndarray | None]:
+        """One array per payload; None where nvImageCodec could not decode it (Pillow then does)."""
+        if not payloads:
+            return []
+        try:
+            with self._lock:
+                images = self._decoder.decode(list(payloads), params=self._params)
+        except Exception:  # noqa: BLE001 - the whole batch failed: Pillow decodes every one
+            return [None] * len(payloads)
+        out = []
+        for image in images:
+            host = image.cpu() if image is not None else None
+            array = np.asarray(host) if host is not None else None
+            ok = array is not None and array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8
+            out.append(np.ascontiguousarray(array) if ok else None)
+        return out

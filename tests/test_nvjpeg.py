@@ -1,0 +1,132 @@
+"""JPEG batches through nvImageCodec (novic.runtime.nvjpeg): the real library where it decodes
+(its CPU backend here, nvJPEG on a GPU), and the routing and fallbacks with a stand-in."""
+from __future__ import annotations
+
+import io
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures_runtime import runtime_bundle  # noqa: F401  (fixture)
+from novic.runtime import nvjpeg
+from novic.runtime.preprocess import PreprocessConfig, Preprocessor
+
+CONFIG = PreprocessConfig(size=(64, 64))
+
+
+def photos():
+    from novic.bench.measure import sample_images
+
+    return [image.resize((160 + 40 * i, 120 + 10 * i)) for i, image in enumerate(sample_images(4))]
+
+
+def jpeg(image, quality=90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_real_nvimgcodec_pixels_match_pillow(tmp_path):
+    pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec not installed: pip install 'novic[nvjpeg]'")
+    try:
+        decoder = nvjpeg.NvImageCodecDecoder("cpu")   # nvJPEG needs a GPU; its CPU backend decodes here
+        probe = decoder.decode([jpeg(photos()[0])])
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"nvImageCodec cannot decode on this machine: {exc}")
+    if probe[0] is None:
+        pytest.skip("nvImageCodec has no JPEG decoder on this machine (no nvJPEG, no CPU codec)")
+    images = photos()
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg(images[1], quality=75))
+    sources = [jpeg(im) for im in images] + [path]
+    want, _ = Preprocessor(CONFIG, threads=2).load_batch(sources)
+    got, errors = Preprocessor(CONFIG, threads=2, jpeg_decoder=decoder).load_batch(sources)
+    assert errors == [None] * len(sources)
+    diff = np.abs(got - want)   # normalised pixels: one 8-bit level is ~0.015
+    assert diff.mean() < 0.03 and np.percentile(diff, 99) < 0.15, (diff.mean(), diff.max())
+
+
+class FakeNvImageCodec(types.SimpleNamespace):
+    """Stands in for `nvidia.nvimgcodec`: decodes with Pillow, records each batch, and returns None
+    for JPEGs it "cannot" decode (the real one does so for streams it cannot parse)."""
+
+    def __init__(self):
+        fake = self
+
+        class Decoder:
+            def __init__(self, **kwargs):
+                fake.decoder_kwargs = kwargs
+
+            def decode(self, payloads, params=None):
+                fake.batches.append(len(payloads))
+                out = []
+                for data in payloads:
+                    try:
+                        out.append(Image.open(io.BytesIO(data)).convert("RGB") if b"NOPE" not in data else None)
+                    except OSError:
+                        out.append(None)
+                return [types.SimpleNamespace(cpu=lambda im=im: np.asarray(im)) if im is not None else None
+                        for im in out]
+
+        super().__init__(Decoder=Decoder, Backend=lambda kind: ("backend", kind), CPU_ONLY="cpu-only",
+                         NVIMGCODEC_DEVICE_CPU_ONLY=-99999, ColorSpec=types.SimpleNamespace(SRGB="srgb"),
+                         DecodeParams=lambda **kw: kw, batches=[], decoder_kwargs=None)
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    module = FakeNvImageCodec()
+    monkeypatch.setattr(nvjpeg, "import_nvimgcodec", lambda: module)
+    return module
+
+
+def test_jpegs_go_to_nvimgcodec_in_one_batch_the_rest_to_pillow(fake, tmp_path):
+    images = photos()
+    jpg_file, png_file = tmp_path / "a.jpg", tmp_path / "b.png"
+    jpg_file.write_bytes(jpeg(images[0]))
+    png_file.write_bytes(png(images[1]))
+    cannot = jpeg(images[2]) + b"NOPE"          # a JPEG nvImageCodec gives up on: Pillow decodes it
+    broken = b"\xff\xd8\xff" + b"\x00" * 50     # JPEG magic, no image: Pillow's clear error
+    sources = [jpg_file, png_file, jpeg(images[3]), images[1], cannot, broken, tmp_path / "missing.jpg"]
+    decoder = nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
+    got, errors = Preprocessor(CONFIG, threads=2, jpeg_decoder=decoder).load_batch(sources)
+    want, want_errors = Preprocessor(CONFIG, threads=2).load_batch(sources)
+    assert fake.batches == [4]                  # one call: the JPEG file, the JPEG bytes, both broken ones
+    assert fake.decoder_kwargs == {"device_id": 0}
+    assert np.array_equal(got, want)            # the stand-in decodes as Pillow does
+    assert [e is None for e in errors] == [True, True, True, True, True, False, False]
+    assert [str(e) for e in errors] == [str(e) for e in want_errors]
+
+
+def test_choosing_a_decoder(fake, monkeypatch):
+    assert nvjpeg.jpeg_decoder("pillow", device="cuda") is None
+    assert nvjpeg.jpeg_decoder("auto", device="cpu") is None      # the CPU backend keeps Pillow
+    assert isinstance(nvjpeg.jpeg_decoder("auto", device="cuda"), nvjpeg.NvImageCodecDecoder)
+    assert nvjpeg.jpeg_decoder("nvimgcodec", device="cpu").device == "cpu"
+    assert fake.decoder_kwargs["device_id"] == fake.NVIMGCODEC_DEVICE_CPU_ONLY
+    with pytest.raises(nvjpeg.JpegDecoderError, match="is not one of pillow, nvimgcodec, auto"):
+        nvjpeg.jpeg_decoder("turbo")
+
+    def missing():
+        raise ImportError("No module named 'nvidia.nvimgcodec'")
+    monkeypatch.setattr(nvjpeg, "import_nvimgcodec", missing)
+    assert nvjpeg.jpeg_decoder("auto", device="cuda") is None     # not installed: Pillow, silently
+    with pytest.raises(nvjpeg.JpegDecoderError, match=r"pip install 'novic\[nvjpeg\]'"):
+        nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
+
+
+def test_classifier_rejects_an_unknown_decoder(runtime_bundle):
+    from novic.runtime.classifier import Classifier, ClassifierError
+
+    with pytest.raises(ClassifierError, match="jpeg decoder 'turbo' is not one of"):
+        Classifier.load(runtime_bundle.bundle, backend="ort-cpu", jpeg_decoder="turbo")
+    with Classifier.load(runtime_bundle.bundle, backend="ort-cpu") as clf:
+        assert clf.preprocessor.jpeg_decoder is None               # auto on the CPU: Pillow
