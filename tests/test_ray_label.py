@@ -168,3 +168,11 @@ def test_inputs_and_output_directory(images, tmp_path):
 def test_an_unreadable_uri_is_an_error_row():
     source = ray_label._open_source("file:///no/such/image.jpg")
     assert source.name == "file:///no/such/image.jpg" and "cannot read" in source.read_error
+
+
+def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    from novic.serve._ray import RayMissing
+
+    monkeypatch.setitem(sys.modules, "ray.data", None)    # as if ray[data] were not installed
+    with pytest.raises(RayMissing, match=r"ray.data is not installed .*pip install 'novic\[ray\]'"):
+        label([str(tmp_path)], tmp_path / "out", bundle=tmp_path)

@@ -278,6 +278,7 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     from novic.serve._ray import connect, require
 
     t0 = time.perf_counter()
+    rdata = require("ray.data")   # a missing extra is said first, before any other work
     if concurrency < 1 or batch_size < 1 or part_rows < 1 or gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise LabelError("--concurrency and --batch-size must be >= 1, --gpus-per-worker >= 0, "
                          "--cpus-per-worker > 0")
@@ -302,7 +303,6 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     if num_cpus is None and not address:   # room for the decode tasks beside the actors
         num_cpus = max(os.cpu_count() or 1, int(concurrency * cpus_per_worker) + 1)
     connect(address, num_cpus=num_cpus)
-    rdata = require("ray.data")
     rdata.DataContext.get_current().enable_progress_bars = False
     blocks = max(1, min(len(todo) // batch_size, 10_000))
     ds = rdata.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
