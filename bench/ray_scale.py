@@ -21,14 +21,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from service_batching import serve as run_clients  # noqa: E402  (the same client threads and timing)
+
+# examples/serve.py as it is, but with a listen backlog of 128: socketserver's default of 5 resets
+# connections when 16 clients connect at once, which would measure the backlog, not the service.
+STDLIB_SERVER = ("import runpy, socketserver, sys; socketserver.TCPServer.request_queue_size = 128; "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def free_port() -> int:
@@ -53,35 +60,19 @@ def jpegs(n: int, side: int | None = None, seed: int = 0) -> list[bytes]:
     return out
 
 
+def poster(url: str):
+    """A `classify` for service_batching.serve: POST the bytes to `url`; any non-200 raises."""
+    def post(body: bytes):
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=300) as reply:
+            reply.read()
+        return types.SimpleNamespace(error=None)
+
+    return post
+
+
 def load(url: str, clients: int, requests: int, bodies: list[bytes]) -> tuple[float, list[float]]:
-    """(img/s, latencies in ms) of `clients` threads x `requests` POSTs; any non-200 fails the run."""
-    latencies, failures, lock = [], [], threading.Lock()
-    start = threading.Barrier(clients + 1)
-
-    def client(c: int):
-        start.wait()
-        for r in range(requests):
-            t0 = time.perf_counter()
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, data=bodies[(c + r) % len(bodies)]),
-                                            timeout=300) as reply:
-                    reply.read()
-            except Exception as exc:  # noqa: BLE001 - reported after the run
-                with lock:
-                    failures.append(f"{type(exc).__name__}: {exc}")
-            with lock:
-                latencies.append((time.perf_counter() - t0) * 1e3)
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    if failures:
-        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    return clients * requests / (time.perf_counter() - t0), latencies
+    """(img/s, latencies in ms) of `clients` threads x `requests` POSTs; a failed request fails the run."""
+    return run_clients(poster(url), clients, requests, bodies)
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
@@ -102,7 +93,7 @@ def bench_serving(bundle: str, a) -> str:
 
     bodies = jpegs(8)
     std_port, ray_port = free_port(), free_port()
-    stdlib = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), bundle, "--port", str(std_port),
+    stdlib = subprocess.Popen([sys.executable, "-c", STDLIB_SERVER, str(ROOT / "examples" / "serve.py"), bundle, "--port", str(std_port),
                                "--backend", a.backend], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
