@@ -197,6 +197,25 @@ def test_cli_engines(monkeypatch, capsys, tmp_path):
                         max_wait_ms=2.0, backend="auto", precision=None)
     assert "--engine 'tensorflow': use ray or triton" in capsys.readouterr().err
 
+    import novic.serve.ray_serve as ray_serve
+
+    monkeypatch.setattr(ray_serve, "serve", lambda bundle, **options: seen.update(ray=(bundle, options)))
+    pets = tmp_path / "pets.txt"
+    monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), "--replicas", "3", "--max-wait-ms", "5",
+                                      "--vocab", f"pets={pets}", "--autoscaling", '{"max_replicas": 4}'])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0
+    bundle, options = seen["ray"]
+    assert bundle == tmp_path and options["replicas"] == 3 and options["batch_wait_s"] == 0.005
+    assert options["autoscaling"] == {"max_replicas": 4} and options["vocabularies"] == {"pets": str(pets)}
+    for bad, message in [(["--autoscaling", "{max"], "--autoscaling: not JSON"),
+                         (["--vocab", "pets"], "--vocab 'pets': give NAME=FILE")]:
+        monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), *bad])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
 
 class _Response:
     """A stand-in DeploymentResponse: awaiting it raises `error`, or never ends (error None)."""
