@@ -25,7 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from novic.errors import NovicError
 
@@ -182,10 +182,11 @@ def _write_part(path: Path, rows: list[dict], fmt: str) -> None:
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA()), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=row_schema()), tmp)
 
 
-def ROW_SCHEMA():  # noqa: N802 - a constant that needs pyarrow, built when first used
+def row_schema():
+    """The columns of a part (Parquet; a JSONL row has the same keys)."""
     import pyarrow as pa
 
     return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
@@ -254,7 +255,7 @@ class Classify:
             rows.append({"path": path, "labels": [l["text"] for l in labels],
                          "probs": [l["prob"] for l in labels], "logprobs": [l["logprob"] for l in labels],
                          "error": _printable(errors[i]) if errors[i] else None})
-        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA())
+        return pa.Table.from_pylist(rows, schema=row_schema())
 
 
 def _printable(text: str) -> str:
@@ -333,6 +334,6 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     return summary
 
 
-def summary_line(summary: LabelSummary, out: Iterable[str] | str) -> str:
+def summary_line(summary: LabelSummary, out: str) -> str:
     return (f"novic-label: {summary.labelled} labelled ({summary.failed} error rows), {summary.already_done} "
             f"already in {out}, {summary.inputs} in all; {summary.seconds:.1f} s ({summary.rate:.1f} img/s)")
