@@ -1,0 +1,206 @@
+"""`novic-serve BUNDLE`: the classifier as a Ray Serve application (`pip install 'novic[ray]'`).
+
+    from novic.serve.ray_serve import serve
+    serve("bundle/", replicas=2, port=8000)          # blocks until Ctrl-C (novic-serve does this)
+
+    curl --data-binary @photo.jpg 'http://127.0.0.1:8000/classify?topk=3'
+    curl -H 'Content-Type: application/json' -d '{"image": "<base64>", "vocab": ["dog", "cat"]}' \\
+         http://127.0.0.1:8000/classify
+    curl http://127.0.0.1:8000/healthz
+
+Two deployments (novic.serve._ray_deployments): `NovicHTTP`, the ingress, owns HTTP (option
+parsing, size limit, status codes) and calls `NovicClassifier`, the replicas: one `Classifier` each,
+requests batched with Serve's `@serve.batch`. The split is what keeps the promise "a request in
+flight on a replica that dies is answered 503": Serve's own proxy would answer 500 for it, the
+ingress sees the replica's death as an exception and answers 503 itself.
+
+Options, as query parameters or JSON fields (`{"image": base64, ...}` with Content-Type
+application/json): topk, beam_width, guided, temperature, alpha, vocab. `vocab` is the name of a
+server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`)
+or inline nouns (a JSON list; in a query, `vocab=dog&vocab=cat`: one value that names a server-side
+vocabulary picks it). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
+"labels", "error"}); 400 a bad option (checked before any image work; the message names it), 413 a
+body over `max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`),
+each with {"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from novic.runtime.classifier import ClassifierError
+
+MAX_BYTES = 64 << 20   # 64 MiB, as examples/serve.py: larger bodies are refused before they are read
+
+# The search options a request may set, and how a query string's text becomes each.
+_INT, _FLOAT, _BOOL = "an integer", "a number", "true or false"
+OPTIONS = {"topk": _INT, "beam_width": _INT, "guided": _BOOL, "temperature": _FLOAT, "alpha": _FLOAT}
+
+
+class RequestError(ClassifierError):
+    """The client's mistake in a request (400), one line naming the option."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything a deployment needs; plain data so that Ray can ship it to the replicas."""
+
+    bundle: str
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+    fast_decode: bool = False
+    max_batch: int = 32
+    batch_wait_s: float = 0.002
+    max_bytes: int = MAX_BYTES
+    request_timeout_s: float = 60.0
+    vocabularies: Mapping[str, str] = field(default_factory=dict)   # name -> noun file on every node
+
+
+def _parse(name: str, kind: str, value: Any) -> Any:
+    """A query's text (or a JSON value) as the option's type; Classifier.check_options checks the rest."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            if kind == _INT:
+                return int(text)
+            if kind == _FLOAT:
+                return float(text)
+        except ValueError:
+            raise RequestError(f"{name}: {value!r} is not {kind}") from None
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise RequestError(f"{name}: {value!r} is not {kind}")
+    ok = {_INT: isinstance(value, int) and not isinstance(value, bool),
+          _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+          _BOOL: isinstance(value, bool)}[kind]
+    if not ok:
+        raise RequestError(f"{name}: {value!r} is not {kind}")
+    return value
+
+
+def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool) -> dict:
+    """Query parameters (name -> list of texts) or JSON fields -> keyword arguments of
+    `Classifier.classify`, with a server-side vocabulary name replaced by its file."""
+    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab"})
+    if unknown:
+        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab'])}")
+    options = {}
+    for name, kind in OPTIONS.items():
+        if name in fields:
+            value = fields[name]
+            if from_query:
+                if len(value) != 1:
+                    raise RequestError(f"{name}: give it once, got {len(value)} values")
+                value = value[0]
+            options[name] = _parse(name, kind, value)
+    if "vocab" in fields:
+        options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
+    return options
+
+
+def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
+    if from_query and len(value) == 1 and value[0] in vocabularies:
+        return vocabularies[value[0]]
+    if from_query or (isinstance(value, list) and value):
+        if not all(isinstance(v, str) for v in value):
+            raise RequestError("vocab: a list of nouns must hold strings")
+        return list(value)
+    if isinstance(value, str):
+        if value in vocabularies:
+            return vocabularies[value]
+        known = ", ".join(sorted(vocabularies)) or "none; start novic-serve with --vocab NAME=FILE"
+        raise RequestError(f"vocab: no server-side vocabulary named {value!r} (known: {known}); "
+                           f"or pass the nouns as a list")
+    raise RequestError(f"vocab: give a vocabulary name or a non-empty list of nouns, got {value!r}")
+
+
+def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, dict]:
+    """A JSON request {"image": base64, options...} -> (image bytes, options)."""
+    import json
+
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(f"body: not valid JSON ({exc}); send the image bytes, or JSON with \"image\" "
+                           f"holding them in base64") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("image"), str):
+        raise RequestError('image: a JSON request needs "image": the image file in base64')
+    fields = dict(fields)
+    try:
+        image = base64.b64decode(fields.pop("image"), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"image: not valid base64 ({exc})") from None
+    return image, request_options(fields, vocabularies, from_query=False)
+
+
+def check_config(config: ServeConfig) -> ServeConfig:
+    """Fail early, on the driver, with one line: a bundle that is not there, a vocabulary file
+    that is not there, limits that make no sense."""
+    from novic.runtime.bundle import Bundle
+
+    Bundle.open(config.bundle, verify=False)
+    for name, path in config.vocabularies.items():
+        if not name or not os.path.isfile(path):
+            raise ClassifierError(f"--vocab {name}={path}: no such file; give NAME=FILE with one noun per line")
+    if config.max_batch < 1 or not (math.isfinite(config.batch_wait_s) and config.batch_wait_s >= 0):
+        raise ClassifierError("max_batch must be >= 1 and batch_wait_s a number >= 0")
+    if config.max_bytes < 1 or not config.request_timeout_s > 0:
+        raise ClassifierError("max_bytes and request_timeout_s must be positive")
+    return config
+
+
+def build_app(config: ServeConfig, *, replicas: int = 1, gpus_per_replica: float = 0,
+              cpus_per_replica: float = 1, autoscaling: Mapping[str, Any] | None = None):
+    """The Ray Serve application (not yet running): `ray.serve.run(build_app(...))`.
+    `autoscaling` is Serve's autoscaling_config (min_replicas, max_replicas, ...); it replaces
+    `replicas`."""
+    from novic.serve._ray import require
+
+    require("ray.serve")
+    from novic.serve._ray_deployments import NovicClassifier, NovicHTTP
+
+    check_config(config)
+    scale = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
+    classifier = NovicClassifier.options(
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        # a full batch must be able to wait on one replica at once, or Serve never fills it
+        max_ongoing_requests=max(2 * config.max_batch, 8), **scale,
+    ).bind(config)
+    return NovicHTTP.bind(classifier, config)
+
+
+def serve(bundle, *, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
+          autoscaling: Mapping[str, Any] | None = None, num_cpus: int | None = None,
+          blocking: bool = True, **options):
+    """Deploy `bundle` on Ray Serve at http://HOST:PORT/classify; `address` joins a cluster (default:
+    start a local one). `options`: the fields of `ServeConfig`. Blocks until interrupted unless
+    `blocking=False` (then returns the ingress' DeploymentHandle)."""
+    from novic.serve._ray import connect, require
+
+    config = check_config(ServeConfig(bundle=os.path.abspath(os.fspath(bundle)), **options))
+    connect(address, num_cpus=num_cpus)
+    rserve = require("ray.serve")
+    rserve.start(http_options={"host": host, "port": port})
+    app = build_app(config, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                    cpus_per_replica=cpus_per_replica, autoscaling=autoscaling)
+    handle = rserve.run(app, name="novic", route_prefix="/")
+    if not blocking:
+        return handle
+    import time
+
+    print(f"novic-serve: http://{host}:{port}/classify on Ray Serve (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rserve.shutdown()
