@@ -114,3 +114,33 @@ def pytriton_stub_environment(stub_env: Path | None):
         triton_server.get_triton_python_backend_python_env = saved_getter
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+def bundled_tritonserver(repository, workdir, *, stub_env: Path | None, host: str = "127.0.0.1",
+                         http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                         extra_args: tuple = (), log=None):
+    """Start the `tritonserver` binary from the nvidia-pytriton wheel on `repository` (a Popen).
+
+    The wheel ships only the Python backend (no onnxruntime backend): `workdir` gets a backend
+    directory with it and the stub for this Python version, as PyTriton arranges it for itself."""
+    require_pytriton()
+    import shutil
+
+    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+    server_dir = get_root_module_path() / "tritonserver"
+    backends = Path(workdir) / "backends"
+    python_backend = backends / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for item in (server_dir / "backends" / "python").iterdir():
+        if item.is_file():
+            shutil.copy(item, python_backend / item.name)
+    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
+                python_backend / "triton_python_backend_stub")
+    env = stub_environ(stub_env)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([env.get("LD_LIBRARY_PATH", ""), str(get_libs_path())]).strip(os.pathsep)
+    cmd = [str(server_dir / "bin" / "tritonserver"), f"--model-repository={repository}",
+           f"--backend-directory={backends}", f"--http-address={host}", f"--http-port={http_port}",
+           f"--grpc-address={host}", f"--grpc-port={grpc_port}", f"--metrics-address={host}",
+           f"--metrics-port={metrics_port}", "--exit-timeout-secs=5", *extra_args]
+    return subprocess.Popen(cmd, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
