@@ -106,12 +106,14 @@ def wait_ready(client, model: str, seconds: float = 120) -> None:
 
 # ---- PyTriton ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pytriton_server(runtime_bundle, stub_env):  # noqa: F811
+def pytriton_server(runtime_bundle, stub_env, tmp_path_factory):  # noqa: F811
     from novic.serve.triton import start
 
     http_port, grpc_port, metrics_port = free_ports(3)
+    log = tmp_path_factory.mktemp("pytriton") / "tritonserver.log"
     with start(runtime_bundle.bundle, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-               backend="ort-cpu", threads=2, stub_env=stub_env, max_batch=16, max_wait_ms=2) as server:
+               backend="ort-cpu", threads=2, stub_env=stub_env, max_batch=16, max_wait_ms=2,
+               log_file=log) as server:
         yield server
 
 
@@ -267,3 +269,22 @@ def test_export_refuses_to_overwrite(runtime_bundle, tmp_path):  # noqa: F811
     with pytest.raises(TritonRepoError, match="exceeds the bundle's beam width 10"):
         export_triton_repo(runtime_bundle.bundle, tmp_path / "x", topk=11)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_export_and_serve_modules_need_no_torch(runtime_bundle, tmp_path):  # noqa: F811
+    from test_torch_free import run_without_torch
+
+    result = run_without_torch(f"""
+        import sys
+        import novic.serve.triton, novic.serve.triton_requests
+        from novic.cli.export import app
+        from typer.testing import CliRunner
+        r = CliRunner().invoke(app, ["triton", {str(runtime_bundle.bundle)!r}, "--out", {str(tmp_path / 'repo')!r}])
+        assert r.exit_code == 0, r.output
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "onnx"))
+        assert not leaked, leaked
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+    assert (tmp_path / "repo" / "novic_image_encoder" / "1" / "model.onnx").is_file()

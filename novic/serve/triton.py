@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -50,9 +51,10 @@ class TritonServer:
 def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, max_batch: int = 32, max_wait_ms: float = 2, backend: str = "auto",
           precision: str | None = None, model_name: str = "novic", topk: int = 5, threads: int | None = None,
-          stub_env=None, exit_timeout_s: int = 5):
+          stub_env=None, exit_timeout_s: int = 5, log_file=None):
     """Load the Classifier, start Triton with it bound as `model_name`, yield a `TritonServer`
-    once the model is ready; stop Triton and close the Classifier on exit."""
+    once the model is ready; stop Triton and close the Classifier on exit. Triton's log goes to
+    `log_file` if given, else to stdout."""
     require_pytriton()
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -68,7 +70,8 @@ def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         return classify_requests(clf, requests, topk=topk, beam_width=beam_width, batch_size=max_batch)
 
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=exit_timeout_s)
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=exit_timeout_s,
+                          log_file=None if log_file is None else Path(log_file))
     try:
         triton = Triton(config=config)
         with pytriton_stub_environment(stub):
@@ -99,11 +102,12 @@ def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
 def serve(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001, max_batch: int = 32,
           max_wait_ms: float = 2, backend: str = "auto", precision: str | None = None, metrics_port: int = 8002,
           model_name: str = "novic", topk: int = 5, threads: int | None = None, stub_env=None,
-          quiet: bool = False) -> None:
+          log_file=None, quiet: bool = False) -> None:
     """Serve `bundle` through Triton until interrupted (Ctrl-C / SIGINT / SIGTERM)."""
     with start(bundle, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, backend=backend, precision=precision,
-               model_name=model_name, topk=topk, threads=threads, stub_env=stub_env) as server:
+               model_name=model_name, topk=topk, threads=threads, stub_env=stub_env,
+               log_file=log_file) as server:
         if not quiet:
             import sys
 
