@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +114,21 @@ def serve(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
             import sys
 
             print(f"novic: {server.describe()}; Ctrl-C to stop", file=sys.stderr)
+        # SIGTERM (a service manager's stop) ends the loop like Ctrl-C, so that Triton is stopped too
+        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
         try:
             while server.triton.is_alive():
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
