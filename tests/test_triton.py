@@ -169,6 +169,18 @@ def test_stub_environment_errors_say_how_to_fix(tmp_path, monkeypatch):
         stub_env_for(tmp_path)
 
 
+def test_a_busy_port_is_one_line_at_once(runtime_bundle, stub_env):  # noqa: F811
+    from novic.serve.triton import start
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(TritonSetupError, match=f"gRPC port {port} on 127.0.0.1 is not free"):
+            with start(runtime_bundle.bundle, http_port=free_ports(1)[0], grpc_port=port, stub_env=stub_env):
+                pass
+
+
 # ---- the exported repository ---------------------------------------------------------------------
 def parse_config(path: Path):
     """config.pbtxt through Triton's own schema (the ModelConfig protobuf tritonclient ships)."""

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from novic.serve.triton_env import pytriton_stub_environment, require_pytriton, stub_env_for
+from novic.serve.triton_env import (TritonSetupError, check_port_free, pytriton_stub_environment, require_pytriton,
+                                   stub_env_for)
 from novic.serve.triton_requests import (INPUT_IMAGE, INPUT_TOPK, OUTPUT_ERROR, OUTPUT_LABELS, OUTPUT_PROBS,
                                          classify_requests)
 
@@ -64,6 +65,8 @@ def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     from novic.runtime.classifier import Classifier
 
     stub = stub_env_for(stub_env)       # before loading anything: a setup error is one line
+    for what, port in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
+        check_port_free(host, port, what)   # PyTriton would wait a minute, then say "timed out"
     clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
     beam_width = int(clf.bundle.search_defaults.get("beam_width", 10))
     clf.check_options(topk=topk, beam_width=beam_width)
@@ -74,6 +77,7 @@ def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=exit_timeout_s,
                           log_file=None if log_file is None else Path(log_file))
+    triton = None
     try:
         triton = Triton(config=config)
         with pytriton_stub_environment(stub):
@@ -90,8 +94,14 @@ def start(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
                 strict=True,
             )
             triton.run()
-    except BaseException:
+    except BaseException as exc:
+        if triton is not None:
+            triton.stop()
         clf.close()
+        if isinstance(exc, TimeoutError):
+            where = f"its log: {log_file}" if log_file else "Triton's log above"
+            raise TritonSetupError(f"Triton did not become ready on {host} (HTTP {http_port}, gRPC {grpc_port}); "
+                                   f"see {where}") from None
         raise
     try:
         yield TritonServer(triton, clf, model_name, f"{host}:{http_port}", f"{host}:{grpc_port}",

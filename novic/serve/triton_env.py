@@ -77,6 +77,18 @@ def stub_env_for(stub_env: str | os.PathLike | None = None) -> Path | None:
     return env
 
 
+def check_port_free(host: str, port: int, what: str) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a listener fails it, TIME_WAIT does not
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TritonSetupError(f"{what} port {port} on {host} is not free ({exc.strerror}); choose another "
+                                   f"port or stop what listens there") from None
+
+
 def libpython_dir() -> str | None:
     """This interpreter's libpython directory, when it has its own shared libpython."""
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
