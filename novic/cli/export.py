@@ -4,6 +4,7 @@
     novic-export trt DIR [--buckets 1,8,32,256]
     novic-export check DIR [--n 200]
     novic-export calib DIR [--images DIR] [--n 64] [--method dynamic|static]
+    novic-export triton DIR --out REPO [--target cpu|gpu] [--max-batch 32] [--instances 1]
 
 Heavy libraries (torch, open_clip, onnx, tensorrt) are imported inside the commands, so that
 ``--help`` works in a runtime-only install.
@@ -165,6 +166,36 @@ def calib_command(
         raise typer.Exit(1)
     err.print(f"{prec} encoder {'written to ' + result['path'] if result['written'] else 'passed (dry run, not written)'}"
               f" in {result['seconds']:.1f} s", highlight=False)
+
+
+@app.command("triton")
+def triton_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Triton model repository to write."),
+    target: str = typer.Option("cpu", "--target", help="cpu (fp32, KIND_CPU) or gpu (fp16 graphs if the bundle has "
+                                                         "them, the image encoder on KIND_GPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 graphs (default: by --target)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per dynamic batch (max_batch_size)."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long Triton waits to fill a batch."),
+    instances: int = typer.Option(1, "--instances", min=1, help="Model instances (instance_group count)."),
+    topk: int = typer.Option(5, "--topk", min=1, help="Labels per image when a request does not say."),
+    encoder_backend: str = typer.Option("onnxruntime", "--encoder-backend",
+                                        help="onnxruntime (Triton's backend) or python (novic's onnxruntime wrapper in "
+                                             "the Python backend, for servers without the onnxruntime backend)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing repository at --out."),
+):
+    """Bundle -> Triton Inference Server model repository (docs/triton.md)."""
+    from novic.serve.triton_repo import export_triton_repo
+
+    result = export_triton_repo(bundle, out, target=target, precision=precision, max_batch=max_batch,
+                                max_wait_ms=max_wait_ms, instances=instances, topk=topk,
+                                encoder_backend=encoder_backend, force=force)
+    plan = result["plan"]
+    for name, size in result["files"]:
+        err.print(f"  {name}  {_size(size)}", highlight=False)
+    err.print(f"Triton repository {result['path']}: image encoder {plan.encoder_precision} ({plan.encoder_backend} "
+              f"backend), decoder {plan.decoder_precision}; run it with "
+              f"tritonserver --model-repository {result['path']}", highlight=False)
 
 
 def main():

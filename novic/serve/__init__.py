@@ -2,6 +2,10 @@
 
 - `novic.serve.ray_serve`: an HTTP service on Ray Serve (`novic-serve BUNDLE`; `pip install 'novic[ray]'`).
 - `novic.serve.ray_label`: offline labelling of image collections on Ray Data (`novic-label`).
+- `novic.serve.triton`: `serve(bundle)`, the Classifier behind Triton through PyTriton
+  (`novic-serve --engine triton BUNDLE`; `pip install 'novic[triton]'`).
+- `novic.serve.triton_repo`: `export_triton_repo(bundle, out)`, a Triton model repository
+  (`novic-export triton`).
 
 Nothing here is imported by `novic` itself: each module imports its engine only when used.
 """
