@@ -194,8 +194,9 @@ def test_cli_engines(monkeypatch, capsys, tmp_path):
             main()
         assert exit_.value.code == code
     assert seen == dict(bundle=str(tmp_path), host="127.0.0.1", http_port=9000, grpc_port=8001, max_batch=4,
-                        max_wait_ms=2.0, backend="auto", precision=None)
-    assert "--engine 'tensorflow': use ray or triton" in capsys.readouterr().err
+                        max_wait_ms=2.0, backend="auto", precision=None, metrics_port=8002, topk=5,
+                        threads=None, stub_env=None)
+    assert "'tensorflow'" in capsys.readouterr().err   # typer's own usage error for a bad choice
 
     import novic.serve.ray_serve as ray_serve
 

@@ -16,12 +16,14 @@ from typing import List, Optional
 
 import typer
 
-from novic.cli._common import fail, run_app
+from enum import Enum
+
+from novic.cli._common import Backend, Precision, choice, fail, run_app
 
 app = typer.Typer(help="Serve a bundle over HTTP (Ray Serve or Triton).", add_completion=False,
                   no_args_is_help=True)
 
-ENGINES = ("ray", "triton")
+Engine = Enum("Engine", {"ray": "ray", "triton": "triton"}, type=str)
 
 
 def _vocabularies(pairs: List[str]) -> dict:
@@ -37,11 +39,12 @@ def _vocabularies(pairs: List[str]) -> dict:
 @app.command()
 def main_command(
     bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
-    engine: str = typer.Option("ray", help="ray (Ray Serve) or triton (NVIDIA Triton through PyTriton)."),
+    engine: Engine = typer.Option("ray", help="ray (Ray Serve) or triton (NVIDIA Triton through PyTriton)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
-    backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends (fp32, fp16, int8, fp8)."),
+    backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+    precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                  help="Graph precision for ORT backends (fp32, fp16, int8, fp8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests classified in one batch."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long a batch waits to fill."),
     # Ray Serve only
@@ -54,21 +57,25 @@ def main_command(
                                           "made here); default: start a local one."),
     vocab: List[str] = typer.Option([], "--vocab", help="[ray] NAME=FILE: a server-side vocabulary that "
                                     "requests pick with vocab=NAME (repeatable)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="[ray] onnxruntime threads per replica."),
+    threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime threads per replica (Triton: per server)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="[ray] Decode JPEGs at a reduced scale."),
     max_bytes: int = typer.Option(64 << 20, "--max-bytes", min=1, help="[ray] Largest request body (else 413)."),
     request_timeout: float = typer.Option(60.0, "--request-timeout", min=0.001,
                                           help="[ray] Seconds a request may wait for a replica (else 503)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", min=1, max=65535, help="[triton] gRPC port."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", min=1, max=65535, help="[triton] Metrics port."),
+    topk: int = typer.Option(5, min=1, help="[triton] Labels per image unless a request sends topk."),
+    stub_env: Optional[Path] = typer.Option(None, "--stub-env", help="[triton] numpy-1 venv for Triton's Python "
+                                            "stub (scripts/triton-stub-venv.sh; default $NOVIC_TRITON_STUB_ENV)."),
 ):
     """Serve BUNDLE: POST image bytes to /classify, answers as novic-run --json writes them."""
-    if engine not in ENGINES:
-        fail(f"--engine {engine!r}: use {' or '.join(ENGINES)}", code=2)
-    if engine == "triton":
+    backend, precision = choice(backend), choice(precision)
+    if choice(engine) == "triton":
         from novic.serve.triton import serve as triton_serve
 
         triton_serve(str(bundle), host=host, http_port=port, grpc_port=grpc_port, max_batch=max_batch,
-                     max_wait_ms=max_wait_ms, backend=backend, precision=precision)
+                     max_wait_ms=max_wait_ms, backend=backend, precision=precision, metrics_port=metrics_port,
+                     topk=topk, threads=threads, stub_env=stub_env)
         return
     scaling = None
     if autoscaling is not None:
