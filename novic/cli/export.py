@@ -165,4 +165,4 @@ def calib_command(
 
 def main():
     err.soft_wrap = True  # an error stays one line however long it is (the terminal wraps it)
-    run_app(app)
+    run_app(app, extra="export")
