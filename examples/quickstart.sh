@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline offline on a CPU in a few minutes: install, train a small decoder from text
 # (tiny random CLIP shipped with novic), export a bundle (ONNX fp32 + fp16), classify photos.
-# The labels are not meaningful (the tiny CLIP has random weights); for real labels use a released
-# model (README "Quick start") or train with a real open_clip model.
+# The labels are not meaningful (the tiny CLIP has random weights), and the run says so at the end;
+# for real labels use a released model (README "Quick start") or train with a real open_clip model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/quickstart}
@@ -18,7 +18,9 @@ mkdir -p "$WORK/photos"
 
 echo "== 1/3 train a small decoder on captions of examples/nouns.txt (text only)"
 rm -rf "$WORK/train"   # a fresh run each time (novic-train refuses a folder that holds one, unless --resume)
-novic-train train -o data.nouns=examples/nouns.txt -o captions.variants_per_noun=20 \
+# embedder.random_weights=true: the tiny CLIP has no trained weights; novic-train refuses that otherwise.
+novic-train train -o embedder.model=novic-tiny-clip -o embedder.random_weights=true \
+  -o data.nouns=examples/nouns.txt -o captions.variants_per_noun=20 \
   -o model.width=128 -o model.layers=2 -o model.heads=4 -o model.ffn_width=64 \
   -o optim.batch_size=64 -o optim.steps=300 -o noise.noise_norm=0.5 -o out_dir="$WORK/train" \
   -o data.cache_root="$WORK/cache"
@@ -27,7 +29,7 @@ CKPT=$(ls -t "$WORK"/train/checkpoint-*.safetensors | head -1)
 echo "== 2/3 export $CKPT to an ONNX bundle"
 novic-export onnx --checkpoint "$CKPT" --out "$WORK/bundle" --force
 
-echo "== 3/3 classify photos (scikit-image's free sample photos)"
+echo "== 3/3 classify photos (scikit-image's free sample photos; random tiny CLIP: arbitrary labels, see below)"
 python - "$WORK/photos" <<'PY'
 import sys
 from PIL import Image
@@ -36,3 +38,14 @@ for name in ("astronaut", "chelsea", "coffee", "rocket"):
     Image.fromarray(getattr(data, name)()).save(f"{sys.argv[1]}/{name}.jpg", quality=92)
 PY
 novic-run --bundle "$WORK/bundle" --backend ort-cpu --topk 3 "$WORK/photos"
+
+cat <<'MSG'
+
+What these labels mean: nothing yet. This run used novic-tiny-clip, a tiny CLIP with RANDOM weights
+(no CLIP weights can be downloaded offline), so every photo gets much the same arbitrary noun from
+examples/nouns.txt: the run checks that training, export and the runtime work, not what they see.
+For real labels (downloads a released model and its CLIP weights once):
+    novic-run photo.jpg                 # README "Quick start with a released model"
+or train on a real CLIP model: -o embedder.model=ViT-B-16-SigLIP -o embedder.pretrained=webli
+(docs/training.md).
+MSG

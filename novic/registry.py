@@ -43,7 +43,6 @@ from novic.atomic import write_bytes_atomic
 from novic.errors import NovicError
 
 RELEASE_BASE = "https://github.com/pallgeuer/novic/releases/download/v1.0.0/"
-HF_BASE = "https://huggingface.co"
 DEFAULT_MODEL = "ta4"
 ENV_CACHE = "NOVIC_CACHE"
 ENV_MODEL = "NOVIC_MODEL"
@@ -135,8 +134,8 @@ def release_base() -> str:
 
 
 def hf_file_url(repo: str, filename: str) -> str:
-    base = (os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
-    return f"{base}/{repo}/resolve/main/{filename}"
+    from novic.hub import file_url
+    return file_url(repo, filename)
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:
