@@ -143,3 +143,15 @@ def test_the_docs_have_commands():
     assert "bash examples/quickstart.sh" in found
     assert any(c.startswith("novic-export onnx --checkpoint ta4.safetensors --pretrained") for c in found)
     assert len(found) > 20
+
+
+def test_docs_and_docstrings_cite_only_files_in_the_repository():
+    """README, docs/ and the code point readers at docs/*.md pages that exist, and at no document
+    outside the repository."""
+    internal = ("REFERENCE.md", "DESIGN.md")
+    files = [*DOCS, *sorted((ROOT / "novic").rglob("*.py")), *sorted((ROOT / "examples").iterdir())]
+    for path in files:
+        text = path.read_text(errors="replace")
+        assert not any(name in text for name in internal), f"{path} cites a document users do not have"
+        for page in re.findall(r"docs/([\w-]+\.md)", text):
+            assert (ROOT / "docs" / page).is_file(), f"{path} cites docs/{page}, which does not exist"

@@ -1,5 +1,5 @@
 """Import an original NOVIC checkpoint (`*.train`, or a release `.zip` holding one) into novic's
-checkpoint format (REFERENCE.md "Original checkpoint file").
+checkpoint format (docs/model.md "The released checkpoints").
 
 Safety: the file is read with ``torch.load(weights_only=True)``: only tensors, torch dtypes and
 plain containers are unpickled. A file that needs anything else (arbitrary classes, callables) is
@@ -42,7 +42,7 @@ from novic.model.checkpoint import Checkpoint, save_checkpoint
 from novic.model.embedder import CONFIG_DIR, HF_HUB_PREFIX, EmbedderSpec
 from novic.tokens import TokenTable
 
-DEFAULT_HEADS = 8          # all released checkpoints (REFERENCE.md)
+DEFAULT_HEADS = 8          # all released checkpoints (docs/model.md)
 DEFAULT_LN_EPS = 1e-5
 MAX_BAD_NOUNS = 2          # nouns that may fail to tokenise into the vocabulary (else: more than 1%)
 TRAIN_SUFFIX = ".train"

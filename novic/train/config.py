@@ -1,6 +1,6 @@
 """Training configuration: one nested dataclass, loaded from JSON/TOML plus dotted overrides.
 
-Defaults are the released recipe (REFERENCE.md "Training recipe") except where a CPU-sized run
+Defaults are the released recipe (docs/model.md "Training") except where a CPU-sized run
 needs something else; example configs are in docs/training.md.
 """
 from __future__ import annotations
