@@ -200,9 +200,10 @@ class _Dropped(Exception):
 
 def offline_hint(what: str, dest: Path | None = None) -> str:
     put = f"; or place the file at {dest}" if dest is not None else ""
-    return (f"without network, use a bundle exported elsewhere (novic-run --bundle DIR), or import local "
-            f"files: novic-import RELEASE.zip --out model.safetensors, then novic-export onnx --checkpoint "
-            f"model.safetensors --out DIR{put}")
+    return (f"without network, use a bundle exported elsewhere (novic-run --bundle DIR), or import files "
+            f"copied by hand as README \"Offline\" lists them: novic-import RELEASE.zip --out model.safetensors, "
+            f"then novic-export onnx --checkpoint model.safetensors --pretrained open_clip_model.safetensors "
+            f"--out DIR{put}")
 
 
 def _human(n: int | None) -> str:
