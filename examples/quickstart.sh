@@ -62,7 +62,7 @@ rm -rf "$WORK/text"
 novic-train train -o embedder.type=sentence_transformers -o embedder.model=all-MiniLM-L6-v2 \
   -o data.nouns=examples/text_nouns.txt -o captions.variants_per_noun=40 -o captions.multi_ratio=0 \
   -o model.width=128 -o model.layers=2 -o model.heads=4 -o model.ffn_width=512 -o model.dropout=0 \
-  -o optim.batch_size=64 -o optim.steps=400 -o optim.lr=3e-3 -o optim.warmup_steps=50 \
+  -o optim.batch_size=64 -o optim.steps=300 -o optim.lr=3e-3 -o optim.warmup_steps=50 \
   -o optim.weight_decay=0.01 -o noise.noise_norm=0.5 -o data.eval_samples=200 -o device=cpu \
   -o out_dir="$WORK/text" -o data.cache_root="$WORK/cache"
 python examples/name_sentences.py "$(ls -t "$WORK"/text/checkpoint-*.safetensors | head -1)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import urllib.parse
 
@@ -66,8 +65,6 @@ def _reachable(url: str, timeout: float) -> bool:
 def offline() -> tuple[bool, str]:
     """(whether the hub is unusable, why), decided once per process and endpoint."""
     url = endpoint()
-    if _state.get(url):   # probed unreachable (go_offline has set HF_HUB_OFFLINE since)
-        return True, f"{url} is unreachable"
     if offline_by_env():
         return True, f"{ENV_OFFLINE}=1"
     if url not in _state:
@@ -76,11 +73,14 @@ def offline() -> tuple[bool, str]:
 
 
 def go_offline() -> None:
-    """Make huggingface_hub (and the libraries above it) use the local HF cache only."""
-    os.environ[ENV_OFFLINE] = "1"
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:   # imported already: it read the environment at import
-        constants.HF_HUB_OFFLINE = True
+    """Make huggingface_hub (and open_clip and transformers above it) use the local HF cache only,
+    in this process. huggingface_hub read HF_HUB_OFFLINE when it was imported; its constant is what
+    it and transformers consult at each call."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:   # then nothing can reach the hub anyway
+        return
+    constants.HF_HUB_OFFLINE = True
 
 
 def check_online() -> bool:
