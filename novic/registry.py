@@ -41,6 +41,7 @@ from pathlib import Path
 
 from novic.atomic import write_bytes_atomic
 from novic.errors import NovicError
+from novic.hub import ENV_OFFLINE, file_url, offline_by_env
 
 RELEASE_BASE = "https://github.com/pallgeuer/novic/releases/download/v1.0.0/"
 DEFAULT_MODEL = "ta4"
@@ -134,7 +135,6 @@ def release_base() -> str:
 
 
 def hf_file_url(repo: str, filename: str) -> str:
-    from novic.hub import file_url
     return file_url(repo, filename)
 
 
@@ -440,6 +440,10 @@ def fetch_clip_weights(hub_id: str, cache=None, *, progress=None, console=None) 
             raise DownloadError(f"{ENV_CLIP_WEIGHTS}={override} is not a file or URL")
         return path
     repo_dir = root / "clip" / hub_id.replace("/", "--")
+    if offline_by_env() and not any((repo_dir / f).is_file() for f in CLIP_WEIGHT_FILES):
+        raise DownloadError(f"the CLIP weights of {hub_id} are not in the cache and {ENV_OFFLINE}=1: download "
+                            f"{hf_file_url(hub_id, CLIP_WEIGHT_FILES[0])} elsewhere and set "
+                            f"{ENV_CLIP_WEIGHTS}=PATH/{CLIP_WEIGHT_FILES[0]}; {offline_hint('them')}")
     try:
         return download_first([hf_file_url(hub_id, f) for f in CLIP_WEIGHT_FILES], repo_dir,
                               what=f"CLIP weights of {hub_id}", progress=progress, console=console, cache=cache)

@@ -130,3 +130,24 @@ def test_export_does_not_load_a_text_tokenizer_it_does_without(runtime_bundle, t
     monkeypatch.setattr(emb, "_load_tokenizer", refuse)
     result = export_bundle(runtime_bundle.checkpoint, tmp_path / "b", fp16=False)
     assert result["manifest"]["tokenizer"]["file"].endswith("bpe_simple_vocab_16e6.txt.gz")
+
+
+def test_novic_run_honours_hf_hub_offline_for_the_clip_weights(tmp_path, monkeypatch):
+    """novic-run's first use of a released model downloads its CLIP weights from the hub; with
+    HF_HUB_OFFLINE=1 that is one line naming the file and how to pass it, without a request."""
+    from novic import registry
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # were it asked, nothing would answer
+    monkeypatch.delenv("NOVIC_CLIP_WEIGHTS", raising=False)
+    with pytest.raises(registry.DownloadError) as info:
+        registry.fetch_clip_weights("timm/ViT-B-16-SigLIP", cache=tmp_path)
+    message = str(info.value)
+    assert "http://127.0.0.1:9/timm/ViT-B-16-SigLIP/resolve/main/open_clip_model.safetensors" in message
+    assert "NOVIC_CLIP_WEIGHTS=PATH/open_clip_model.safetensors" in message and "\n" not in message
+    assert not (tmp_path / "clip").exists() or not any((tmp_path / "clip").rglob("*.part"))
+    # Weights already in the cache are used offline.
+    cached = tmp_path / "clip" / "timm--ViT-B-16-SigLIP" / "open_clip_model.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert registry.fetch_clip_weights("timm/ViT-B-16-SigLIP", cache=tmp_path) == cached
