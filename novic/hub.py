@@ -109,7 +109,7 @@ def missing_file(what: str, repo: str, filename: str, flag: str) -> str:
     """The one line for a hub file that is needed but cannot be fetched now."""
     _, why = offline()
     why = why or "the download failed"
-    return (f"{what} is not on this machine and the Hugging Face hub cannot be used ({why}): download "
+    return (f"{what}: not on this machine, and the Hugging Face hub cannot be used ({why}): download "
             f"{file_url(repo, filename)} elsewhere, copy it here and pass {flag} {filename}")
 
 
