@@ -42,11 +42,12 @@ a = p.parse_args()
 t0, c0, load0 = time.time(), cpu_seconds(), load_avg()
 threads = pick_threads(a.threads)
 
-from novic.train.config import load_config  # noqa: E402 - after the thread setting
+from novic.train.config import load_config, with_checked_embedder  # noqa: E402 - after the thread setting
 from novic.train.data import load_embedder, prepare_data  # noqa: E402
 from novic.train.trainer import Trainer, embedder_spec_of  # noqa: E402
 
 over = {
+    "embedder.model": "novic-tiny-clip", "embedder.random_weights": True,   # the machinery, on purpose
     "out_dir": f"{a.out}/run", "data.cache_root": f"{a.out}/cache", "data.wordnet_min_zipf": 2.0,
     "data.wordnet_max_nouns": a.nouns, "data.eval_samples": 2000, "device": "cpu",
     "captions.variants_per_noun": a.variants, "captions.multi_ratio": 0.0,
@@ -55,7 +56,7 @@ over = {
     "model.dropout": 0.0, "optim.batch_size": 256, "optim.steps": a.steps, "optim.lr": 3e-3,
     "optim.warmup_steps": 50, "optim.weight_decay": 0.01, "ckpt_every": 0, "progress": False,
 }
-cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+cfg = with_checked_embedder(load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()]))
 data = prepare_data(cfg, load_embedder(cfg.embedder, "cpu"))
 prep_wall, prep_cpu = time.time() - t0, cpu_seconds() - c0
 trainer = Trainer(cfg, data, embedder_spec_of(cfg))

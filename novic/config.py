@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The NOVIC object decoder. Defaults are the released architecture (REFERENCE.md)."""
+    """The NOVIC object decoder. Defaults are the released architecture (docs/model.md)."""
 
     embed_dim: int = 768          # F: CLIP embedding width
     vocab_size: int = 12000       # V: compact vocabulary incl. id 0 = EOS/PAD
@@ -52,7 +52,7 @@ class DecoderConfig:
         return (self.layers, 2, rows, self.heads, self.seq_len, self.head_dim)
 
     def num_params(self) -> int:
-        """Closed form of REFERENCE.md, generalised to any width/depth."""
+        """Closed form of the released size (docs/model.md), generalised to any width/depth."""
         H, L = self.width, self.layers
         per_layer = 4 * H * H + 2 * H * self.ffn_width + 2 * H
         return (L * per_layer + H + self.embed_dim * self.prefix_len * H

@@ -41,9 +41,9 @@ from pathlib import Path
 
 from novic.atomic import write_bytes_atomic
 from novic.errors import NovicError
+from novic.hub import ENV_OFFLINE, file_url, offline_by_env
 
 RELEASE_BASE = "https://github.com/pallgeuer/novic/releases/download/v1.0.0/"
-HF_BASE = "https://huggingface.co"
 DEFAULT_MODEL = "ta4"
 ENV_CACHE = "NOVIC_CACHE"
 ENV_MODEL = "NOVIC_MODEL"
@@ -135,8 +135,7 @@ def release_base() -> str:
 
 
 def hf_file_url(repo: str, filename: str) -> str:
-    base = (os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
-    return f"{base}/{repo}/resolve/main/{filename}"
+    return file_url(repo, filename)
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:
@@ -201,9 +200,10 @@ class _Dropped(Exception):
 
 def offline_hint(what: str, dest: Path | None = None) -> str:
     put = f"; or place the file at {dest}" if dest is not None else ""
-    return (f"without network, use a bundle exported elsewhere (novic-run --bundle DIR), or import local "
-            f"files: novic-import RELEASE.zip --out model.safetensors, then novic-export onnx --checkpoint "
-            f"model.safetensors --out DIR{put}")
+    return (f"without network, use a bundle exported elsewhere (novic-run --bundle DIR), or import files "
+            f"copied by hand as README \"Offline\" lists them: novic-import RELEASE.zip --out model.safetensors, "
+            f"then novic-export onnx --checkpoint model.safetensors --pretrained open_clip_model.safetensors "
+            f"--out DIR{put}")
 
 
 def _human(n: int | None) -> str:
@@ -440,6 +440,10 @@ def fetch_clip_weights(hub_id: str, cache=None, *, progress=None, console=None) 
             raise DownloadError(f"{ENV_CLIP_WEIGHTS}={override} is not a file or URL")
         return path
     repo_dir = root / "clip" / hub_id.replace("/", "--")
+    if offline_by_env() and not any((repo_dir / f).is_file() for f in CLIP_WEIGHT_FILES):
+        raise DownloadError(f"the CLIP weights of {hub_id} are not in the cache and {ENV_OFFLINE}=1: download "
+                            f"{hf_file_url(hub_id, CLIP_WEIGHT_FILES[0])} elsewhere and set "
+                            f"{ENV_CLIP_WEIGHTS}=PATH/{CLIP_WEIGHT_FILES[0]}; {offline_hint('them')}")
     try:
         return download_first([hf_file_url(hub_id, f) for f in CLIP_WEIGHT_FILES], repo_dir,
                               what=f"CLIP weights of {hub_id}", progress=progress, console=console, cache=cache)

@@ -1,6 +1,6 @@
 """Token table: compact token ids -> text, without torch, open_clip or a tokenizer library.
 
-The decoder predicts "compact ids" (REFERENCE.md): the tokenizer ids that occur in the training
+The decoder predicts "compact ids" (docs/model.md "Tokens"): the tokenizer ids that occur in the training
 nouns, renumbered densely 1..V-1 in increasing tokenizer-id order, with 0 = EOS/PAD. A
 `TokenTable` stores, per compact id, the token as the tokenizer spells it and its tokenizer id,
 plus the rule that turns a token sequence back into text. It travels inside checkpoints and

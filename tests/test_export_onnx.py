@@ -1,5 +1,5 @@
 """ONNX export (encoder, decoder prefill/step, fp16) and the onnxruntime backend, each checked
-against the PyTorch model: the oracle (DESIGN.md "Principles")."""
+against the PyTorch model: the oracle (docs/internals.md "Principles")."""
 import numpy as np
 import onnx
 import pytest

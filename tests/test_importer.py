@@ -1,6 +1,6 @@
 """Import of original NOVIC checkpoints (`*.train`, release zips) without the real files.
 
-The original format is rebuilt here from REFERENCE.md: a torch.save dict with cfg_flat,
+The original format is rebuilt here from docs/model.md ("The released checkpoints"): a torch.save dict with cfg_flat,
 target_config (compact maps), model_state_dict of a decoder written *in this file* with
 torch.nn.TransformerEncoder (pre-LN, no bias, exact GELU, the prefix-bidirectional causal mask,
 tied head, final LayerNorm), '' placeholders in target_nouns and fake optimizer/scheduler/AMP
@@ -39,7 +39,7 @@ VOCAB_SIZE = 49408          # CLIP BPE
 SOT, EOT = 49406, 49407
 
 
-# --- the original architecture, written independently from REFERENCE.md -------------------------------
+# --- the original architecture, written independently from docs/model.md ----------------------------
 class _EmbedMLP(nn.Module):
     def __init__(self, F_, P, H):
         super().__init__()
@@ -53,7 +53,7 @@ class _PosEmbedding(nn.Module):
 
 
 class OriginalDecoder(nn.Module):
-    """REFERENCE.md "Object decoder", with the original's module names (so state_dict keys match)."""
+    """docs/model.md "The object decoder", with the original's module names (so state_dict keys match)."""
 
     def __init__(self, F_, V, Cmax, P=4, H=512, layers=6, heads=8, ffn=128):
         super().__init__()

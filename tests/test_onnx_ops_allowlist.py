@@ -15,7 +15,7 @@ restrictions from that table that we rely on:
 - Gather, GatherElements, GatherND, Where, Equal, LessOrEqual, Not, Erf, LogSoftmax, Softmax,
   MatMul, Gemm, Conv, Pad, Expand, Cast, ...: supported without restrictions relevant here.
 - Control flow: If/Loop/Scan are supported with restrictions, but our design forbids them
-  (DESIGN.md "Decoder graphs": no control flow), so they are not on the allowlist.
+  (docs/internals.md "The decoder graphs": no control flow), so they are not on the allowlist.
 - Types: FP32, FP16, INT32, INT64, BOOL (DOUBLE only "limited", UINT8 only as network I/O).
 """
 import collections

@@ -9,7 +9,8 @@ BLOCKER = textwrap.dedent("""
         BLOCKED = ("torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors", "timm")
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in self.BLOCKED:
-                raise ImportError(f"{name} is blocked in this test")
+                # what a missing package raises, with the module's name
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)", name=name)
     sys.meta_path.insert(0, Block())
 """)
 
@@ -51,3 +52,31 @@ def test_cli_help_without_torch():
         """)
         assert result.returncode == 0, (name, result.stderr)
         assert "Usage" in result.stdout
+
+
+def _run_cli_without_torch(module: str, prog: str, args: list[str]) -> subprocess.CompletedProcess:
+    return run_without_torch(f"""
+        import sys
+        sys.argv = [{prog!r}] + {args!r}
+        from novic.cli.{module} import main
+        main()
+    """)
+
+
+def test_commands_that_need_torch_name_the_extra(tmp_path):
+    """A runtime-only install (novic[cpu]): the training/export commands say which extra to install,
+    in one line, instead of a ModuleNotFoundError traceback."""
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    cases = [("export", "novic-export", ["check", str(tmp_path)], "export"),
+             ("export", "novic-export", ["onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b")], "export"),
+             ("bench", "novic-bench", ["compare", "--config", "tiny", "--workdir", str(tmp_path / "w")], "export"),
+             ("train", "novic-train", ["config"], "train"),
+             ("train", "novic-train", ["train", "-o", "embedder.model=x"], "train")]
+    for module, prog, args, extra in cases:
+        result = _run_cli_without_torch(module, prog, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, (args, result.stderr)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert f"pip install 'novic[{extra}]'" in lines[0] and "is not installed" in lines[0], lines
+        assert lines[0].startswith(f"error: {prog} needs "), lines

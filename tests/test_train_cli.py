@@ -106,6 +106,33 @@ def test_config_command_writes_json_only(tmp_path):
     assert load_config(tmp_path / "sub" / "out.json") == TrainConfig()
 
 
+@pytest.mark.parametrize("command", ["train", "cache"])
+@pytest.mark.parametrize("overrides,match", [
+    ([], "config embedder.model: choose the model whose embeddings the decoder learns to name"),
+    (["embedder.model=novic-tiny-clip"],
+     "config embedder.pretrained: novic-tiny-clip has no weights here, so its embeddings would be random"),
+    (["embedder.model=ViT-B-16-SigLIP"], "or -o embedder.random_weights=true for a test run"),
+])
+def test_the_embedder_must_be_chosen_and_not_random_unless_a_test(command, overrides, match, tmp_path, no_work):
+    """The default config names no embedder: a run that only sets its data would otherwise train
+    on a random CLIP's embeddings."""
+    args = [command, "-o", f"out_dir={tmp_path / 'run'}"]
+    for item in overrides:
+        args += ["-o", item]
+    assert_one_line_error(runner.invoke(main, args), match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_embedder_check_accepts_a_chosen_model():
+    from novic.train.config import EmbedderConfig
+    tiny = EmbedderConfig(model="novic-tiny-clip", random_weights=True).checked()
+    assert tiny.config_file == "novic-tiny-clip.json"   # the shipped config, found by name
+    assert EmbedderConfig(model="ViT-B-16-SigLIP", pretrained="webli").checked().config_file is None
+    assert EmbedderConfig(model="hf-hub:timm/ViT-B-16-SigLIP").checked().model.startswith("hf-hub:")
+    st = EmbedderConfig(type="sentence_transformers", model="all-MiniLM-L6-v2")
+    assert st.checked() == st
+
+
 @pytest.mark.parametrize("left", ["latest.json", "metrics.jsonl", "checkpoint-00000004.safetensors"])
 def test_train_refuses_an_out_dir_that_holds_a_run(tmp_path, no_work, left):
     run = tmp_path / "run"
@@ -140,7 +167,8 @@ def test_tiny_open_clip_training_end_to_end(tmp_path):
             "-o", f"data.nouns={tmp_path / 'nouns.txt'}", "-o", "captions.variants_per_noun=6",
             "-o", "model.width=32", "-o", "model.layers=1", "-o", "model.heads=2",
             "-o", "model.ffn_width=16", "-o", "optim.batch_size=16", "-o", "optim.steps=4",
-            "-o", "data.eval_samples=10", "-o", "progress=false"]
+            "-o", "data.eval_samples=10", "-o", "progress=false",
+            "-o", "embedder.model=novic-tiny-clip", "-o", "embedder.random_weights=true"]
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "eval/train_noised/exact_match" in res.stdout

@@ -50,7 +50,7 @@ class BenchConfig:
 
 
 CONFIGS = {
-    # SigLIP B/16 + FT2: 11.4M parameters (REFERENCE.md) -> V = 5,330 with Cmax 12.
+    # SigLIP B/16 + FT2: 11.4M parameters (docs/model.md) -> V = 5,330 with Cmax 12.
     "paper": BenchConfig("paper", "ViT-B-16-SigLIP", 768, 5330, 12, 11_897,
                          "ViT-B-16-SigLIP encoder, 11.4M decoder (FT2 size), 11,897 nouns"),
     # DFN5B-H/14-378 + FT0: F = 1024, ~43k nouns; CLIP-BPE vocabularies are larger than SigLIP's.

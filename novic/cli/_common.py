@@ -9,6 +9,7 @@ import re
 import sys
 from contextlib import contextmanager
 from enum import Enum
+from pathlib import Path
 from typing import NoReturn
 
 from rich.console import Console
@@ -67,15 +68,36 @@ def not_yet(what: str, issue: int) -> "NoReturn":  # noqa: F821
     raise SystemExit(2)
 
 
+# Packages that only the training/export extras bring; a runtime-only install (novic[cpu]) lacks them.
+HEAVY_MODULES = ("torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors", "timm")
+
+
+def missing_extra_line(exc: ImportError, extra: str) -> str | None:
+    """"novic-export needs torch, which is not installed: pip install 'novic[export]' ..." for an
+    ImportError of a package that `extra` brings; None for any other ImportError."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if name not in HEAVY_MODULES:
+        return None
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "this command"
+    return (f"{prog} needs {name}, which is not installed (a runtime-only install runs bundles only): "
+            f"pip install 'novic[{extra}]' (README \"Install\")")
+
+
 @contextmanager
-def one_line_errors(*also: type):
+def one_line_errors(*also: type, extra: str | None = None):
     """Errors that carry a clear message become one error line and exit code 1, no traceback:
-    novic's own (NovicError), an OSError (a missing or unwritable path), and the `also` types that
-    a console script knows to be its users' mistakes (their messages folded onto one line)."""
+    novic's own (NovicError), an OSError (a missing or unwritable path), the `also` types that
+    a console script knows to be its users' mistakes (their messages folded onto one line), and,
+    given the `extra` that brings a command's heavy packages, a missing torch/open_clip/onnx."""
     from novic.errors import NovicError
 
     try:
         yield
+    except ImportError as exc:
+        line = missing_extra_line(exc, extra) if extra else None
+        if line is None and not isinstance(exc, also):
+            raise
+        fail(line or " ".join(str(exc).split()))
     except NovicError as exc:
         fail(str(exc))
     except OSError as exc:   # e.g. an output path that cannot be written: one line naming it
@@ -85,11 +107,11 @@ def one_line_errors(*also: type):
         fail(" ".join(str(exc).split()))
 
 
-def run_app(app, *also: type) -> None:
-    """Run a typer app under `one_line_errors(*also)`; a KeyboardInterrupt that typer lets through
-    is one line and exit code 130."""
+def run_app(app, *also: type, extra: str | None = None) -> None:
+    """Run a typer app under `one_line_errors(*also, extra=extra)`; a KeyboardInterrupt that typer
+    lets through is one line and exit code 130."""
     try:
-        with one_line_errors(*also):
+        with one_line_errors(*also, extra=extra):
             app()
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -98,4 +98,4 @@ def compare_command(config: str = typer.Option("paper", help="paper, large or ti
 
 
 def main():
-    run_app(app)
+    run_app(app, extra="export")

@@ -1,6 +1,6 @@
 """`novic-export`: Export a checkpoint to an ONNX/TensorRT bundle.
 
-    novic-export onnx --checkpoint CKPT [--clip NAME --pretrained TAG|PATH] --out DIR [--no-fp16] [--topk 10] [--force]
+    novic-export onnx --checkpoint CKPT [--clip NAME] [--pretrained TAG|PATH] [--tokenizer FILE] --out DIR [--no-fp16] [--force]
     novic-export trt DIR [--buckets 1,8,32,256]
     novic-export check DIR [--n 200]
     novic-export calib DIR [--images DIR] [--n 64] [--method dynamic|static]
@@ -37,7 +37,11 @@ def onnx_command(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
     clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (default: the checkpoint's)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained",
-                                             help="open_clip pretrained tag or weights file (default: the checkpoint's)."),
+                                             help="open_clip pretrained tag or weights file (default: the checkpoint's; "
+                                                  "offline: the open_clip_model.safetensors of its hub repo)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="Text tokenizer file for the bundle (spiece.model of a SigLIP model) "
+                                                  "instead of fetching it from the Hugging Face hub (offline export)."),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write fp16 graphs (for GPU backends and TensorRT)."),
     topk: int = typer.Option(10, "--topk", min=1, help="Candidates per row returned by the decoder graphs (>= beam width)."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Default beam width recorded in the bundle."),
@@ -48,7 +52,7 @@ def onnx_command(
 
     from novic.export.bundle import export_bundle
 
-    result = export_bundle(checkpoint, out, clip=clip, pretrained=pretrained, fp16=fp16, topk=topk,
+    result = export_bundle(checkpoint, out, clip=clip, pretrained=pretrained, tokenizer=tokenizer, fp16=fp16, topk=topk,
                            beam_width=beam_width, overwrite=force, console=err)
     table = Table(title=f"bundle {result['path']}")
     table.add_column("file")
@@ -200,4 +204,4 @@ def triton_command(
 
 def main():
     err.soft_wrap = True  # an error stays one line however long it is (the terminal wraps it)
-    run_app(app)
+    run_app(app, extra="export")

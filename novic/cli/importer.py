@@ -122,6 +122,6 @@ def main():
     sub = {"models": models_app, "fetch": fetch_app}.get(sys.argv[1] if len(sys.argv) > 1 else "")
     if sub is not None:
         sys.argv = [f"{sys.argv[0]} {sys.argv[1]}"] + sys.argv[2:]
-        run_app(sub)
+        run_app(sub, extra="export")
     else:
-        run_app(app)
+        run_app(app, extra="export")

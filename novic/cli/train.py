@@ -35,7 +35,7 @@ USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
 
 def clear_errors():
     """Inside each command, so that the commands give one line under typer's CliRunner too."""
-    return one_line_errors(*USER_ERRORS)
+    return one_line_errors(*USER_ERRORS, extra="train")
 
 
 def _config(path: Optional[Path], overrides: Optional[List[str]]):
@@ -80,7 +80,8 @@ def cache(config_file: Optional[Path] = typer.Argument(None, help="Config (.json
     with clear_errors():
         from novic.train.data import load_embedder, prepare_data
         from novic.train.trainer import pick_device
-        cfg = _config(config_file, overrides)
+        from novic.train.config import with_checked_embedder
+        cfg = with_checked_embedder(_config(config_file, overrides))
         data = prepare_data(cfg, load_embedder(cfg.embedder, pick_device(cfg.device)))
         typer.echo(f"{len(data.captions):,} captions, {len(data.sample_caption):,} targets, "
                    f"{len(data.nouns):,} nouns; cache {data.cache.path}")
@@ -101,7 +102,7 @@ def train(config_file: Optional[Path] = typer.Argument(None, help="Config (.json
 
 
 def main():
-    run_app(app, *USER_ERRORS)
+    run_app(app, *USER_ERRORS, extra="train")
 
 if __name__ == "__main__":
     main()

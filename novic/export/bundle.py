@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 from novic.atomic import fsync_dir, fsync_file, named, write_json_atomic
@@ -186,11 +185,16 @@ def tokenizer_file(embedder, table) -> Path | None:
     tok = getattr(embedder, "tokenizer", None)
     if table.kind == "clip_bpe":
         try:
+            import open_clip
             from open_clip.tokenizer import default_bpe
         except ImportError:
             return None
-        if tok is not None and type(tok).__name__ == "SimpleTokenizer" and getattr(tok, "vocab_size", 49408) != 49408:
-            return None  # a custom BPE vocabulary we cannot locate
+        try:   # a custom BPE vocabulary (not CLIP's) is one we cannot locate
+            text_cfg = (open_clip.get_model_config(embedder.name) or {}).get("text_cfg", {})
+        except Exception:  # noqa: BLE001 - an 'hf-hub:' name: its config is the hub's
+            text_cfg = {}
+        if text_cfg.get("vocab_size", 49408) != 49408:
+            return None
         path = Path(default_bpe())
         return path if path.is_file() else None
     hf = getattr(tok, "tokenizer", None)
@@ -201,11 +205,31 @@ def tokenizer_file(embedder, table) -> Path | None:
     return None
 
 
-def _load_embedder(spec, console):
+def _given_tokenizer(path, table) -> Path:
+    """A tokenizer file passed by the user (offline export): it must exist and fit the table."""
+    from novic.bpe import ClipBpeEncoder, EncoderError, SentencePieceEncoder
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"tokenizer file {path} does not exist")
+    want_sp = table.kind == "sentencepiece"
+    if want_sp != (path.suffix == ".model"):
+        need = "a sentencepiece model (spiece.model)" if want_sp else "CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz)"
+        raise ExportError(f"tokenizer file {path}: this checkpoint's tokens are {table.kind}, which needs {need}")
+    try:
+        SentencePieceEncoder(path, clean=table.clean) if want_sp else ClipBpeEncoder(path)
+    except EncoderError as exc:
+        raise ExportError(f"tokenizer file {path}: {exc}") from None
+    return path
+
+
+def _load_embedder(spec, console, text: bool = True):
     """Embedder.load, but export does not need the text tokenizer: if only that fails (e.g. an HF
     tokenizer with the hub unreachable), build the model alone and go on without it."""
     from novic.model import embedder as emb_mod
 
+    if not text:
+        return emb_mod.Embedder.load(spec, text=False), None
     try:
         return emb_mod.Embedder.load(spec), None
     except emb_mod.EmbedderError as exc:
@@ -253,10 +277,12 @@ def _novic_version() -> str:
 
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
-                  fp16: bool = True, topk: int = 10, beam_width: int = DEFAULT_BEAM_WIDTH,
-                  overwrite: bool = False, console=None, fail_after: str | None = None,
-                  wordnet_dir=None) -> dict:
+                  tokenizer: str | Path | None = None, fp16: bool = True, topk: int = 10,
+                  beam_width: int = DEFAULT_BEAM_WIDTH, overwrite: bool = False, console=None,
+                  fail_after: str | None = None, wordnet_dir=None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
+    `tokenizer`: the text tokenizer file to copy into the bundle (spiece.model of a SigLIP model),
+    instead of the one open_clip would load (from the Hugging Face hub, for SigLIP).
 
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
     `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
@@ -269,7 +295,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
     from novic.export.decoder_onnx import export_decoder
     from novic.export.encoder_onnx import export_encoder, tower_image_size
     from novic.model.checkpoint import load_checkpoint
-    from novic.model.embedder import EmbedderSpec
+    from novic.model.embedder import with_weights_file
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -299,16 +325,17 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
 
         ckpt = run("checkpoint", lambda: load_checkpoint(checkpoint_path))
         spec = ckpt.embedder
-        if clip:
-            spec = EmbedderSpec(model=clip, pretrained=pretrained)
-        elif pretrained:
-            spec = replace(spec, pretrained=pretrained)
+        if clip or pretrained:
+            spec = with_weights_file(spec, pretrained, clip)
+        given_tok = _given_tokenizer(tokenizer, ckpt.token_table) if tokenizer is not None else None
         cfg = ckpt.config
         if spec.pretrained is None and not spec.config_file and ":" not in spec.model:
             progress.console.print(f"[yellow]note:[/] {spec.model} has no pretrained weights in this spec, so the "
                                    "image encoder gets random weights (fine for tests); pass --pretrained TAG|PATH "
                                    "for a usable bundle", highlight=False)
-        embedder, tok_warning = run("CLIP model", lambda: _load_embedder(spec, progress.console))
+        # The text tokenizer is loaded only for its file: CLIP BPE ships with open_clip.
+        need_text = given_tok is None and ckpt.token_table.kind != "clip_bpe"
+        embedder, tok_warning = run("CLIP model", lambda: _load_embedder(spec, progress.console, need_text))
         size = tower_image_size(embedder.visual)
         with torch.no_grad():
             probe_out = embedder.visual(torch.zeros(1, 3, *size))
@@ -332,7 +359,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         hierarchy = run("noun hierarchy", lambda: _hierarchy_entry(root, noun_texts, wordnet_dir, progress.console))
 
         def manifest():
-            tok_src = tokenizer_file(embedder, ckpt.token_table)
+            tok_src = given_tok or tokenizer_file(embedder, ckpt.token_table)
             tok_entry = None
             if tok_src is not None:
                 (root / TOKENIZER_DIR).mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""The NOVIC object decoder: CLIP embedding -> noun tokens (REFERENCE.md "Object decoder").
+"""The NOVIC object decoder: CLIP embedding -> noun tokens (docs/model.md "The object decoder").
 
 One module serves training (teacher forcing), the reference decoders and export:
 - ``forward(embeds, tokens)``: the whole sequence at once (training, oracle);

@@ -8,13 +8,15 @@ initialised from a fixed seed, so two loads of the tiny test model are identical
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from novic import hub
 from novic.errors import NovicError
+from novic.registry import CLIP_WEIGHT_FILES, HUB_OPEN_CLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs"   # model configs shipped with novic
 TINY_MODEL = "novic-tiny-clip"
@@ -127,22 +129,83 @@ def _check_model(spec: EmbedderSpec):
         raise EmbedderError(f"{spec.model} has no pretrained tag {p!r}; known tags: {tags or 'none'}")
 
 
+def open_clip_name(spec: EmbedderSpec) -> str:
+    """The open_clip model name to ask for configs and tokenizers: a released CLIP's hub id maps to
+    open_clip's built-in config of the same model (no hub round trip for its config)."""
+    repo = hub_repo(spec)
+    return HUB_OPEN_CLIP[repo][0] if repo in HUB_OPEN_CLIP else spec.model
+
+
+def hub_repo(spec: EmbedderSpec) -> str | None:
+    return spec.model[len(HF_HUB_PREFIX):] if spec.model.startswith(HF_HUB_PREFIX) else None
+
+
+def hub_tokenizer_repo(spec: EmbedderSpec) -> str | None:
+    """The hub repo the text tokenizer comes from (SigLIP-style HF tokenizers; an 'hf-hub:' model
+    whose config is not known locally), or None for tokenizers shipped with open_clip."""
+    import open_clip
+
+    name = open_clip_name(spec)
+    if ":" in name:
+        return hub_repo(spec)
+    try:
+        cfg = open_clip.get_model_config(name) or {}
+    except Exception:  # noqa: BLE001
+        cfg = {}
+    return cfg.get("text_cfg", {}).get("hf_tokenizer_name") or None
+
+
+def with_weights_file(spec: EmbedderSpec, pretrained: str, clip: str | None = None) -> EmbedderSpec:
+    """`spec` with its weights from the local file (or tag) `pretrained`, and the open_clip model
+    `clip` if given. An 'hf-hub:' model gets the open_clip name of the same architecture (known for
+    the released CLIP models; others need `clip`)."""
+    if clip:
+        shipped = CONFIG_DIR / f"{clip}.json"
+        return EmbedderSpec(model=clip, pretrained=pretrained,
+                            config_file=shipped.name if shipped.is_file() else None)
+    if hub_repo(spec) is None:
+        return replace(spec, pretrained=pretrained)
+    name = open_clip_name(spec)
+    if ":" in name:
+        raise EmbedderError(f"{spec.model} brings its own weights; to use the file {pretrained} instead, "
+                            f"also pass --clip with the open_clip model name of that architecture")
+    return EmbedderSpec(model=name, pretrained=pretrained)
+
+
+def _hub_weights_repo(spec: EmbedderSpec) -> str | None:
+    """The hub repo whose weights open_clip will fetch for `spec`, or None (local file, random)."""
+    import open_clip
+
+    if hub_repo(spec):
+        return hub_repo(spec)
+    if spec.pretrained is None or os.path.isfile(spec.pretrained):
+        return None
+    try:
+        cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {}
+    except Exception:  # noqa: BLE001
+        cfg = {}
+    return (cfg.get("hf_hub") or "").strip("/") or None
+
+
 def _load_tokenizer(spec: EmbedderSpec):
     import open_clip
 
+    source = hub_tokenizer_repo(spec)
+    name = open_clip_name(spec)
     try:
-        return open_clip.get_tokenizer(spec.model)
+        # offline: the HF cache only, a fast failure instead of retries
+        if source and not hub.check_online() and ":" in name and not hub.in_cache(source, "open_clip_config.json"):
+            raise EmbedderError("its config is not in the local Hugging Face cache")
+        return open_clip.get_tokenizer(name)
     except Exception as e:  # noqa: BLE001 - any failure here means "tokenizer unavailable"
-        source = spec.model[len(HF_HUB_PREFIX):] if spec.model.startswith(HF_HUB_PREFIX) else ""
-        try:
-            cfg = open_clip.get_model_config(spec.model) or {}
-            source = cfg.get("text_cfg", {}).get("hf_tokenizer_name", "") or source
-        except Exception:  # noqa: BLE001
-            pass
-        hint = (f"it comes from the Hugging Face hub ({source}): install `transformers` and make "
-                f"the hub reachable, or pre-fill the HF cache (HF_HOME)" if source
-                else "check the model name and your network")
-        raise EmbedderError(f"cannot load the tokenizer of {spec.model}: {_one_line(e)}; {hint}") from None
+        if source and hub.offline()[0]:
+            hint = hub.missing_file(f"the tokenizer of {spec.model}", source, "spiece.model", "--tokenizer")
+        elif source:
+            hint = (f"it comes from the Hugging Face hub ({source}): install `transformers` and make "
+                    f"the hub reachable, or pass --tokenizer with its spiece.model")
+        else:
+            hint = "check the model name and your network"
+        raise EmbedderError(f"cannot load the tokenizer of {spec.model}: {_one_line(e, 160)}; {hint}") from None
 
 
 class Embedder:
@@ -163,6 +226,11 @@ class Embedder:
         _check_model(spec)
         # First: it fails fast when the hub is unreachable.
         tokenizer = _load_tokenizer(spec) if text else None
+        weights_repo = _hub_weights_repo(spec)
+        if weights_repo and not hub.check_online() and not any(
+                hub.in_cache(weights_repo, f) for f in CLIP_WEIGHT_FILES):
+            raise EmbedderError(hub.missing_file(f"the CLIP weights of {spec.model}", weights_repo,
+                                                 CLIP_WEIGHT_FILES[0], "--pretrained"))
         # Weights not loaded from a file come from this seed (without touching the global RNG).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -170,7 +238,9 @@ class Embedder:
                 model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=device)
             except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/KeyError/OSError
                 what = f"weights {spec.pretrained}" if spec.pretrained else "the model"
-                raise EmbedderError(f"cannot create {spec.model} with {what}: {_one_line(e)}") from None
+                hint = (f"; or {hub.missing_file('they', weights_repo, CLIP_WEIGHT_FILES[0], '--pretrained')}"
+                        if weights_repo else "")
+                raise EmbedderError(f"cannot create {spec.model} with {what}: {_one_line(e)}{hint}") from None
         model.eval().requires_grad_(False)
         return cls(spec, model, tokenizer, torch.device(device))
 

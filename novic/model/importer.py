@@ -1,5 +1,5 @@
 """Import an original NOVIC checkpoint (`*.train`, or a release `.zip` holding one) into novic's
-checkpoint format (REFERENCE.md "Original checkpoint file").
+checkpoint format (docs/model.md "The released checkpoints").
 
 Safety: the file is read with ``torch.load(weights_only=True)``: only tensors, torch dtypes and
 plain containers are unpickled. A file that needs anything else (arbitrary classes, callables) is
@@ -41,12 +41,12 @@ import torch
 from novic.atomic import check_writable_file
 from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
+from novic.hub import check_online, in_cache
 from novic.model.checkpoint import Checkpoint, save_checkpoint
 from novic.model.embedder import CONFIG_DIR, HF_HUB_PREFIX, EmbedderSpec
-from novic.registry import HUB_OPEN_CLIP
 from novic.tokens import TokenTable
 
-DEFAULT_HEADS = 8          # all released checkpoints (REFERENCE.md)
+DEFAULT_HEADS = 8          # all released checkpoints (docs/model.md)
 DEFAULT_LN_EPS = 1e-5
 MAX_BAD_NOUNS = 2          # nouns that may fail to tokenise into the vocabulary (else: more than 1%)
 TRAIN_SUFFIX = ".train"
@@ -273,26 +273,14 @@ def parse_embedder_spec(text: str) -> EmbedderSpec:
                                 f"models: 'openclip:...' or 'openai:...'); pass the CLIP model explicitly")
 
 
-def _hub_id(spec: EmbedderSpec) -> str | None:
-    return spec.model[len(HF_HUB_PREFIX):] if spec.model.startswith(HF_HUB_PREFIX) else None
-
-
 def _sentencepiece_from_hub(repo: str, clean: str):
     from novic.bpe import EncoderError, SentencePieceEncoder
+    from novic.hub import HubOfflineError, fetch
 
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise CheckpointImportError(f"the tokenizer of {repo} comes from the Hugging Face hub: install "
-                                    f"huggingface_hub (pip install huggingface_hub), or pass --tokenizer "
-                                    f"PATH/spiece.model") from None
-    try:
-        path = hf_hub_download(repo, "spiece.model")
-    except Exception as e:  # noqa: BLE001 - offline, 404, auth: all mean "not available"
-        raise CheckpointImportError(
-            f"cannot fetch the sentencepiece tokenizer (spiece.model) of {repo} from the Hugging Face hub "
-            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}): connect once (it is then cached under "
-            f"HF_HOME), or pass --tokenizer PATH/spiece.model") from None
+        path = fetch(repo, "spiece.model", f"the sentencepiece tokenizer of {repo}", "--tokenizer")
+    except (HubOfflineError, ImportError) as e:
+        raise CheckpointImportError(str(e)) from None
     try:
         return SentencePieceEncoder(path, clean=clean)
     except EncoderError as e:
@@ -320,16 +308,17 @@ def load_tokenizer(spec: EmbedderSpec, tokenizer_file: str | Path | None = None)
 
     if spec.config_file:
         emb._register_config(spec.config_file)
-    hub = _hub_id(spec)
-    name = spec.model
-    if hub in HUB_OPEN_CLIP:
-        name = HUB_OPEN_CLIP[hub][0]   # open_clip's built-in config: no hub round trip for the config
+    hub = emb.hub_repo(spec)
+    name = emb.open_clip_name(spec)   # open_clip's built-in config: no hub round trip for the config
     try:
         cfg = open_clip.get_model_config(name) if ":" not in name else None
     except Exception:  # noqa: BLE001
         cfg = None
     text_cfg = (cfg or {}).get("text_cfg", {})
     hf_name = text_cfg.get("hf_tokenizer_name")
+    if (hf_name or hub) and not check_online() and ":" in name and not in_cache(hub, "open_clip_config.json"):
+        # offline, and open_clip could not even read this hub model's config: the tokenizer file it is
+        return _sentencepiece_from_hub(hub, "canonicalize")
     try:
         return open_clip.get_tokenizer(name)
     except Exception as e:  # noqa: BLE001 - transformers missing, hub unreachable, ...

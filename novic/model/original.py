@@ -1,6 +1,6 @@
 """The original release's inference pipeline, re-created as the benchmark baseline.
 
-REFERENCE.md "Known costs": no KV cache (every step recomputes the whole sequence), a host sync
+docs/model.md "Inference in the original release": no KV cache (every step recomputes the whole sequence), a host sync
 every step, a dense batch x beams x nouns guide mask, an fp32 decoder, the CLIP text tower loaded
 at inference. This module reproduces those costs on purpose, with the same decoding semantics as
 novic.model.reference (docs/internals.md), so that benchmarks compare like with like.

@@ -2,7 +2,7 @@
 
 `build_noun_vocab(tokenizer, nouns)` tokenises every noun (no start/end tokens, no padding),
 keeps the tokenizer ids that occur, renumbers them densely 1..V-1 in increasing tokenizer-id
-order (0 = EOS/PAD, REFERENCE.md "compact ids") and returns the `TokenTable` plus each noun's
+order (0 = EOS/PAD, docs/model.md "Tokens") and returns the `TokenTable` plus each noun's
 compact sequence ending in EOS. Accepted tokenizers:
 - open_clip `SimpleTokenizer` (CLIP byte-level BPE),
 - open_clip `HFTokenizer` / `SigLipTokenizer` over a sentencepiece vocabulary (SigLIP family),

@@ -6,8 +6,8 @@ caption occurs per epoch; used to mix user captions in at a ratio without embedd
 Training samples are (caption, target, weight) triples: `CaptionSet.samples()`.
 
 Templates contain one ``{}`` for the noun phrase. Singular/plural and a/an are derived from the
-determiner in front of ``{}`` (REFERENCE.md: "80 ImageNet prompt templates + 18 CIFAR templates with
-singular/plural/article forms"): 'a photo of a {}.' gives 'a photo of an apple.' and
+determiner in front of ``{}`` (docs/model.md "Training": 80 ImageNet-style and 18 CIFAR-style templates
+in singular and plural with the right article): 'a photo of a {}.' gives 'a photo of an apple.' and
 'a photo of apples.'; 'a photo of many {}.' is plural only, 'a photo of one {}.' singular only.
 """
 from __future__ import annotations

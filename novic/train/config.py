@@ -1,6 +1,6 @@
 """Training configuration: one nested dataclass, loaded from JSON/TOML plus dotted overrides.
 
-Defaults are the released recipe (REFERENCE.md "Training recipe") except where a CPU-sized run
+Defaults are the released recipe (docs/model.md "Training") except where a CPU-sized run
 needs something else; example configs are in docs/training.md.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -31,18 +31,40 @@ def _need(ok: bool, key: str, value, expected: str):
         raise ConfigError(f"config {key}: expected {expected}, got {_show(value)}")
 
 
+TINY_CLIP = "novic-tiny-clip"   # the tiny random open_clip model shipped with novic (tests, examples)
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     type: str = "open_clip"           # open_clip | sentence_transformers
-    model: str = "novic-tiny-clip"    # open_clip name / hf-hub id, or a sentence-transformers model
+    model: str | None = None          # open_clip name / hf-hub id, or a sentence-transformers model: required
     pretrained: str | None = None     # open_clip tag or weights file
-    config_file: str | None = "novic-tiny-clip.json"
+    config_file: str | None = None    # open_clip model config (JSON); set for novic-tiny-clip automatically
+    random_weights: bool = False      # allow an open_clip model without weights (random: tests only)
     batch_size: int = 512             # texts per encode call when building the cache
 
     def __post_init__(self):
         if self.type not in ("open_clip", "sentence_transformers"):
             raise ConfigError(f"embedder.type must be open_clip or sentence_transformers, got {self.type!r}")
         _need(self.batch_size >= 1, "embedder.batch_size", self.batch_size, "an integer >= 1")
+
+    def checked(self) -> "EmbedderConfig":
+        """This config, ready to load: the model is chosen, and an open_clip model without weights
+        (whose embeddings are random: a decoder trained on them names nothing) only if
+        `random_weights` says it is a test. Raises ConfigError (one line) otherwise."""
+        example = ("-o embedder.model=ViT-B-16-SigLIP -o embedder.pretrained=webli, or "
+                   "-o embedder.type=sentence_transformers -o embedder.model=all-MiniLM-L6-v2")
+        if not self.model:
+            raise ConfigError(f"config embedder.model: choose the model whose embeddings the decoder "
+                              f"learns to name ({example})")
+        if self.type != "open_clip":
+            return self
+        config_file = self.config_file or (TINY_CLIP + ".json" if self.model == TINY_CLIP else None)
+        if self.pretrained is None and not self.model.startswith("hf-hub:") and not self.random_weights:
+            raise ConfigError(f"config embedder.pretrained: {self.model} has no weights here, so its "
+                              f"embeddings would be random; set embedder.pretrained (a tag or a weights "
+                              f"file), or -o embedder.random_weights=true for a test run")
+        return replace(self, config_file=config_file)
 
 
 @dataclass(frozen=True)
@@ -240,3 +262,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ConfigError(f"config file {path}: expected an object of sections and keys at the top, "
                               f"got {_show(data)}")
     return TrainConfig.from_dict(apply_overrides(data, list(overrides)))
+
+
+def with_checked_embedder(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `EmbedderConfig.checked()`: before a run does any work."""
+    return replace(cfg, embedder=cfg.embedder.checked())

@@ -15,6 +15,7 @@ from novic.train.nouns import Noun, load_nouns, wordnet_nouns
 
 def load_embedder(cfg: EmbedderConfig, device="cpu"):
     """The text embedder named by the config (see novic.train.cache.TextEmbedder)."""
+    cfg = cfg.checked()
     if cfg.type == "sentence_transformers":
         from novic.train.st_embedder import SentenceTransformerEmbedder
         return SentenceTransformerEmbedder(cfg.model, device=device)

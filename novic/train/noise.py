@@ -1,4 +1,4 @@
-"""Noise augmentation of unit text embeddings (REFERENCE.md "Training recipe").
+"""Noise augmentation of unit text embeddings (docs/model.md "Training").
 
 The decoder is trained on text embeddings but must accept image embeddings; the noise covers the
 modality gap. Per sample, either

@@ -32,7 +32,7 @@ from novic.config import EOS, DecoderConfig
 from novic.errors import NovicError
 from novic.model.checkpoint import write_safetensors
 from novic.model.decoder import ObjectDecoder
-from novic.train.config import ConfigError, TrainConfig
+from novic.train.config import ConfigError, TrainConfig, with_checked_embedder
 from novic.train.data import EvalSet, TrainData
 from novic.train.noise import EmbeddingNoise
 from novic.train.progress import progress_bar
@@ -427,6 +427,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or "
                           f"choose another out_dir (-o out_dir=...) or remove it")
     check_writable_dir(out)   # now, not after hours of building the caption cache
+    cfg = with_checked_embedder(cfg)
     d = init_distributed(cfg.device)
     device = pick_device(cfg.device, d.local_rank)
     embedder = load_embedder(cfg.embedder, device)
