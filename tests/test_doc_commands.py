@@ -26,6 +26,10 @@ SKIPPED = {
     "printf": "shell builtin writing an example file",
     ".": "activates the venv that .ci/run makes",
     "nice": "wraps a benchmark script (minutes); the script's existence is checked",
+    "curl": "talks to a running server; tests/test_ray_serve.py and tests/test_serve_example.py send "
+            "the same requests",
+    "tritonserver": "the server of an NGC Triton container; tests/test_triton.py loads the exported "
+                    "repository in PyTriton's bundled tritonserver",
 }
 # Commands run for real here: offline, seconds.
 RUN = {("novic-train", "config"), ("novic-import", "models")}
@@ -66,12 +70,13 @@ def all_commands():
 
 def novic_command(prog: str, args: list[str]):
     """The click command of a console script and the arguments it parses."""
-    from novic.cli import bench, export, importer, run, train
+    from novic.cli import bench, eval, export, importer, label, run, serve, train
     if prog == "novic-import":
         sub = {"models": importer.models_app, "fetch": importer.fetch_app}.get(args[0] if args else "")
         return (typer.main.get_command(sub), args[1:]) if sub else (typer.main.get_command(importer.app), args)
     app = {"novic-train": train.app, "novic-export": export.app, "novic-run": run.app,
-           "novic-bench": bench.app}[prog]
+           "novic-bench": bench.app, "novic-eval": eval.app, "novic-serve": serve.app,
+           "novic-label": label.app}[prog]
     return typer.main.get_command(app), args
 
 
