@@ -166,10 +166,13 @@ def file_entry(root: Path, path) -> dict:
     return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def artifact_entry(root: Path, export: dict, role: str, precision: str) -> dict:
-    """Manifest entry of an exported graph (``export``: the exporters' result dict)."""
+def artifact_entry(root: Path, export: dict, role: str, precision: str, variant: str = "plain") -> dict:
+    """Manifest entry of an exported graph (``export``: the exporters' result dict). A fused
+    variant (novic.export.fused) carries ``"variant": "fused"`` and its gate numbers."""
     graph = Path(export["path"])
     entry = {**file_entry(root, graph), "role": role, "precision": precision}
+    if variant != "plain":
+        entry["variant"] = variant
     entry["inputs"] = export["io"]["inputs"]
     entry["outputs"] = export["io"]["outputs"]
     extra = [Path(f) for f in export.get("files", []) if Path(f).resolve() != graph.resolve()]
@@ -177,6 +180,8 @@ def artifact_entry(root: Path, export: dict, role: str, precision: str) -> dict:
         entry["external_data"] = [file_entry(root, f) for f in extra]
     if "opset" in export:
         entry["opset"] = export["opset"]
+    if "gate" in export:
+        entry["gate"] = export["gate"]
     return entry
 
 
@@ -240,10 +245,12 @@ def _novic_version() -> str:
 
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
-                  fp16: bool = True, topk: int = 10, beam_width: int = DEFAULT_BEAM_WIDTH,
+                  fp16: bool = True, fused: bool = True, topk: int = 10, beam_width: int = DEFAULT_BEAM_WIDTH,
                   overwrite: bool = False, console=None, fail_after: str | None = None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
 
+    fused: also write onnxruntime's fused variants (novic.export.fused), each kept only if it
+    passes its gate against the fp32 graphs.
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
     `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee."""
     import onnx
@@ -263,7 +270,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         raise ExportError(f"beam width {beam_width} must be in [1, topk={topk}] (free beam search reads "
                           f"the graph's top-k); raise --topk")
     steps = ["checkpoint", "CLIP model", "image encoder", "decoder"] + (["fp16 encoder", "fp16 decoder"] if fp16 else []) \
-        + ["manifest"]
+        + (["fused graphs"] if fused else []) + ["manifest"]
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress, \
@@ -304,14 +311,22 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         enc = run("image encoder", lambda: export_encoder(embedder.model, root))
         model = ckpt.build_model()
         dec = run("decoder", lambda: export_decoder(model, root, topk=topk))
-        exports = [(enc, "image_encoder", "fp32"), (dec["prefill"], "decoder_prefill", "fp32"),
-                   (dec["step"], "decoder_step", "fp32")]
+        exports = [(enc, "image_encoder", "fp32", "plain"), (dec["prefill"], "decoder_prefill", "fp32", "plain"),
+                   (dec["step"], "decoder_step", "fp32", "plain")]
         if fp16:
             from novic.export.fp16 import decoder_fp16, encoder_fp16
             enc16 = run("fp16 encoder", lambda: encoder_fp16(enc))
             dec16 = run("fp16 decoder", lambda: decoder_fp16(dec))
-            exports += [(enc16, "image_encoder", "fp16"), (dec16["prefill"], "decoder_prefill", "fp16"),
-                        (dec16["step"], "decoder_step", "fp16")]
+            exports += [(enc16, "image_encoder", "fp16", "plain"), (dec16["prefill"], "decoder_prefill", "fp16", "plain"),
+                        (dec16["step"], "decoder_step", "fp16", "plain")]
+        fused_gates = None
+        if fused:
+            from novic.export.fused import export_fused
+            nouns = [[t for t in toks if t != 0] for n, toks in zip(ckpt.nouns or [], ckpt.noun_tokens or []) if n]
+            say = lambda line: progress.console.print(f"  {line}", highlight=False)  # noqa: E731
+            kept, fused_gates = run("fused graphs", lambda: export_fused(
+                enc, dec, cfg, fp16=fp16, noun_tokens=nouns or None, width=beam_width, say=say))
+            exports += [(e, role, prec, "fused") for e, role, prec in kept]
 
         def manifest():
             tok_src = tokenizer_file(embedder, ckpt.token_table)
@@ -340,12 +355,13 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 "tokens": ckpt.token_table.to_dict(),
                 "nouns": nouns,
                 "tokenizer": tok_entry,
-                "artifacts": [artifact_entry(root, e, role, prec) for e, role, prec in exports],
+                "artifacts": [artifact_entry(root, e, role, prec, variant) for e, role, prec, variant in exports],
                 "engines": [],
                 "export": {"checkpoint": str(Path(checkpoint_path).absolute()),
                            "checkpoint_sha256": sha256_file(checkpoint_path),
                            "opset": dec.get("opset"), "torch": torch.__version__, "onnx": onnx.__version__,
-                           "tokenizer_note": tok_warning, "timings": timings},
+                           "tokenizer_note": tok_warning, "timings": timings,
+                           **({"fused_gates": fused_gates} if fused_gates is not None else {})},
             }
 
         data = run("manifest", manifest)
