@@ -55,9 +55,9 @@ class Choice:
     backend: str
     reason: str
     precision: str = "fp32"                    # graph precision the backend should load
-    variant: str = "plain"                     # "fused": onnxruntime's fused graphs of that precision
     engines: dict = field(default_factory=dict)  # role -> Engine (trt only)
     rejected: tuple = ()                       # reasons the better backends were not taken
+    variant: str = "plain"                     # "fused": onnxruntime's fused graphs of that precision
 
     def __str__(self) -> str:
         return self.reason
