@@ -268,6 +268,10 @@ def test_check_command_passes(exported):
     assert result["encoder"]["fp32"]["min_cosine"] >= 0.99999
     assert result["encoder"]["fp16"]["min_cosine"] >= 0.99
     assert "fp16" in result["decoder"]
+    # the fused variants against the PyTorch oracle too (fp32: exact tokens)
+    assert result["decoder"]["fp32 fused"]["agreement"] == {"greedy": 1.0, "beam": 1.0, "guided": 1.0}
+    assert result["encoder"]["fp32 fused"]["min_cosine"] >= 0.99999
+    assert {"fp16 fused"} <= set(result["decoder"]) & set(result["encoder"])
 
 
 BLOCK_TENSORRT = textwrap.dedent("""

@@ -463,9 +463,15 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         ref_lp = torch.log_softmax(model.prefill(torch.from_numpy(embeds))[0].float(), -1)
         ref_lp[:, 0] = float("-inf")
 
-    for precision in precisions or bundle.precisions("decoder_step"):
-        session = OrtDecoderSession(bundle.artifact_path("decoder_prefill", precision),
-                                    bundle.artifact_path("decoder_step", precision), cfg, provider="cpu")
+    def graphs(role):   # (precision, variant) pairs to check: the plain graphs, then the fused ones
+        return [(p, v) for v in ("plain", "fused") for p in bundle.precisions(role, v)]
+
+    for precision, variant in graphs("decoder_step"):
+        if precisions is not None and precision not in precisions:
+            continue
+        session = OrtDecoderSession(bundle.artifact_path("decoder_prefill", precision, variant),
+                                    bundle.artifact_path("decoder_step", precision, variant), cfg, provider="cpu")
+        name = precision if variant == "plain" else f"{precision} {variant}"
         out = session.prefill(embeds, 1.0, np.zeros((n, 1), np.int64))
         err = float(np.abs(out.topk_logprobs - ref_lp.gather(1, torch.from_numpy(out.topk_ids)).numpy()).max())
         top1 = float(np.mean(out.topk_ids[:, 0] == ref_lp.argmax(1).numpy()))
@@ -474,9 +480,9 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         best = {k: float(np.mean([a[:1] == b[:1] for a, b in zip(got[k], oracle[k])])) for k in got}
         ok = precision != "fp32" or all(v == 1.0 for v in agree.values())
         results["ok"] &= ok
-        results["decoder"][precision] = {"max_abs_logprob_err": err, "top1_first_token": top1,
-                                         "agreement": agree, "best_agreement": best}
-        rows.append((f"decoder {precision}", f"{err:.1e}", f"top-1 {top1:.1%}", f"{agree['greedy']:.1%}",
+        results["decoder"][name] = {"max_abs_logprob_err": err, "top1_first_token": top1,
+                                    "agreement": agree, "best_agreement": best}
+        rows.append((f"decoder {name}", f"{err:.1e}", f"top-1 {top1:.1%}", f"{agree['greedy']:.1%}",
                      f"{best['beam']:.1%} / {agree['beam']:.1%}",
                      f"{best['guided']:.1%} / {agree['guided']:.1%}" if "guided" in agree else "-",
                      "PASS" if ok else "FAIL"))
@@ -488,8 +494,9 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
     pixels = torch.stack([transform(img) for _, img in images])
     with torch.no_grad():
         ref_emb = F.normalize(embedder.visual(pixels).float(), dim=-1).numpy()
-    for precision in bundle.precisions("image_encoder"):
-        encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", precision), provider="cpu")
+    for precision, variant in graphs("image_encoder"):
+        encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", precision, variant), provider="cpu")
+        name = precision if variant == "plain" else f"{precision} {variant}"
         got = np.concatenate([encoder(pixels[i:i + 1].numpy()) for i in range(len(images))]
                              + [encoder(pixels.numpy())])
         ref = np.concatenate([ref_emb, ref_emb])  # batch 1 and batch > 1
@@ -498,8 +505,8 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         ok = cos >= (FP32_COS if precision == "fp32" else FP16_COS)
         if precision == "fp32":
             results["ok"] &= ok
-        results["encoder"][precision] = {"min_cosine": cos, "max_abs_err": err, "images": [name for name, _ in images]}
-        rows.append((f"image encoder {precision}", f"{err:.1e}", f"cos {cos:.6f}", "", "", "",
+        results["encoder"][name] = {"min_cosine": cos, "max_abs_err": err, "images": [i for i, _ in images]}
+        rows.append((f"image encoder {name}", f"{err:.1e}", f"cos {cos:.6f}", "", "", "",
                      "PASS" if ok else ("WARN" if precision != "fp32" else "FAIL")))
 
     what = "reference decoders" if reference else "PyTorch decoder"
