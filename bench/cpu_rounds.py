@@ -7,7 +7,8 @@ baseline / ours of those medians.
 
 Variants: `fp32`, `int8` (needs an int8 encoder in the bundle: novic-export calib),
 `<precision>-spinning` (onnxruntime's default busy-waiting threads, which novic turns off),
-`<precision>-allrows` (the decoder steps finished beams too, as before search dropped them), and
+`<precision>-allrows` (the decoder steps finished beams too, as before search dropped them),
+`<precision>-fused` / `<precision>-plain` (the bundle's fused onnxruntime graphs, or not), and
 `<variant>@<bundle dir>` (another bundle of the same weights, e.g. one exported by older code;
 a relative dir is taken under --workdir):
 
@@ -24,7 +25,7 @@ from novic.bench.compare import phase_cell, run_side, step_flatness
 from novic.bench.setup import CONFIGS, build
 
 def parse_variant(variant: str) -> tuple[str, str, str]:
-    """`<precision>[-spinning|-allrows][@<bundle dir>]` -> (precision, modifier, bundle dir or "")."""
+    """`<precision>[-spinning|-allrows|-fused|-plain][@<bundle dir>]` -> (precision, modifier, bundle dir or "")."""
     kind, _, other = variant.partition("@")
     precision, _, how = kind.partition("-")
     return precision, how, other
@@ -40,7 +41,7 @@ def variant_bundle(variant: str, workdir: str, main_bundle: str, weights: str) -
     path = Path(workdir) / other if other else Path(main_bundle)
     try:
         bundle = Bundle.open(path, verify=False)
-        bundle.artifact("image_encoder", precision)
+        bundle.artifact("image_encoder", precision, "fused" if parse_variant(variant)[1] == "fused" else "plain")
     except Exception as exc:  # noqa: BLE001 - any reason: one line, before minutes of baseline
         raise SystemExit(f"variant {variant}: {first_line(exc)}")
     if bundle.manifest.get("export", {}).get("checkpoint_sha256") != weights:
@@ -72,7 +73,7 @@ def main():
             precision, how, _ = parse_variant(v)
             runs[v].append(run_side("ours", dict(bundle=bundles[v], backend="ort-cpu", precision=precision,
                                                  ort_spinning=how == "spinning", all_rows=how == "allrows",
-                                                 **common)))
+                                                 fused={"fused": True, "plain": False}.get(how), **common)))
         print(f"round {r + 1}/{a.rounds} done (load {load:.2f} -> {os.getloadavg()[0]:.2f})", file=sys.stderr)
 
     def med(name, key):

@@ -78,8 +78,11 @@ def test_round_trip(exported):
     b.preprocess["size"][0] = 1                              # a copy: the parsed config cannot drift
     assert b.preprocess["size"] == [64, 64] and b.preprocess_config.size == (64, 64)
     assert b.embedder["spec"]["model"] == "novic-tiny-clip"
-    roles = {(a.role, a.precision) for a in b.artifacts}
-    assert roles == {(r, p) for r in rb.ROLES for p in ("fp32", "fp16")}
+    roles = {(a.role, a.precision, a.variant) for a in b.artifacts}
+    assert roles == {(r, p, v) for r in rb.ROLES for p in ("fp32", "fp16") for v in ("plain", "fused")}
+    assert b.precisions("image_encoder") == ["fp32", "fp16"]          # the plain graphs, as before
+    assert b.fused_precisions() == ["fp16", "fp32"] and b.has_fused("fp16")
+    assert set(m["export"]["fused_gates"].values()) == {"pass"}
     step = b.artifact("decoder_step", "fp16")
     assert step.input("kv_cache").dtype == "float16" and step.output("topk_logprobs").dtype == "float32"
     assert step.input("kv_cache").shape[2] == "M" and step.input("tokens").shape == ("N",)
@@ -88,14 +91,16 @@ def test_round_trip(exported):
     # WordNet is installed, the noun hierarchy
     checked = b.verify()
     wordnet = b.has_hierarchy
-    assert len(checked) == 7 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert len(checked) == 13 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
     assert ("hierarchy.json" in checked) == wordnet == (Path("/usr/share/wordnet/data.noun").is_file())
     assert b.tokenizer_file.name == "bpe_simple_vocab_16e6.txt.gz" and b.tokenizer_kind == "clip_bpe"
     assert b.artifact_path("decoder_step", "fp16") == path / "decoder_step.fp16.onnx"
+    assert b.artifact_path("decoder_step", "fp16", "fused") == path / "decoder_step.fused.fp16.onnx"
     assert b.engines == []
     for a in m["artifacts"]:
         assert a["sha256"] == rb.sha256_file(path / a["file"]) and a["size"] == (path / a["file"]).stat().st_size
-    assert result["seconds"] > 0 and set(result["timings"]) >= {"image encoder", "decoder", "fp16 decoder"}
+    assert result["seconds"] > 0 and set(result["timings"]) >= {"image encoder", "decoder", "fp16 decoder",
+                                                                "fused graphs"}
     # no staging leftovers next to the bundle
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
@@ -283,6 +288,10 @@ def test_check_command_passes(exported):
     assert result["encoder"]["fp32"]["min_cosine"] >= 0.99999
     assert result["encoder"]["fp16"]["min_cosine"] >= 0.99
     assert "fp16" in result["decoder"]
+    # the fused variants against the PyTorch oracle too (fp32: exact tokens)
+    assert result["decoder"]["fp32 fused"]["agreement"] == {"greedy": 1.0, "beam": 1.0, "guided": 1.0}
+    assert result["encoder"]["fp32 fused"]["min_cosine"] >= 0.99999
+    assert {"fp16 fused"} <= set(result["decoder"]) & set(result["encoder"])
 
 
 BLOCK_TENSORRT = textwrap.dedent("""

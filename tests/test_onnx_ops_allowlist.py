@@ -17,6 +17,10 @@ restrictions from that table that we rely on:
 - Control flow: If/Loop/Scan are supported with restrictions, but our design forbids them
   (docs/internals.md "The decoder graphs": no control flow), so they are not on the allowlist.
 - Types: FP32, FP16, INT32, INT64, BOOL (DOUBLE only "limited", UINT8 only as network I/O).
+
+The fused variants (novic.export.fused) are for onnxruntime only and never reach TensorRT; they
+may add exactly the onnxruntime contrib ops listed in ORT_CONTRIB_OPS (domain com.microsoft,
+kernels on the CPU and CUDA providers) and otherwise hold to the same list.
 """
 import collections
 from pathlib import Path
@@ -36,6 +40,8 @@ TRT_SUPPORTED_OPS = frozenset({
     "Where",
 })
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+# Contrib ops a fused graph may hold (onnxruntime docs/ContribOperators.md), deliberately few.
+ORT_CONTRIB_OPS = frozenset({"MultiHeadAttention", "SkipLayerNormalization", "Gelu", "BiasGelu"})
 ALLOWED_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
 REDUCE_OPS = {"ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "ReduceMin", "ReduceProd", "ReduceSumSquare",
               "ReduceL1", "ReduceLogSum", "ReduceLogSumExp"}
@@ -120,9 +126,15 @@ def graphs(tmp_path_factory):
     dec = export_decoder(ObjectDecoder(cfg), out, topk=10)
     enc = export_encoder(Embedder.load(tiny_spec()).model, out)
     dec16, enc16 = decoder_fp16(dec), encoder_fp16(enc)
-    return {"prefill": dec["prefill"]["path"], "step": dec["step"]["path"], "encoder": enc["path"],
-            "prefill.fp16": dec16["prefill"]["path"], "step.fp16": dec16["step"]["path"],
-            "encoder.fp16": enc16["path"]}
+    paths = {"prefill": dec["prefill"]["path"], "step": dec["step"]["path"], "encoder": enc["path"],
+             "prefill.fp16": dec16["prefill"]["path"], "step.fp16": dec16["step"]["path"],
+             "encoder.fp16": enc16["path"]}
+    from novic.export.fused import fuse_file
+    roles = {"prefill": "decoder_prefill", "step": "decoder_step", "encoder": "image_encoder"}
+    for name, role in roles.items():
+        for precision in ("fp32", "fp16"):
+            paths[f"{name}.fused.{precision}"] = fuse_file(paths[name], role, precision)["path"]
+    return paths
 
 
 @pytest.mark.parametrize("name", ["prefill", "step", "encoder", "prefill.fp16", "step.fp16", "encoder.fp16"])
@@ -133,6 +145,21 @@ def test_graph_ops_are_supported_by_tensorrt(graphs, name):
     if name.startswith(("prefill", "step")):
         assert ops["TopK"] == 1 and ops["LogSoftmax"] == 1   # in-graph scores (host reads O(k))
         assert ops["GatherElements"] == 1                     # candidate log-probs
+
+
+@pytest.mark.parametrize("name", [f"{g}.fused.{p}" for g in ("prefill", "step", "encoder") for p in ("fp32", "fp16")])
+def test_fused_graphs_add_only_the_listed_contrib_ops(graphs, name):
+    model = onnx.load(graphs[name], load_external_data=False)
+    contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert contrib and contrib <= ORT_CONTRIB_OPS
+    assert all(n.domain in ("", "ai.onnx", "com.microsoft") for n in model.graph.node)
+    standard = onnx.ModelProto()
+    standard.CopyFrom(model)
+    del standard.graph.node[:]
+    standard.graph.node.extend(n for n in model.graph.node if n.domain != "com.microsoft")
+    standard.graph.ClearField("value_info")
+    # everything else passes the same checks as the plain graphs
+    assert problems(standard) == []
 
 
 def test_checker_catches_violations(graphs):

@@ -103,13 +103,13 @@ def phases(clf, image, reps: int = 10, beam_width: int = 10) -> dict:
 
 def run(bundle: str, backend: str = "auto", precision: str | None = None, batches=(1, 8, 32, 256),
         reps: int = 10, budget_s: float = 30.0, beam_width: int = 10, threads: int | None = None,
-        sync=None) -> dict:
+        sync=None, fused: bool | None = None) -> dict:
     from novic.bench.hostwork import host_per_call
     from novic.runtime.classifier import Classifier
 
     t0 = time.perf_counter()
-    clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads)
-    out = {"backend": clf.backend, "precision": clf.precision, "reason": clf.backend_reason,
+    clf = Classifier.load(bundle, backend=backend, precision=precision, threads=threads, fused=fused)
+    out = {"backend": clf.backend, "precision": clf.precision, "variant": clf.variant, "reason": clf.backend_reason,
            "load_s": time.perf_counter() - t0}
     images = sample_images(max(batches))
     vocab = clf.vocabulary(None)

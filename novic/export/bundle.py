@@ -165,10 +165,13 @@ def file_entry(root: Path, path) -> dict:
     return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def artifact_entry(root: Path, export: dict, role: str, precision: str) -> dict:
-    """Manifest entry of an exported graph (``export``: the exporters' result dict)."""
+def artifact_entry(root: Path, export: dict, role: str, precision: str, variant: str = "plain") -> dict:
+    """Manifest entry of an exported graph (``export``: the exporters' result dict). A fused
+    variant (novic.export.fused) carries ``"variant": "fused"`` and its gate numbers."""
     graph = Path(export["path"])
     entry = {**file_entry(root, graph), "role": role, "precision": precision}
+    if variant != "plain":
+        entry["variant"] = variant
     entry["inputs"] = export["io"]["inputs"]
     entry["outputs"] = export["io"]["outputs"]
     extra = [Path(f) for f in export.get("files", []) if Path(f).resolve() != graph.resolve()]
@@ -176,6 +179,8 @@ def artifact_entry(root: Path, export: dict, role: str, precision: str) -> dict:
         entry["external_data"] = [file_entry(root, f) for f in extra]
     if "opset" in export:
         entry["opset"] = export["opset"]
+    if "gate" in export:
+        entry["gate"] = export["gate"]
     return entry
 
 
@@ -277,13 +282,15 @@ def _novic_version() -> str:
 
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
-                  tokenizer: str | Path | None = None, fp16: bool = True, topk: int = 10,
+                  tokenizer: str | Path | None = None, fp16: bool = True, fused: bool = True, topk: int = 10,
                   beam_width: int = DEFAULT_BEAM_WIDTH, overwrite: bool = False, console=None,
                   fail_after: str | None = None, wordnet_dir=None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
     `tokenizer`: the text tokenizer file to copy into the bundle (spiece.model of a SigLIP model),
     instead of the one open_clip would load (from the Hugging Face hub, for SigLIP).
 
+    fused: also write onnxruntime's fused variants (novic.export.fused), each kept only if it
+    passes its gate against the fp32 graphs.
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
     `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
     `wordnet_dir`: the WordNet database for the noun hierarchy (default /usr/share/wordnet)."""
@@ -304,7 +311,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         raise ExportError(f"beam width {beam_width} must be in [1, topk={topk}] (free beam search reads "
                           f"the graph's top-k); raise --topk")
     steps = ["checkpoint", "CLIP model", "image encoder", "decoder"] + (["fp16 encoder", "fp16 decoder"] if fp16 else []) \
-        + ["noun hierarchy", "manifest"]
+        + (["fused graphs"] if fused else []) + ["noun hierarchy", "manifest"]
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress, \
@@ -346,14 +353,22 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         enc = run("image encoder", lambda: export_encoder(embedder.model, root))
         model = ckpt.build_model()
         dec = run("decoder", lambda: export_decoder(model, root, topk=topk))
-        exports = [(enc, "image_encoder", "fp32"), (dec["prefill"], "decoder_prefill", "fp32"),
-                   (dec["step"], "decoder_step", "fp32")]
+        exports = [(enc, "image_encoder", "fp32", "plain"), (dec["prefill"], "decoder_prefill", "fp32", "plain"),
+                   (dec["step"], "decoder_step", "fp32", "plain")]
         if fp16:
             from novic.export.fp16 import decoder_fp16, encoder_fp16
             enc16 = run("fp16 encoder", lambda: encoder_fp16(enc))
             dec16 = run("fp16 decoder", lambda: decoder_fp16(dec))
-            exports += [(enc16, "image_encoder", "fp16"), (dec16["prefill"], "decoder_prefill", "fp16"),
-                        (dec16["step"], "decoder_step", "fp16")]
+            exports += [(enc16, "image_encoder", "fp16", "plain"), (dec16["prefill"], "decoder_prefill", "fp16", "plain"),
+                        (dec16["step"], "decoder_step", "fp16", "plain")]
+        fused_gates = None
+        if fused:
+            from novic.export.fused import export_fused
+            nouns = [[t for t in toks if t != 0] for n, toks in zip(ckpt.nouns or [], ckpt.noun_tokens or []) if n]
+            say = lambda line: progress.console.print(f"  {line}", highlight=False)  # noqa: E731
+            kept, fused_gates = run("fused graphs", lambda: export_fused(
+                enc, dec, cfg, fp16=fp16, noun_tokens=nouns or None, width=beam_width, say=say))
+            exports += [(e, role, prec, "fused") for e, role, prec in kept]
 
         noun_texts = [n for n in ckpt.nouns if n] if ckpt.nouns is not None and ckpt.noun_tokens is not None else None
         hierarchy = run("noun hierarchy", lambda: _hierarchy_entry(root, noun_texts, wordnet_dir, progress.console))
@@ -386,12 +401,13 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 "nouns": nouns,
                 "tokenizer": tok_entry,
                 "hierarchy": hierarchy,
-                "artifacts": [artifact_entry(root, e, role, prec) for e, role, prec in exports],
+                "artifacts": [artifact_entry(root, e, role, prec, variant) for e, role, prec, variant in exports],
                 "engines": [],
                 "export": {"checkpoint": str(Path(checkpoint_path).absolute()),
                            "checkpoint_sha256": sha256_file(checkpoint_path),
                            "opset": dec.get("opset"), "torch": torch.__version__, "onnx": onnx.__version__,
-                           "tokenizer_note": tok_warning, "timings": timings},
+                           "tokenizer_note": tok_warning, "timings": timings,
+                           **({"fused_gates": fused_gates} if fused_gates is not None else {})},
             }
 
         data = run("manifest", manifest)
@@ -493,9 +509,15 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         ref_lp = torch.log_softmax(model.prefill(torch.from_numpy(embeds))[0].float(), -1)
         ref_lp[:, 0] = float("-inf")
 
-    for precision in precisions or bundle.precisions("decoder_step"):
-        session = OrtDecoderSession(bundle.artifact_path("decoder_prefill", precision),
-                                    bundle.artifact_path("decoder_step", precision), cfg, provider="cpu")
+    def graphs(role):   # (precision, variant) pairs to check: the plain graphs, then the fused ones
+        return [(p, v) for v in ("plain", "fused") for p in bundle.precisions(role, v)]
+
+    for precision, variant in graphs("decoder_step"):
+        if precisions is not None and precision not in precisions:
+            continue
+        session = OrtDecoderSession(bundle.artifact_path("decoder_prefill", precision, variant),
+                                    bundle.artifact_path("decoder_step", precision, variant), cfg, provider="cpu")
+        name = precision if variant == "plain" else f"{precision} {variant}"
         out = session.prefill(embeds, 1.0, np.zeros((n, 1), np.int64))
         err = float(np.abs(out.topk_logprobs - ref_lp.gather(1, torch.from_numpy(out.topk_ids)).numpy()).max())
         top1 = float(np.mean(out.topk_ids[:, 0] == ref_lp.argmax(1).numpy()))
@@ -504,9 +526,9 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         best = {k: float(np.mean([a[:1] == b[:1] for a, b in zip(got[k], oracle[k])])) for k in got}
         ok = precision != "fp32" or all(v == 1.0 for v in agree.values())
         results["ok"] &= ok
-        results["decoder"][precision] = {"max_abs_logprob_err": err, "top1_first_token": top1,
-                                         "agreement": agree, "best_agreement": best}
-        rows.append((f"decoder {precision}", f"{err:.1e}", f"top-1 {top1:.1%}", f"{agree['greedy']:.1%}",
+        results["decoder"][name] = {"max_abs_logprob_err": err, "top1_first_token": top1,
+                                    "agreement": agree, "best_agreement": best}
+        rows.append((f"decoder {name}", f"{err:.1e}", f"top-1 {top1:.1%}", f"{agree['greedy']:.1%}",
                      f"{best['beam']:.1%} / {agree['beam']:.1%}",
                      f"{best['guided']:.1%} / {agree['guided']:.1%}" if "guided" in agree else "-",
                      "PASS" if ok else "FAIL"))
@@ -518,8 +540,9 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
     pixels = torch.stack([transform(img) for _, img in images])
     with torch.no_grad():
         ref_emb = F.normalize(embedder.visual(pixels).float(), dim=-1).numpy()
-    for precision in bundle.precisions("image_encoder"):
-        encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", precision), provider="cpu")
+    for precision, variant in graphs("image_encoder"):
+        encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", precision, variant), provider="cpu")
+        name = precision if variant == "plain" else f"{precision} {variant}"
         got = np.concatenate([encoder(pixels[i:i + 1].numpy()) for i in range(len(images))]
                              + [encoder(pixels.numpy())])
         ref = np.concatenate([ref_emb, ref_emb])  # batch 1 and batch > 1
@@ -528,8 +551,8 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         ok = cos >= (FP32_COS if precision == "fp32" else FP16_COS)
         if precision == "fp32":
             results["ok"] &= ok
-        results["encoder"][precision] = {"min_cosine": cos, "max_abs_err": err, "images": [name for name, _ in images]}
-        rows.append((f"image encoder {precision}", f"{err:.1e}", f"cos {cos:.6f}", "", "", "",
+        results["encoder"][name] = {"min_cosine": cos, "max_abs_err": err, "images": [i for i, _ in images]}
+        rows.append((f"image encoder {name}", f"{err:.1e}", f"cos {cos:.6f}", "", "", "",
                      "PASS" if ok else ("WARN" if precision != "fp32" else "FAIL")))
 
     what = "reference decoders" if reference else "PyTorch decoder"

@@ -6,6 +6,8 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
                                      search defaults, token table, nouns, artifacts, engines
     image_encoder.onnx               pixels [B,3,H,W] -> unit embedding [B,F]
     decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
+    *.fused.onnx, *.fused.fp16.onnx  onnxruntime-only variants with com.microsoft fused ops
+                                     (``"variant": "fused"`` in the manifest; optional, gated)
     image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
     hierarchy.json                   the nouns' WordNet hypernyms (optional; novic.runtime.hierarchy)
@@ -48,6 +50,9 @@ VERIFY_CACHE = ".novic-verified.json"
 ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")   # image encoder only (novic-export calib); the decoder stays fp32/fp16
+# "plain": standard ONNX ops (every backend); "fused": onnxruntime's contrib ops (novic.export.fused).
+# An entry without "variant" is plain, so bundles written before fused variants read unchanged.
+VARIANTS = ("plain", "fused")
 REEXPORT = "re-export with novic-export onnx"
 _CHUNK = 1 << 20
 
@@ -107,6 +112,7 @@ class Artifact:
     outputs: tuple[TensorSpec, ...]
     external_data: tuple[FileRef, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
+    variant: str = "plain"
 
     def files(self) -> list[FileRef]:
         return [FileRef(self.file, self.sha256, self.size), *self.external_data]
@@ -204,20 +210,22 @@ def parse_manifest(data: dict, mpath: Path) -> tuple[list[Artifact], list[Engine
     for i, a in enumerate(data["artifacts"]):
         where = f"artifacts[{i}]"
         ref = _file_ref(a, mpath, where)
-        role, precision = a.get("role"), a.get("precision")
+        role, precision, variant = a.get("role"), a.get("precision"), a.get("variant", "plain")
         _require(role in ROLES, mpath, f"{where}: role {role!r} is not one of {ROLES}")
         _require(precision in PRECISIONS, mpath, f"{where}: precision {precision!r} is not one of {PRECISIONS}")
-        _require((role, precision) not in seen, mpath, f"{where}: two artifacts for {role}/{precision}")
-        seen.add((role, precision))
+        _require(variant in VARIANTS, mpath, f"{where}: variant {variant!r} is not one of {VARIANTS}")
+        _require((role, precision, variant) not in seen, mpath,
+                 f"{where}: two artifacts for {role}/{precision}" + (f" ({variant})" if variant != "plain" else ""))
+        seen.add((role, precision, variant))
         try:
             inputs = tuple(TensorSpec.from_dict(t) for t in a.get("inputs", []))
             outputs = tuple(TensorSpec.from_dict(t) for t in a.get("outputs", []))
         except (KeyError, TypeError) as exc:
             raise _fail(mpath, f"invalid manifest: {where}: bad input/output entry ({exc})") from None
         ext = tuple(_file_ref(e, mpath, f"{where}.external_data") for e in a.get("external_data", []))
-        known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data"}
+        known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data", "variant"}
         artifacts.append(Artifact(ref.file, role, precision, ref.sha256, ref.size, inputs, outputs, ext,
-                                  {k: v for k, v in a.items() if k not in known}))
+                                  {k: v for k, v in a.items() if k not in known}, variant))
 
     engines = []
     for i, e in enumerate(data.get("engines", []) or []):
@@ -478,22 +486,34 @@ class Bundle:
         except HierarchyError as exc:
             raise BundleError(str(exc)) from None
 
-    def precisions(self, role: str) -> list[str]:
-        return [a.precision for a in self.artifacts if a.role == role]
+    def precisions(self, role: str, variant: str = "plain") -> list[str]:
+        return [a.precision for a in self.artifacts if a.role == role and a.variant == variant]
 
-    def artifact(self, role: str, precision: str = "fp32") -> Artifact:
+    def has_fused(self, precision: str, roles=ROLES) -> bool:
+        """Whether every role in `roles` has a fused `precision` graph (one that passed its gate)."""
+        return all(precision in self.precisions(role, "fused") for role in roles)
+
+    def fused_precisions(self) -> list[str]:
+        """Precisions with at least one fused graph (the encoder and the decoder are gated apart)."""
+        return sorted({a.precision for a in self.artifacts if a.variant == "fused"})
+
+    def artifact(self, role: str, precision: str = "fp32", variant: str = "plain") -> Artifact:
         for a in self.artifacts:
-            if a.role == role and a.precision == precision:
+            if a.role == role and a.precision == precision and a.variant == variant:
                 return a
-        have = ", ".join(f"{a.role}/{a.precision}" for a in self.artifacts) or "none"
+        have = ", ".join(f"{a.role}/{a.precision}" + (f" ({a.variant})" if a.variant != "plain" else "")
+                         for a in self.artifacts) or "none"
+        if variant != "plain":
+            raise BundleError(f"{self.path / MANIFEST}: no {variant} {role} graph in {precision} (bundle has: "
+                              f"{have}); re-export with novic-export onnx (fused variants are on by default)")
         fix = ("re-export without --no-fp16" if precision == "fp16" else
                f"make it with novic-export calib {self.path}" if role == "image_encoder" and precision in QUANTIZED
                else REEXPORT)
         raise BundleError(f"{self.path / MANIFEST}: no {role} graph in {precision} (bundle has: {have}); {fix}")
 
-    def artifact_path(self, role: str, precision: str = "fp32") -> Path:
-        """Path of the ONNX graph for `role`/`precision`, hash-verified (with its external data)."""
-        a = self.artifact(role, precision)
+    def artifact_path(self, role: str, precision: str = "fp32", variant: str = "plain") -> Path:
+        """Path of the ONNX graph for `role`/`precision`/`variant`, hash-verified (with its external data)."""
+        a = self.artifact(role, precision, variant)
         for ref in a.external_data:
             self._verify_ref(ref)
         return self._verify_ref(FileRef(a.file, a.sha256, a.size))
@@ -509,7 +529,8 @@ class Bundle:
         return self._verify_ref(FileRef(engine.file, engine.sha256, engine.size))
 
     def __repr__(self) -> str:
-        roles = ", ".join(f"{a.role}/{a.precision}" for a in self.artifacts)
+        roles = ", ".join(f"{a.role}/{a.precision}" + (f"/{a.variant}" if a.variant != "plain" else "")
+                          for a in self.artifacts)
         return f"Bundle({str(self.path)!r}, {roles}, engines={len(self.engines)})"
 
 

@@ -149,7 +149,7 @@ class Classifier:
 
     def __init__(self, bundle, encoder, decoder, *, backend: str, reason: str, precision: str,
                  threads: int | None = None, load_seconds: float | None = None, fast_decode: bool = False,
-                 jpeg_decoder=None):
+                 jpeg_decoder=None, variant: str = "plain"):
         from novic.runtime.preprocess import Preprocessor
 
         self.bundle = bundle
@@ -158,6 +158,7 @@ class Classifier:
         self.backend = backend
         self.backend_reason = reason
         self.precision = precision
+        self.variant = variant                  # "fused" / "fused encoder" / "fused decoder" / "plain"
         self.load_seconds = load_seconds
         self.preprocessor = Preprocessor(bundle.preprocess_config, threads=threads, fast_decode=fast_decode,
                                          jpeg_decoder=jpeg_decoder)
@@ -175,7 +176,8 @@ class Classifier:
     @classmethod
     def load(cls, bundle, backend: str = "auto", precision: str | None = None, *,
              verify: bool | str = True, threads: int | None = None, device_id: int = 0,
-             fast_decode: bool = False, jpeg_decoder: str = "auto", verbose: bool = False) -> "Classifier":
+             fast_decode: bool = False, jpeg_decoder: str = "auto", verbose: bool = False,
+             fused: bool | None = None) -> "Classifier":
         """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
         'trt'). `precision` ('fp32'/'fp16'/'int8'/'fp8') overrides the backend's choice of graphs (ORT
         backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
@@ -184,7 +186,9 @@ class Classifier:
         differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). `jpeg_decoder`:
         'pillow', 'nvimgcodec' (JPEGs decoded in batches by nvImageCodec, `novic.runtime.nvjpeg`) or
         'auto' (nvImageCodec on the GPU backends when it is installed, else Pillow). The choice
-        and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True)."""
+        and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True).
+        `fused` (ORT backends): None = the backend's choice (ort-cuda takes the bundle's fused graphs
+        when it has them), True = the fused graphs (an error if the bundle has none), False = plain."""
         from novic.runtime.backends.select import select_for_bundle
         from novic.runtime.bundle import Bundle
         from novic.runtime.nvjpeg import JpegDecoderError
@@ -205,14 +209,15 @@ class Classifier:
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
             raise ClassifierError(f"precision {precision!r} is not one of {PRECISIONS}")
+        variant = "plain"
         if choice.backend == "trt":
             encoder, decoder, used = _open_trt(bundle, choice, device_id)
         else:
-            encoder, decoder, used = _open_ort(bundle, choice, precision, threads, device_id)
+            encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused)
         bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
         clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
                   precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
-                  fast_decode=fast_decode, jpeg_decoder=jpeg)
+                  fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
         log.info("novic: %s", clf.describe())
         if verbose:
             print(f"novic: {clf.describe()}", file=sys.stderr)
@@ -224,7 +229,8 @@ class Classifier:
 
     def describe(self) -> str:
         took = f", loaded in {self.load_seconds:.2f} s" if self.load_seconds is not None else ""
-        return f"backend {self.backend} ({self.precision}{took}): {self.backend_reason}"
+        fused = f" {self.variant}" if self.variant != "plain" else ""
+        return f"backend {self.backend} ({self.precision}{fused}{took}): {self.backend_reason}"
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.bundle.path)!r}, backend={self.backend!r}, precision={self.precision!r})"
@@ -585,7 +591,20 @@ def _as_list(images) -> list:
         return [images]
 
 
-def _open_ort(bundle, choice, precision, threads, device_id):
+def _ort_variants(bundle, precision: str, choice, fused: bool | None) -> tuple[str, str]:
+    """"fused" or "plain" for the encoder and for the decoder graphs of `precision` (see
+    Classifier.load's `fused`). The two are gated apart at export, so either may be missing."""
+    have = {part: bundle.has_fused(precision, roles) for part, roles in
+            (("encoder", ("image_encoder",)), ("decoder", ("decoder_prefill", "decoder_step")))}
+    if fused and not any(have.values()):
+        raise ClassifierError(f"{bundle.path}: no fused {precision} graphs in this bundle (they are written by "
+                              "novic-export onnx and left out when they fail their gate); re-export, or load "
+                              "without fused=True")
+    take = fused is not False and (fused or choice.variant == "fused")
+    return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
+
+
+def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
     from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
 
     provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
@@ -601,20 +620,23 @@ def _open_ort(bundle, choice, precision, threads, device_id):
         decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
                                     bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
                                     provider=provider, threads=threads, device_id=device_id)
-        return encoder, decoder, want
+        return encoder, decoder, want, "plain"
     if want not in have:
         if precision is not None:
             raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "
                                   f"pick one of those or re-export")
         want = "fp32" if "fp32" in have else have[0]
-    enc_have = bundle.precisions("image_encoder")
+    enc_variant, dec_variant = _ort_variants(bundle, want, choice, fused)
+    enc_have = bundle.precisions("image_encoder", enc_variant)
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
-    encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec), provider=provider,
+    encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,
                               threads=threads, device_id=device_id)
-    decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want),
-                                bundle.artifact_path("decoder_step", want), bundle.decoder_config,
+    decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want, dec_variant),
+                                bundle.artifact_path("decoder_step", want, dec_variant), bundle.decoder_config,
                                 provider=provider, threads=threads, device_id=device_id)
-    return encoder, decoder, want
+    variant = {("fused", "fused"): "fused", ("fused", "plain"): "fused encoder",
+               ("plain", "fused"): "fused decoder"}.get((enc_variant, dec_variant), "plain")
+    return encoder, decoder, want, variant
 
 
 def _open_trt(bundle, choice, device_id):  # pragma: no cover - needs a GPU with TensorRT

@@ -1,0 +1,354 @@
+"""Fused graph variants for onnxruntime: plain ONNX graphs -> graphs with ``com.microsoft`` ops.
+
+onnxruntime runs a plain transformer graph op by op; its contrib ops do a block's work in one
+kernel (on CUDA: flash / memory-efficient attention, one-pass residual + LayerNorm). The fused
+variants are for onnxruntime only; the plain graphs stay in the bundle for TensorRT and as the
+reference. Three rewrites, applied in this order (each one a pass over the graph):
+
+- attention (ours): ``Softmax(q @ k^T * s) @ v`` -> ``MultiHeadAttention`` (no mask only: the
+  image encoders; the decoder's attention is masked and, in the step, reads a fixed-slot cache
+  that MultiHeadAttention's past-key layout does not match, so it stays plain). onnxruntime's
+  own clip/vit attention fusion matches neither open_clip's nor timm's export, hence our pass;
+  it keeps the graph's own head tensors and only converts their layout, so it does not depend on
+  how a tower splits q/k/v.
+- residual + LayerNorm (ours): ``LayerNormalization(a + b)`` -> ``SkipLayerNormalization`` (which
+  also returns ``a + b`` for the next residual). onnxruntime's fusion needs symbolic shape
+  inference, which fails on our L2-normalised output, and it cannot fuse a LayerNorm without a
+  bias (the decoder's); the pattern is one node pair, so we match it directly.
+- GELU (onnxruntime's fuser, ``onnxruntime.transformers.optimizer`` with only its GELU fusions on):
+  the erf GELU -> ``Gelu``, and ``Gelu(x + bias)`` -> ``BiasGelu``. Both are the exact erf GELU;
+  the tanh approximation (FastGelu) is not used.
+
+Every fused graph is gated against the plain fp32 graph before it goes into a bundle
+(novic.export.fused_gate).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from novic.export.decoder_onnx import io_signature
+from novic.export.fp16 import DECODER_FP16_IO, FP16_OPS, convert_graph, logits_head
+
+MS_DOMAIN = "com.microsoft"
+# The contrib ops a fused graph may hold (tests check that they appear; nothing else is added).
+FUSED_OPS = frozenset({"MultiHeadAttention", "SkipLayerNormalization", "Gelu", "BiasGelu"})
+# Which fused ops each graph must hold: a fusion that silently stops matching is an error.
+EXPECTED = {"image_encoder": ("MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"),
+            "decoder_prefill": ("SkipLayerNormalization", "Gelu"),
+            "decoder_step": ("SkipLayerNormalization", "Gelu")}
+FUSED_FP16_OPS = FP16_OPS | {"MultiHeadAttention"}
+
+
+def fused_name(path, precision: str = "fp32") -> str:
+    """image_encoder.onnx -> image_encoder.fused.onnx (fp16: image_encoder.fused.fp16.onnx)."""
+    p = Path(path)
+    return p.stem + ".fused" + (".fp16" if precision == "fp16" else "") + p.suffix
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in model.graph.node))
+
+
+class _Graph:
+    """Index of a graph under rewrite: producers, consumers, constants, known shapes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.producer = {y: n for n in g.node for y in n.output}
+        self.consumers = collections.defaultdict(list)
+        for n in g.node:
+            for x in n.input:
+                self.consumers[x].append(n)
+        self.inits = {t.name: t for t in g.initializer}
+        self.consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                                for d in v.type.tensor_type.shape.dim]
+                       for v in list(g.value_info) + list(g.input) + list(g.output)
+                       if v.type.tensor_type.HasField("shape")}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.dead: set[int] = set()
+        self._n = 0
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element float constant, else None."""
+        if name in self.inits:
+            arr = numpy_helper.to_array(self.inits[name])
+        elif name in self.consts:
+            arr = numpy_helper.to_array(helper.get_attribute_value(self.consts[name].attribute[0]))
+        else:
+            return None
+        return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"fused_{base}_{self._n}"
+
+    def const(self, values, dtype=np.int64) -> str:
+        name = self.name("const")
+        self.model.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype), name))
+        return name
+
+    def add(self, op: str, inputs, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(op.lower()) for _ in range(n_out)]
+        self.new_nodes.append(helper.make_node(op, list(inputs), outs, name=self.name(op), domain=domain, **attrs))
+        self.model.graph.value_info.append(helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, None))
+        return outs
+
+    def only_consumer(self, name: str, op: str):
+        cons = self.consumers.get(name, [])
+        return cons[0] if len(cons) == 1 and cons[0].op_type == op else None
+
+    def finish(self) -> None:
+        """Drop dead nodes, add the new ones and sort the graph topologically."""
+        g = self.model.graph
+        nodes = [n for n in g.node if id(n) not in self.dead] + self.new_nodes
+        ready = {x.name for x in g.input} | {t.name for t in g.initializer} | {""}
+        ordered, pending = [], nodes
+        while pending:
+            rest = []
+            for n in pending:
+                if all(x in ready for x in n.input):
+                    ordered.append(n)
+                    ready.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                missing = [x for x in rest[0].input if x not in ready]
+                raise RuntimeError(f"fusion left node {rest[0].name} without its inputs {missing}")
+            pending = rest
+        del g.node[:]
+        g.node.extend(ordered)
+
+
+def _perm(node) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
+
+
+def _scale_of(graph: _Graph, name: str) -> tuple[str, float]:
+    """Strip a Mul/Div by a scalar constant off `name`: -> (the unscaled tensor, the factor)."""
+    node = graph.producer.get(name)
+    if node is not None and node.op_type in ("Mul", "Div") and len(graph.consumers[name]) == 1:
+        for i in (1, 0) if node.op_type == "Mul" else (1,):
+            value = graph.scalar(node.input[i])
+            if value is not None and value != 0:
+                graph.dead.add(id(node))
+                return node.input[1 - i], (value if node.op_type == "Mul" else 1.0 / value)
+    return name, 1.0
+
+
+def fuse_attention(model: onnx.ModelProto) -> int:
+    """``Softmax(q @ k^T * s) @ v`` over head tensors [B, h, S, hd] -> MultiHeadAttention.
+
+    q, k, v keep their producers; their layout goes BNSH -> BSD (Transpose + Reshape) into the
+    fused op, and its output goes back to BNSH under the old name (onnxruntime's transpose
+    optimiser folds the pairs). Needs the exporter's value_info (head count and size).
+    Returns the number of fused attentions."""
+    graph = _Graph(model)
+    fused = 0
+    for softmax in list(model.graph.node):
+        if softmax.op_type != "Softmax":
+            continue
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+        out_mm = graph.only_consumer(softmax.output[0], "MatMul")
+        if axis not in (-1, 3) or out_mm is None or out_mm.input[0] != softmax.output[0]:
+            continue
+        if len(graph.consumers[softmax.input[0]]) != 1:
+            continue
+        dead_before = set(graph.dead)
+        scores, s_scale = _scale_of(graph, softmax.input[0])
+        qk = graph.producer.get(scores)
+        if qk is None or qk.op_type != "MatMul" or len(graph.consumers[scores]) != 1:
+            graph.dead = dead_before
+            continue
+        q, q_scale = _scale_of(graph, qk.input[0])
+        kt, k_scale = _scale_of(graph, qk.input[1])
+        v = out_mm.input[1]
+        shapes = [graph.shapes.get(x) for x in (q, v, out_mm.output[0])]
+        if any(s is None or len(s) != 4 or s[1] is None or s[3] is None for s in shapes):
+            graph.dead = dead_before
+            continue
+        heads, head_dim = shapes[0][1], shapes[0][3]
+        trans = graph.producer.get(kt)
+        if trans is not None and trans.op_type == "Transpose" and _perm(trans) == [0, 1, 3, 2] \
+                and len(graph.consumers[kt]) == 1:
+            k = trans.input[0]
+            graph.dead.add(id(trans))
+        else:
+            (k,) = graph.add("Transpose", [kt], perm=[0, 1, 3, 2])
+        to_bsd = graph.const([0, 0, heads * head_dim])
+
+        def bsd(x):
+            (t,) = graph.add("Transpose", [x], perm=[0, 2, 1, 3])
+            return graph.add("Reshape", [t, to_bsd])[0]
+
+        scale = q_scale * k_scale * s_scale
+        (attn,) = graph.add("MultiHeadAttention", [bsd(q), bsd(k), bsd(v)], domain=MS_DOMAIN,
+                            num_heads=int(heads), scale=float(scale))
+        (split,) = graph.add("Reshape", [attn, graph.const([0, 0, heads, head_dim])])
+        graph.new_nodes.append(helper.make_node("Transpose", [split], [out_mm.output[0]], perm=[0, 2, 1, 3],
+                                                name=graph.name("Transpose")))
+        graph.dead.update({id(softmax), id(qk), id(out_mm)})
+        fused += 1
+    graph.finish()
+    return fused
+
+
+def fuse_skip_layer_norm(model: onnx.ModelProto) -> int:
+    """``LayerNormalization(a + b)`` with a, b of the same rank-3 shape -> SkipLayerNormalization,
+    whose fourth output is ``a + b`` (the residual stream) when something else reads it."""
+    graph = _Graph(model)
+    fused = 0
+    for ln in list(model.graph.node):
+        if ln.op_type != "LayerNormalization" or any(ln.output[1:]):
+            continue
+        axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
+        add = graph.producer.get(ln.input[0])
+        if add is None or add.op_type != "Add" or axis not in (-1, 2):
+            continue
+        a, b = add.input
+        sa, sb, so = (graph.shapes.get(x) for x in (a, b, add.output[0]))
+        if not (sa and sb and so and len(sa) == 3 and sa[1:] == sb[1:] == so[1:] and sa[2]) \
+                or a in graph.inits or b in graph.inits:
+            continue
+        eps = next((a_.f for a_ in ln.attribute if a_.name == "epsilon"), 1e-5)
+        others = [n for n in graph.consumers[add.output[0]] if n is not ln]
+        outputs = [ln.output[0], "", "", add.output[0] if others else ""]
+        inputs = [a, b, *ln.input[1:3]]   # gamma (and beta when the LayerNorm has one)
+        graph.new_nodes.append(helper.make_node("SkipLayerNormalization", inputs, outputs, domain=MS_DOMAIN,
+                                                name=graph.name("SkipLayerNormalization"), epsilon=eps))
+        graph.dead.update({id(ln), id(add)})
+        fused += 1
+    graph.finish()
+    return fused
+
+
+def fuse_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's own GELU fusions (erf GELU -> Gelu, + bias -> BiasGelu), nothing else."""
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        wrapped = BertOnnxModel(model)
+        wrapped.fuse_gelu()
+        wrapped.fuse_bias_gelu(is_fastgelu=False)
+        wrapped.prune_graph()
+    finally:
+        quiet.setLevel(level)
+    return wrapped.model
+
+
+def fuse_model(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
+    """All fusions on an fp32 graph (exported by torch.onnx, value_info present); raises if an
+    op that `role` should get did not appear (a fusion that stopped matching)."""
+    if role == "image_encoder":
+        fuse_attention(model)
+    fuse_skip_layer_norm(model)
+    model = fuse_gelu(model)
+    _Graph(model).finish()   # the GELU fuser appends its nodes at the end: sort again
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    # Type the fused ops' outputs (the fp16 converter reads every tensor's type; onnx's shape
+    # inference does not know the com.microsoft ops).
+    typed = {v.name for v in list(model.graph.value_info) + list(model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type in FUSED_OPS:
+            model.graph.value_info.extend(helper.make_tensor_value_info(y, TensorProto.FLOAT, None)
+                                          for y in node.output if y and y not in typed)
+    counts = op_counts(model)
+    missing = [op for op in EXPECTED[role] if not counts.get(op)]
+    if missing:
+        raise RuntimeError(f"{role}: fusion found no {', '.join(missing)} pattern (ops: {counts}); "
+                           "the exporter's graph changed shape")
+    return model
+
+
+def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> list[str]:
+    """Write `model` next to `dst` and move it into place (no half-written files)."""
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fused-") as scratch:
+        tmp = Path(scratch) / dst.name
+        onnx.save(model, tmp, save_as_external_data=external_data, all_tensors_to_one_file=True,
+                  location=dst.name + ".data", size_threshold=1024)
+        files = sorted(Path(scratch).iterdir(), key=lambda p: p.name == dst.name)  # graph last
+        for f in files:
+            os.replace(f, dst.parent / f.name)
+    return [str(dst.parent / f.name) for f in files]
+
+
+def fuse_file(src, role: str, precision: str = "fp32") -> dict:
+    """Fused variant of the plain fp32 graph at `src` in `precision` ("fp32" or "fp16"), written
+    beside it. Returns ``{"path", "files", "io", "ops", "seconds"}`` like the exporters."""
+    start = time.perf_counter()
+    src = Path(src)
+    model = fuse_model(onnx.load(src), role)
+    if precision == "fp16":
+        decoder = role != "image_encoder"
+        model = convert_graph(model, fp16_io=DECODER_FP16_IO if decoder else (), fp16_ops=FUSED_FP16_OPS,
+                              fp32_nodes=logits_head(model) if decoder else ())
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30)
+    dst = src.parent / fused_name(src, precision)
+    files = _save(model, dst, external)
+    return {"path": str(dst), "files": files, "io": io_signature(model), "ops": op_counts(model),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def export_fused(encoder: dict, decoder: dict, config, *, fp16: bool, noun_tokens=None, width: int = 10,
+                 say=print) -> tuple[list[tuple[dict, str, str]], dict]:
+    """Fused variants of the plain fp32 exports (`encoder`: export_encoder's result, `decoder`:
+    export_decoder's), each gated (novic.export.fused_gate) before it is kept.
+
+    Returns ([(export, role, precision)] of the variants that passed, with ``export["gate"]``
+    holding their numbers; {"<part> <precision>": "pass" | "fail: why" | "error: why"} for the
+    manifest). A variant that fails is deleted, with one line through `say`."""
+    from novic.errors import first_line
+    from novic.export.fused_gate import gate_decoder, gate_encoder
+
+    kept, summary = [], {}
+    reference: dict = {}
+    for precision in ("fp32", "fp16") if fp16 else ("fp32",):
+        for part in ("image encoder", "decoder"):
+            key = f"{part} {precision}"
+            made: dict = {}
+            try:
+                if part == "image encoder":
+                    made["image_encoder"] = fuse_file(encoder["path"], "image_encoder", precision)
+                    gate = gate_encoder(encoder["path"], made["image_encoder"]["path"], precision)
+                else:
+                    for k in ("prefill", "step"):
+                        made[f"decoder_{k}"] = fuse_file(decoder[k]["path"], f"decoder_{k}", precision)
+                    gate = gate_decoder((decoder["prefill"]["path"], decoder["step"]["path"]),
+                                        (made["decoder_prefill"]["path"], made["decoder_step"]["path"]),
+                                        config, precision, noun_tokens=noun_tokens, width=width,
+                                        reference=reference)
+            except Exception as exc:  # noqa: BLE001 - a tower the passes do not know: no fused variant
+                _remove(made)
+                summary[key] = f"error: {first_line(exc)}"
+                say(f"fused {key}: not made ({first_line(exc)})")
+                continue
+            say(gate.line(key))
+            summary[key] = "pass" if gate.passed else f"fail: {gate.why}"
+            if gate.passed:
+                kept += [({**export, "gate": gate.numbers}, role, precision) for role, export in made.items()]
+            else:
+                _remove(made)
+    return kept, summary
+
+
+def _remove(made: dict) -> None:
+    for export in made.values():
+        for f in export["files"]:
+            Path(f).unlink(missing_ok=True)
