@@ -435,10 +435,12 @@ def test_results_independent_of_batch(tiny):
     for kw in ({}, {"trie": trie}):
         batched = search.beam_search(session, embeds, 10, **kw)
         alone = [search.beam_search(session, e[None], 10, **kw)[0] for e in embeds]
-        assert_same(alone, batched, atol=1e-5)
+        # exact tokens; scores within fp32 noise: onnxruntime's CPU kernels may sum a batch of rows
+        # in another order than one row (1.9e-5 seen on an Intel Xeon, 0 on an AMD EPYC)
+        assert_same(alone, batched, atol=1e-4)
         shuffled = np.random.default_rng(0).permutation(len(embeds))
         again = search.beam_search(session, embeds[shuffled], 10, **kw)
-        assert_same([batched[i] for i in shuffled], again, atol=1e-5)
+        assert_same([batched[i] for i in shuffled], again, atol=1e-4)
 
 
 def test_length_normalisation_selects_like_the_original(tiny):

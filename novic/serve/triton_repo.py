@@ -211,11 +211,13 @@ def _write(bundle: Bundle, plan: RepoPlan, root: Path) -> None:
     version = root / NOVIC_MODEL / "1"
     sub = version / "bundle"
     manifest = dict(bundle.manifest)
-    keep = {("decoder_prefill", plan.decoder_precision), ("decoder_step", plan.decoder_precision)}
-    manifest["artifacts"] = [a for a in bundle.manifest["artifacts"] if (a["role"], a["precision"]) in keep]
+    keep = {("decoder_prefill", plan.decoder_precision, "plain"), ("decoder_step", plan.decoder_precision, "plain")}
+    manifest["artifacts"] = [a for a in bundle.manifest["artifacts"]
+                             if (a["role"], a["precision"], a.get("variant", "plain")) in keep]
     manifest["engines"] = []
+    manifest.pop("hierarchy", None)   # the Triton model answers fine labels; its file is not copied
     for art in bundle.artifacts:
-        if (art.role, art.precision) in keep:
+        if (art.role, art.precision, art.variant) in keep:
             bundle.artifact_path(art.role, art.precision)
             for ref in art.files():
                 _copy(bundle, ref.file, sub / ref.file)
