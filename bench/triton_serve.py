@@ -7,6 +7,7 @@ Sides (SIDES; add one by writing a context manager that yields `classify(jpeg) -
   batcher       novic.runtime.batching.Batcher in-process (batching without a server)
   triton-http   novic.serve.triton (PyTriton, dynamic batching) called with tritonclient over HTTP
   triton-grpc   the same server over gRPC
+  ray-serve     novic.serve.ray_serve (one replica on a local Ray cluster) over HTTP
 
     python bench/triton_serve.py --config tiny --clients 8 --requests 10 --rounds 3
     python bench/triton_serve.py --config paper --clients 8 --requests 3 --rounds 3
@@ -98,7 +99,28 @@ def triton_grpc(args):
         client.close()
 
 
-SIDES = {"in-process": in_process, "batcher": batcher, "triton-http": triton_http, "triton-grpc": triton_grpc}
+@contextlib.contextmanager
+def ray_serve(args):
+    import ray
+    from ray import serve as rserve
+
+    from novic.serve.ray_serve import serve
+    from ray_scale import poster, wait_http
+
+    ray.init(num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve(args.bundle, port=port, replicas=1, cpus_per_replica=1, blocking=False, backend=args.backend,
+              threads=args.threads, max_batch=args.max_batch, batch_wait_s=args.max_wait_ms / 1e3)
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        yield poster(f"http://127.0.0.1:{port}/classify?topk=5"), "Ray Serve, 1 replica"
+    finally:
+        rserve.shutdown()
+        ray.shutdown()
+
+
+SIDES = {"in-process": in_process, "batcher": batcher, "triton-http": triton_http, "triton-grpc": triton_grpc,
+         "ray-serve": ray_serve}
 
 
 def compare(args) -> str:
