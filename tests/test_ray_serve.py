@@ -165,12 +165,15 @@ def test_request_options_parsing():
         {"topk": 3, "guided": False, "alpha": 0.5}
     assert request_options({"vocab": ["pets"]}, vocabularies, from_query=True) == {"vocab": "/srv/pets.txt"}
     assert request_options({"vocab": ["dog", "cat"]}, vocabularies, from_query=True) == {"vocab": ["dog", "cat"]}
-    assert request_options({"vocab": ["dog"]}, vocabularies, from_query=True) == {"vocab": ["dog"]}
+    assert request_options({"vocab": ["dog, cat,"]}, vocabularies, from_query=True) == {"vocab": ["dog", "cat"]}
     assert request_options({"vocab": ["dog"], "topk": 2}, vocabularies, from_query=False) == {"vocab": ["dog"], "topk": 2}
     for fields, from_query, message in [({"topk": ["1", "2"]}, True, "give it once"),
                                         ({"topk": True}, False, "topk: True is not an integer"),
                                         ({"guided": ["maybe"]}, True, "guided: 'maybe' is not true or false"),
                                         ({"vocab": "cats"}, False, "no server-side vocabulary named 'cats'"),
+                                        # one query word is a name, not a one-noun vocabulary
+                                        ({"vocab": ["pet"]}, True, "no server-side vocabulary named 'pet'"),
+                                        ({"vocab": [" , "]}, True, "holds no nouns"),
                                         ({"vocab": [1]}, False, "must hold strings"),
                                         ({"image": ["x"]}, True, "unknown option 'image'")]:
         with pytest.raises(RequestError, match=message):
