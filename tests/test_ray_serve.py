@@ -180,6 +180,15 @@ def test_request_options_parsing():
             request_options(fields, vocabularies, from_query=from_query)
 
 
+def test_serve_config_paths_are_absolute(monkeypatch, tmp_path):
+    """Replicas may start in another directory: a relative bundle or vocabulary path is made absolute."""
+    from novic.serve.ray_serve import ServeConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = ServeConfig("bundle", vocabularies={"pets": "pets.txt"})
+    assert config.bundle == str(tmp_path / "bundle") and config.vocabularies == {"pets": str(tmp_path / "pets.txt")}
+
+
 def test_cli_engines(monkeypatch, capsys, tmp_path):
     """--engine triton hands the options to novic.serve.triton.serve; a bad engine is one line."""
     import types

@@ -60,6 +60,12 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     vocabularies: Mapping[str, str] = field(default_factory=dict)   # name -> noun file on every node
 
+    def __post_init__(self):
+        # replicas may run in another working directory: paths are made absolute on the driver
+        object.__setattr__(self, "bundle", os.path.abspath(os.fspath(self.bundle)))
+        object.__setattr__(self, "vocabularies", {name: os.path.abspath(os.fspath(path))
+                                                  for name, path in self.vocabularies.items()})
+
 
 def _parse(name: str, kind: str, value: Any) -> Any:
     """A query's text (or a JSON value) as the option's type; Classifier.check_options checks the rest."""
@@ -192,7 +198,7 @@ def serve(bundle, *, address: str | None = None, host: str = "127.0.0.1", port: 
     `blocking=False` (then returns the ingress' DeploymentHandle)."""
     from novic.serve._ray import connect, require
 
-    config = check_config(ServeConfig(bundle=os.path.abspath(os.fspath(bundle)), **options))
+    config = check_config(ServeConfig(bundle=bundle, **options))
     connect(address, num_cpus=num_cpus)
     rserve = require("ray.serve")
     rserve.start(http_options={"host": host, "port": port})
