@@ -165,16 +165,28 @@ def test_request_options_parsing():
         {"topk": 3, "guided": False, "alpha": 0.5}
     assert request_options({"vocab": ["pets"]}, vocabularies, from_query=True) == {"vocab": "/srv/pets.txt"}
     assert request_options({"vocab": ["dog", "cat"]}, vocabularies, from_query=True) == {"vocab": ["dog", "cat"]}
-    assert request_options({"vocab": ["dog"]}, vocabularies, from_query=True) == {"vocab": ["dog"]}
+    assert request_options({"vocab": ["dog, cat,"]}, vocabularies, from_query=True) == {"vocab": ["dog", "cat"]}
     assert request_options({"vocab": ["dog"], "topk": 2}, vocabularies, from_query=False) == {"vocab": ["dog"], "topk": 2}
     for fields, from_query, message in [({"topk": ["1", "2"]}, True, "give it once"),
                                         ({"topk": True}, False, "topk: True is not an integer"),
                                         ({"guided": ["maybe"]}, True, "guided: 'maybe' is not true or false"),
                                         ({"vocab": "cats"}, False, "no server-side vocabulary named 'cats'"),
+                                        # one query word is a name, not a one-noun vocabulary
+                                        ({"vocab": ["pet"]}, True, "no server-side vocabulary named 'pet'"),
+                                        ({"vocab": [" , "]}, True, "holds no nouns"),
                                         ({"vocab": [1]}, False, "must hold strings"),
                                         ({"image": ["x"]}, True, "unknown option 'image'")]:
         with pytest.raises(RequestError, match=message):
             request_options(fields, vocabularies, from_query=from_query)
+
+
+def test_serve_config_paths_are_absolute(monkeypatch, tmp_path):
+    """Replicas may start in another directory: a relative bundle or vocabulary path is made absolute."""
+    from novic.serve.ray_serve import ServeConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = ServeConfig("bundle", vocabularies={"pets": "pets.txt"})
+    assert config.bundle == str(tmp_path / "bundle") and config.vocabularies == {"pets": str(tmp_path / "pets.txt")}
 
 
 def test_cli_engines(monkeypatch, capsys, tmp_path):
@@ -193,10 +205,14 @@ def test_cli_engines(monkeypatch, capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main()
         assert exit_.value.code == code
-    assert seen == dict(bundle=str(tmp_path), host="127.0.0.1", http_port=9000, grpc_port=8001, max_batch=4,
-                        max_wait_ms=2.0, backend="auto", precision=None, metrics_port=8002, topk=5,
-                        threads=None, stub_env=None)
+    assert seen == dict(bundle=str(tmp_path), host="127.0.0.1", http_port=9000, max_batch=4,
+                        max_wait_ms=2.0, backend="auto", precision=None, threads=None, stub_env=None)
     assert "'tensorflow'" in capsys.readouterr().err   # typer's own usage error for a bad choice
+    monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), "--engine", "triton", "--topk", "3",
+                                      "--grpc-port", "9001"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0 and seen["topk"] == 3 and seen["grpc_port"] == 9001
 
     import novic.serve.ray_serve as ray_serve
 
@@ -216,6 +232,29 @@ def test_cli_engines(monkeypatch, capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main()
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    # an option of the other engine is a usage error, not silently dropped
+    seen.clear()
+    for engine, flag, value, message in [
+            ("triton", "--replicas", "2", "--replicas is a Ray Serve option; drop it or use --engine ray"),
+            ("triton", "--fast-decode", None, "--fast-decode is a Ray Serve option"),
+            ("triton", "--vocab", f"pets={pets}", "--vocab is a Ray Serve option"),
+            ("triton", "--max-bytes", "10", "--max-bytes is a Ray Serve option"),
+            ("triton", "--address", "auto", "--address is a Ray Serve option"),
+            ("ray", "--topk", "3", "--topk is a Triton option; drop it or use --engine triton"),
+            ("ray", "--grpc-port", "9001", "--grpc-port is a Triton option"),
+            ("ray", "--stub-env", str(tmp_path), "--stub-env is a Triton option")]:
+        monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), "--engine", engine, flag,
+                                          *([value] if value else [])])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert seen == {}   # neither engine started
+    # options left out are not passed: the engine's own defaults apply
+    monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0
+    assert not {"replicas", "fast_decode", "max_bytes", "request_timeout_s"} & set(seen["ray"][1])
 
 
 class _Response:

@@ -2,11 +2,14 @@
 
     novic-serve bundle/ --replicas 2 --port 8000                 # a local Ray cluster
     novic-serve bundle/ --address auto --gpus-per-replica 1      # join `ray start`'s cluster
-    novic-serve bundle/ --engine triton --port 8000              # NVIDIA Triton (PyTriton)
     curl --data-binary @photo.jpg 'http://127.0.0.1:8000/classify?topk=3'
+    novic-serve bundle/ --engine triton --port 8000              # NVIDIA Triton (PyTriton)
 
-The Ray engine's HTTP contract is in novic.serve.ray_serve; the engines are imported only when
-chosen, each naming its extra when missing (`pip install 'novic[ray]'`).
+The engines answer different endpoints. Ray: POST image bytes (or JSON) to /classify, answered
+with the record novic-run --json writes (contract in novic.serve.ray_serve). Triton: the KServe v2
+protocol at /v2/models/novic/infer (contract in novic.serve.triton). Options marked [ray] or
+[triton] belong to one engine; setting one for the other engine is a usage error (exit 2). The
+engines are imported only when chosen, each naming its extra when missing (`pip install 'novic[ray]'`).
 """
 from __future__ import annotations
 
@@ -47,10 +50,13 @@ def main_command(
                                                   help="Graph precision for ORT backends (fp32, fp16, int8, fp8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests classified in one batch."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long a batch waits to fill."),
-    # Ray Serve only
-    replicas: int = typer.Option(1, min=1, help="[ray] Classifier replicas (one Classifier each)."),
-    gpus_per_replica: float = typer.Option(0, "--gpus-per-replica", min=0, help="[ray] GPUs per replica (0 on CPU)."),
-    cpus_per_replica: float = typer.Option(1, "--cpus-per-replica", min=0.01, help="[ray] CPUs per replica."),
+    # Ray Serve only (None: not given; the engine's own default applies)
+    replicas: Optional[int] = typer.Option(None, min=1, help="[ray] Classifier replicas (one Classifier each); "
+                                           "default 1."),
+    gpus_per_replica: Optional[float] = typer.Option(None, "--gpus-per-replica", min=0,
+                                                     help="[ray] GPUs per replica; default 0 (CPU)."),
+    cpus_per_replica: Optional[float] = typer.Option(None, "--cpus-per-replica", min=0.01,
+                                                     help="[ray] CPUs per replica; default 1."),
     autoscaling: Optional[str] = typer.Option(None, help="[ray] Serve's autoscaling_config as JSON, e.g. "
                                               "'{\"min_replicas\": 1, \"max_replicas\": 4}' (replaces --replicas)."),
     address: Optional[str] = typer.Option(None, help="[ray] Ray cluster to join ('auto': the one `ray start` "
@@ -58,24 +64,44 @@ def main_command(
     vocab: List[str] = typer.Option([], "--vocab", help="[ray] NAME=FILE: a server-side vocabulary that "
                                     "requests pick with vocab=NAME (repeatable)."),
     threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime threads per replica (Triton: per server)."),
-    fast_decode: bool = typer.Option(False, "--fast-decode", help="[ray] Decode JPEGs at a reduced scale."),
-    max_bytes: int = typer.Option(64 << 20, "--max-bytes", min=1, help="[ray] Largest request body (else 413)."),
-    request_timeout: float = typer.Option(60.0, "--request-timeout", min=0.001,
-                                          help="[ray] Seconds a request may wait for a replica (else 503)."),
-    grpc_port: int = typer.Option(8001, "--grpc-port", min=1, max=65535, help="[triton] gRPC port."),
-    metrics_port: int = typer.Option(8002, "--metrics-port", min=1, max=65535, help="[triton] Metrics port."),
-    topk: int = typer.Option(5, min=1, help="[triton] Labels per image unless a request sends topk."),
+    fast_decode: Optional[bool] = typer.Option(None, "--fast-decode", help="[ray] Decode JPEGs at a reduced scale.",
+                                               show_default=False),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", min=1,
+                                            help="[ray] Largest request body (else 413); default 64 MiB."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", min=0.001,
+                                                    help="[ray] Seconds a request may wait for a replica "
+                                                    "(else 503); default 60."),
+    # Triton only
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", min=1, max=65535, help="[triton] gRPC port; "
+                                            "default 8001."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=1, max=65535,
+                                               help="[triton] Metrics port; default 8002."),
+    topk: Optional[int] = typer.Option(None, min=1, help="[triton] Labels per image unless a request sends "
+                                       "topk; default 5."),
     stub_env: Optional[Path] = typer.Option(None, "--stub-env", help="[triton] numpy-1 venv for Triton's Python "
                                             "stub (scripts/triton-stub-venv.sh; default $NOVIC_TRITON_STUB_ENV)."),
 ):
-    """Serve BUNDLE: POST image bytes to /classify, answers as novic-run --json writes them."""
+    """Serve BUNDLE over HTTP. Ray (default): POST image bytes to /classify, answered as novic-run
+    --json writes them. Triton: the KServe v2 protocol at /v2/models/novic/infer."""
     backend, precision = choice(backend), choice(precision)
-    if choice(engine) == "triton":
+    ray_only = {"--replicas": replicas, "--gpus-per-replica": gpus_per_replica,
+                "--cpus-per-replica": cpus_per_replica, "--autoscaling": autoscaling, "--address": address,
+                "--vocab": vocab or None, "--fast-decode": fast_decode, "--max-bytes": max_bytes,
+                "--request-timeout": request_timeout}
+    triton_only = {"--grpc-port": grpc_port, "--metrics-port": metrics_port, "--topk": topk, "--stub-env": stub_env}
+    engine = choice(engine)
+    other, kind, foreign = ("triton", "a Triton", triton_only) if engine == "ray" else \
+        ("ray", "a Ray Serve", ray_only)
+    for flag, value in foreign.items():
+        if value is not None:
+            fail(f"{flag} is {kind} option; drop it or use --engine {other}", code=2)
+    if engine == "triton":
         from novic.serve.triton import serve as triton_serve
 
-        triton_serve(str(bundle), host=host, http_port=port, grpc_port=grpc_port, max_batch=max_batch,
-                     max_wait_ms=max_wait_ms, backend=backend, precision=precision, metrics_port=metrics_port,
-                     topk=topk, threads=threads, stub_env=stub_env)
+        given = {name: value for name, value in dict(grpc_port=grpc_port, metrics_port=metrics_port,
+                                                     topk=topk).items() if value is not None}
+        triton_serve(str(bundle), host=host, http_port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     backend=backend, precision=precision, threads=threads, stub_env=stub_env, **given)
         return
     scaling = None
     if autoscaling is not None:
@@ -87,10 +113,13 @@ def main_command(
             fail("--autoscaling: give a JSON object such as '{\"min_replicas\": 1, \"max_replicas\": 4}'", code=2)
     from novic.serve.ray_serve import serve
 
-    serve(bundle, address=address, host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
-          cpus_per_replica=cpus_per_replica, autoscaling=scaling, backend=backend, precision=precision,
-          threads=threads, fast_decode=fast_decode, max_batch=max_batch, batch_wait_s=max_wait_ms / 1e3,
-          max_bytes=max_bytes, request_timeout_s=request_timeout, vocabularies=_vocabularies(vocab))
+    given = {name: value for name, value in dict(
+        replicas=replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+        fast_decode=fast_decode, max_bytes=max_bytes, request_timeout_s=request_timeout).items()
+        if value is not None}
+    serve(bundle, address=address, host=host, port=port, autoscaling=scaling, backend=backend,
+          precision=precision, threads=threads, max_batch=max_batch, batch_wait_s=max_wait_ms / 1e3,
+          vocabularies=_vocabularies(vocab), **given)
 
 
 def main():

@@ -17,8 +17,8 @@ ingress sees the replica's death as an exception and answers 503 itself.
 Options, as query parameters or JSON fields (`{"image": base64, ...}` with Content-Type
 application/json): topk, beam_width, guided, temperature, alpha, vocab. `vocab` is the name of a
 server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`)
-or inline nouns (a JSON list; in a query, `vocab=dog&vocab=cat`: one value that names a server-side
-vocabulary picks it). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
+or inline nouns (a JSON list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query
+value must name a server-side vocabulary or hold a comma, else 400). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
 "labels", "error"}); 400 a bad option (checked before any image work; the message names it), 413 a
 body over `max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`),
 each with {"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
@@ -59,6 +59,12 @@ class ServeConfig:
     max_bytes: int = MAX_BYTES
     request_timeout_s: float = 60.0
     vocabularies: Mapping[str, str] = field(default_factory=dict)   # name -> noun file on every node
+
+    def __post_init__(self):
+        # replicas may run in another working directory: paths are made absolute on the driver
+        object.__setattr__(self, "bundle", os.path.abspath(os.fspath(self.bundle)))
+        object.__setattr__(self, "vocabularies", {name: os.path.abspath(os.fspath(path))
+                                                  for name, path in self.vocabularies.items()})
 
 
 def _parse(name: str, kind: str, value: Any) -> Any:
@@ -106,9 +112,16 @@ def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], 
 
 
 def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
-    if from_query and len(value) == 1 and value[0] in vocabularies:
-        return vocabularies[value[0]]
-    if from_query or (isinstance(value, list) and value):
+    if from_query and len(value) == 1:
+        # one query value is a vocabulary name or a comma list ("dog,cat", as novic-run --vocab):
+        # a lone unknown word is far more likely a mistyped name than a one-noun vocabulary
+        value = value[0]
+        if "," in value and value not in vocabularies:
+            nouns = [noun.strip() for noun in value.split(",") if noun.strip()]
+            if not nouns:
+                raise RequestError(f"vocab: {value!r} holds no nouns; give NAME or 'dog,cat'")
+            return nouns
+    elif from_query or (isinstance(value, list) and value):
         if not all(isinstance(v, str) for v in value):
             raise RequestError("vocab: a list of nouns must hold strings")
         return list(value)
@@ -185,7 +198,7 @@ def serve(bundle, *, address: str | None = None, host: str = "127.0.0.1", port: 
     `blocking=False` (then returns the ingress' DeploymentHandle)."""
     from novic.serve._ray import connect, require
 
-    config = check_config(ServeConfig(bundle=os.path.abspath(os.fspath(bundle)), **options))
+    config = check_config(ServeConfig(bundle=bundle, **options))
     connect(address, num_cpus=num_cpus)
     rserve = require("ray.serve")
     rserve.start(http_options={"host": host, "port": port})
