@@ -513,31 +513,31 @@ class Classifier:
             batch = pixels[good] if len(good) < len(results) else pixels
             embeds = self._embed_on_device(batch)
             on_device = embeds is not None
-            if not on_device:   # on the host: checked here; on the device, by the scores below
-                embeds = self.embed(batch)
-                finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
-                keep = [j for j in range(len(good)) if finite[j]]
-                embeds = embeds[keep] if len(keep) < len(good) else embeds
-            else:
+            if on_device:   # checked after decoding, so that the prefill reads them without a round trip
                 keep = list(range(len(good)))
-            bad_embedding = set(range(len(good))) - set(keep)
-            if keep:
-                hyps = self.decode(embeds, vocabulary, beam_width, temperature, alpha)
-                for j, h in zip(keep, hyps):
-                    if on_device and h and math.isnan(h[0].logprob):   # a non-finite embedding: all NaN
-                        bad_embedding.add(j)
-                        continue
-                    if not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):   # never a NaN label
-                        results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
-                                                  f"the bundle's weights are damaged or from a diverged "
-                                                  f"training run: export it again from a good checkpoint")
-                        continue
-                    results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
-                                                     float(hyp.prob)) for hyp in h[:topk]]
-            fp32 = option("precision='fp32'", "--precision fp32")
-            for j in sorted(bad_embedding):
-                results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
-                                          f"embedding; try {fp32}")
+            else:
+                embeds = self.embed(batch)
+                bad = _bad_embeddings(embeds)
+                keep = [j for j in range(len(good)) if j not in bad]
+                embeds = embeds[keep] if len(keep) < len(good) else embeds
+            hyps = self.decode(embeds, vocabulary, beam_width, temperature, alpha) if keep else []
+            bad = _bad_embeddings(embeds.numpy()) if on_device else set(range(len(good))) - set(keep)
+            for j, h in zip(keep, hyps):
+                if j in bad:
+                    continue
+                # every beam dead (a NaN sorts after -inf) or a non-finite score: never an empty or NaN answer
+                if not h or not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):
+                    results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
+                                              f"the bundle's weights are damaged or from a diverged "
+                                              f"training run: export it again from a good checkpoint")
+                    continue
+                results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
+                                                 float(hyp.prob)) for hyp in h[:topk]]
+            if bad:
+                fp32 = option("precision='fp32'", "--precision fp32")
+                for j in sorted(bad):
+                    results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or "
+                                              f"zero embedding; try {fp32}")
         return results
 
     def _embed_on_device(self, pixels):
@@ -569,6 +569,13 @@ class _Closed:
 
     def __call__(self, *args, **kwargs):
         raise ClassifierError(CLOSED)
+
+def _bad_embeddings(embeds: np.ndarray) -> set[int]:
+    """Rows of the encoder's unit embeddings that are not finite or all zero (an fp16 overflow, or a
+    tower output of zeros that the graph's L2 normalisation leaves at zero)."""
+    good = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
+    return {int(j) for j in np.flatnonzero(~good)}
+
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
