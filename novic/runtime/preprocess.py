@@ -161,7 +161,8 @@ class Preprocessor:
     stays at least DRAFT_OVERSAMPLE x the target size on both sides: several times faster for
     camera photos, not bit-identical to open_clip.
     jpeg_decoder (`novic.runtime.nvjpeg.jpeg_decoder`): `load_batch` decodes the batch's JPEG
-    files/bytes with it in one call (nvImageCodec, on the GPU) and the rest with Pillow.
+    files/bytes with it in one call (nvImageCodec, on the GPU) and the rest with Pillow; with
+    fast_decode every JPEG goes to Pillow (nvImageCodec has no reduced-scale decode).
     Thread-safe: the transform is a pure function; the pool is created once, lazily."""
 
     def __init__(self, config: PreprocessConfig | Mapping[str, Any], *, threads: int | None = None,
@@ -250,7 +251,7 @@ class Preprocessor:
         """The JPEG files/bytes among `sources` decoded in one batch by `jpeg_decoder` (None for
         the other inputs, for JPEGs it could not decode, and without a jpeg_decoder)."""
         decoded: list[np.ndarray | None] = [None] * len(sources)
-        if self.jpeg_decoder is None:
+        if self.jpeg_decoder is None or self.draft is not None:   # fast_decode: Pillow's reduced-scale decode
             return decoded
         from novic.runtime.nvjpeg import jpeg_payload
 
