@@ -161,7 +161,8 @@ class Preprocessor:
     stays at least DRAFT_OVERSAMPLE x the target size on both sides: several times faster for
     camera photos, not bit-identical to open_clip.
     jpeg_decoder (`novic.runtime.nvjpeg.jpeg_decoder`): `load_batch` decodes the batch's JPEG
-    files/bytes with it in one call (nvImageCodec, on the GPU) and the rest with Pillow; with
+    files/bytes with it in one call (nvImageCodec, on the GPU) when there are several (a single
+    image is decoded by Pillow in the caller's thread) and the rest with Pillow; with
     fast_decode every JPEG goes to Pillow (nvImageCodec has no reduced-scale decode).
     Thread-safe: the transform is a pure function; the pool is created once, lazily."""
 
@@ -255,8 +256,12 @@ class Preprocessor:
             return decoded
         from novic.runtime.nvjpeg import jpeg_payload
 
+        if len(sources) < 2:   # one image: Pillow in this thread, not a queue on the shared decoder
+            return decoded
         payloads = [jpeg_payload(s) for s in sources]
         at = [i for i, p in enumerate(payloads) if p is not None]
+        if len(at) < 2:
+            return decoded
         for i, array in zip(at, self.jpeg_decoder.decode([payloads[i] for i in at])):
             decoded[i] = array
         return decoded
