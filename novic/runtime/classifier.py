@@ -209,13 +209,17 @@ class Classifier:
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
             raise ClassifierError(f"precision {precision!r} is not one of {PRECISIONS}")
-        variant = "plain"
+        if fused and choice.backend == "trt":
+            raise ClassifierError("fused=True: fused graphs are onnxruntime's (ort-cpu, ort-cuda); TensorRT "
+                                  "fuses its engines itself: drop fused=True or pick an ort backend")
+        variant, reason = "plain", choice.reason
         if choice.backend == "trt":
             encoder, decoder, used = _open_trt(bundle, choice, device_id)
         else:
             encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused)
+            reason += f"; {variant} {used} graphs" if variant != "plain" else ""
         bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
-        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
+        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
                   precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
                   fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
         log.info("novic: %s", clf.describe())
@@ -598,16 +602,19 @@ def _as_list(images) -> list:
         return [images]
 
 
-def _ort_variants(bundle, precision: str, choice, fused: bool | None) -> tuple[str, str]:
-    """"fused" or "plain" for the encoder and for the decoder graphs of `precision` (see
-    Classifier.load's `fused`). The two are gated apart at export, so either may be missing."""
+def _ort_variants(bundle, precision: str, backend: str, fused: bool | None) -> tuple[str, str]:
+    """"fused" or "plain" for the encoder and for the decoder graphs of `precision`, the final one
+    (see Classifier.load's `fused`; None: `prefers_fused(backend)`). The two are gated apart at
+    export, so either may be missing."""
+    from novic.runtime.backends.select import prefers_fused
+
     have = {part: bundle.has_fused(precision, roles) for part, roles in
             (("encoder", ("image_encoder",)), ("decoder", ("decoder_prefill", "decoder_step")))}
     if fused and not any(have.values()):
         raise ClassifierError(f"{bundle.path}: no fused {precision} graphs in this bundle (they are written by "
                               "novic-export onnx and left out when they fail their gate); re-export, or load "
                               "without fused=True")
-    take = fused is not False and (fused or choice.variant == "fused")
+    take = prefers_fused(backend) if fused is None else fused
     return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
 
 
@@ -618,6 +625,9 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
     want = precision or choice.precision
     have = bundle.precisions("decoder_step")
     if want in QUANTIZED:  # int8/fp8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
+        if fused:
+            raise ClassifierError(f"fused=True: there are no fused {want} graphs (fused graphs are fp32/fp16); "
+                                  f"drop fused=True or load precision 'fp32' or 'fp16'")
         if want not in bundle.precisions("image_encoder"):
             method = "modelopt-fp8" if want == "fp8" else "dynamic"
             raise ClassifierError(f"{bundle.path}: no {want} image encoder in this bundle; create one with "
@@ -633,7 +643,7 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
             raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "
                                   f"pick one of those or re-export")
         want = "fp32" if "fp32" in have else have[0]
-    enc_variant, dec_variant = _ort_variants(bundle, want, choice, fused)
+    enc_variant, dec_variant = _ort_variants(bundle, want, choice.backend, fused)
     enc_have = bundle.precisions("image_encoder", enc_variant)
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
     encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,
