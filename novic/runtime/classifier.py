@@ -487,10 +487,14 @@ class Classifier:
             loader.shutdown(wait=False, cancel_futures=True)
 
     def _load_batch(self, sources):
-        """preprocessor.load_batch; if close() shut its pool down under this call (another thread
-        closed the Classifier), the closed error instead of the pool's RuntimeError."""
+        """preprocessor.load_batch; if close() shut its pool down before or under this call
+        (another thread closed the Classifier), the closed error instead of the pool's RuntimeError."""
+        from novic.runtime.preprocess import PreprocessorClosed
+
         try:
             return self.preprocessor.load_batch(sources)
+        except PreprocessorClosed:
+            raise ClassifierError(CLOSED) from None
         except RuntimeError:
             if self._closing:
                 raise ClassifierError(CLOSED) from None

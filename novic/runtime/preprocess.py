@@ -154,6 +154,10 @@ def _crop_offsets(w: int, h: int, cw: int, ch: int) -> tuple[int, int, int, int]
 DRAFT_OVERSAMPLE = 2
 
 
+class PreprocessorClosed(RuntimeError):
+    """load_batch after close() (the Classifier says "this Classifier was closed")."""
+
+
 class Preprocessor:
     """Callable: RGB PIL image (or any `load_image` input) -> float32 [3, H, W].
 
@@ -177,6 +181,7 @@ class Preprocessor:
         self._std = np.asarray(self.config.std, dtype=np.float32).reshape(3, 1, 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closed = False   # after close(): no new pool, no loading
 
     # ---- single image ----
     def pixels(self, image: Image.Image) -> np.ndarray:
@@ -216,6 +221,8 @@ class Preprocessor:
     # ---- batches ----
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
+            if self._closed:   # a pool made now would never be shut down
+                raise PreprocessorClosed("this Preprocessor was closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="novic-pre")
             return self._pool
@@ -238,6 +245,8 @@ class Preprocessor:
         """Load + preprocess every input in the pool: (float32 [N, 3, H, W], per-input error or None).
 
         Rows of failed inputs are left zero; a bad input never stops the others."""
+        if self._closed:
+            raise PreprocessorClosed("this Preprocessor was closed")
         th, tw = self.config.size
         out = np.zeros((len(sources), 3, th, tw), dtype=np.float32)
         decoded = self._decode_jpegs(sources)
@@ -275,7 +284,9 @@ class Preprocessor:
         return out
 
     def close(self) -> None:
+        """Shut the loading pool down; loading afterwards raises PreprocessorClosed. Idempotent."""
         with self._pool_lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
