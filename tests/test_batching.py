@@ -159,3 +159,18 @@ def test_classifier_close_waits_for_a_running_batch(runtime_bundle):  # noqa: F8
         threading.Thread(target=lambda: (clf.close(), closed.set()), daemon=True).start()
         assert not closed.wait(0.5) and not clf.closed
     assert closed.wait(30) and clf.closed
+
+
+def test_a_classifier_closed_while_a_caller_loads_is_one_line(classifier, monkeypatch):  # noqa: F811
+    """close() shuts the loading pool down under a caller already past the option checks: that
+    caller gets the closed error, not the pool's RuntimeError."""
+    monkeypatch.setattr(classifier, "_closing", False)   # restored to this after the test
+
+    def shut(sources):
+        classifier._closing = True   # what close() sets first, before stopping the pool
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(classifier.preprocessor, "load_batch", shut)
+    with Batcher(classifier, max_batch=2, max_wait_ms=WAIT_MS) as batcher:
+        with pytest.raises(ClassifierError, match="this Classifier was closed"):
+            batcher.classify_one(images()[0])

@@ -67,7 +67,7 @@ def test_round_trip(exported):
     ckpt = load_checkpoint(ckpt_path)
     b = Bundle.open(path)
     m = b.manifest
-    assert m["format"] == "novic-bundle" and m["format_version"] == 1 and m["novic_version"]
+    assert m["format"] == "novic-bundle" and m["format_version"] == 2 and m["novic_version"]
     assert b.decoder_config == ckpt.config
     assert b.token_table.to_dict() == ckpt.token_table.to_dict()
     assert b.nouns == NOUNS
@@ -142,6 +142,24 @@ def test_truncated_and_missing_artifacts(copy):
         Bundle.open(copy)
 
 
+def test_a_version_1_manifest_still_reads(copy):
+    """Bundles written before fused variants and the hierarchy (format_version 1) open and classify."""
+    from novic.runtime.classifier import Classifier
+
+    mpath = copy / MANIFEST
+    data = json.loads(mpath.read_text())
+    assert data["format_version"] == 2
+    data["format_version"] = 1
+    data["artifacts"] = [a for a in data["artifacts"] if a.get("variant", "plain") == "plain"]
+    assert all("variant" not in a for a in data["artifacts"])
+    data.pop("hierarchy", None)
+    mpath.write_text(json.dumps(data))
+    bundle = Bundle.open(copy, verify="eager")
+    assert bundle.format_version == 1 and not bundle.has_hierarchy and not bundle.fused_precisions()
+    with Classifier.load(bundle, backend="ort-cpu", threads=1) as clf:
+        assert clf.variant == "plain" and clf.classify([np.zeros((32, 32, 3), np.uint8)])[0].ok
+
+
 def test_manifest_problems(copy, tmp_path):
     mpath = copy / MANIFEST
     text = mpath.read_text()
@@ -151,7 +169,7 @@ def test_manifest_problems(copy, tmp_path):
     data = json.loads(text)
     for change, pattern in (
         ({"format": "something-else"}, "not a novic bundle manifest"),
-        ({"format_version": 99}, r"format_version 99 is newer than this novic supports \(1.*upgrade novic"),
+        ({"format_version": 3}, r"format_version 3 is newer than this novic supports \(2.*upgrade novic"),
         ({"format_version": "1"}, "format_version must be an integer"),
     ):
         mpath.write_text(json.dumps({**data, **change}))

@@ -102,8 +102,10 @@ def test_gate_passes_and_int8_round_trips(bundle_copy, method):
     # static QDQ flips 1-2 near-tied labels of the tiny random decoder (log-prob gaps ~0.1); the
     # gate itself is exercised at 97 % by the dynamic case and the failure tests
     agree = 0.97 if method == "dynamic" else 0.9
+    version = _manifest(bundle_copy)["format_version"]
     res = calibrate_bundle(bundle_copy, n=N, n_heldout=HELD, method=method, min_agreement=agree, console=QUIET)
     assert res["gates"]["passed"], res["summary"]
+    assert _manifest(bundle_copy)["format_version"] == version   # the rewritten manifest keeps its version
     assert res["written"] and res["gates"]["cosine_mean"] >= 0.99 and res["gates"]["top1_agreement"] >= agree
     entry = [a for a in _manifest(bundle_copy)["artifacts"] if a["precision"] == "int8"]
     assert len(entry) == 1 and entry[0]["role"] == "image_encoder" and entry[0]["file"] == encoder_file("int8")

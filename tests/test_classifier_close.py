@@ -57,3 +57,21 @@ def test_close_while_the_next_batch_is_prefetched(runtime_bundle):
     assert all(r.ok for r in first)
     with pytest.raises(ClassifierError, match="this Classifier was closed"):
         list(results)
+
+
+def test_a_closed_preprocessor_makes_no_new_pool(runtime_bundle):
+    """Preprocessor.close() is final: loading afterwards raises instead of starting a pool that
+    nobody shuts down; the Classifier reports it as closed."""
+    from novic.runtime.preprocess import PreprocessorClosed
+
+    clf = Classifier.load(runtime_bundle.bundle, backend="ort-cpu", threads=2)
+    pre = clf.preprocessor
+    assert all(e is None for e in pre.load_batch(images(2))[1])
+    pre.close()
+    for batch in (images(2), images(1)):
+        with pytest.raises(PreprocessorClosed, match="this Preprocessor was closed"):
+            pre.load_batch(batch)
+    assert pre._pool is None
+    with pytest.raises(ClassifierError, match="this Classifier was closed"):
+        clf.classify(images(2))
+    clf.close()

@@ -40,7 +40,8 @@ def test_handoff_gives_the_host_paths_labels_without_copying_out(device_classifi
     images = photos(5)
     got = device_classifier.classify(images, batch_size=3)
     want = classifier.classify(images, batch_size=3)
-    assert handed == [3, 2] and copied == []          # every batch went through the device, none came back
+    assert handed == [3, 2]                            # every batch went through the device
+    assert copied == [1, 1]   # and came back only once decoded, for the embedding check
     assert [(r.error, r.labels) for r in got] == [(r.error, r.labels) for r in want]
     assert all(r.ok and r.labels for r in got)
 
@@ -86,3 +87,38 @@ def test_non_finite_embedding_on_the_device_is_one_line_error(device_classifier,
     assert results[1].labels == [] and results[1].error.endswith(
         "the image encoder returned a non-finite or zero embedding; try precision='fp32'")
     assert results[0].labels and results[2].labels
+
+
+@pytest.mark.parametrize("value", [np.nan, 0.0])
+@pytest.mark.parametrize("small_vocab", [False, True])
+def test_bad_embedding_is_the_same_error_on_both_paths(device_classifier, classifier, monkeypatch, value,
+                                                       small_vocab):
+    """NaN or zero in the second image's embedding: that image errs with the same line on the
+    device path as on the host path, also with a vocabulary smaller than the beam (every beam then
+    ends on a dead candidate and the search hands back no hypotheses), and the others keep labels."""
+    import onnxruntime
+
+    from novic.runtime.backends.ort import DeviceEmbeddings
+
+    real_device, real_host = device_classifier.encoder.embed_on_device, classifier.encoder
+
+    def on_device(pixels):
+        values = real_device(pixels).numpy()
+        values[1] = value
+        return DeviceEmbeddings(onnxruntime.OrtValue.ortvalue_from_numpy(values))
+
+    def on_host(pixels):
+        values = real_host(pixels).copy()
+        values[1] = value
+        return values
+
+    monkeypatch.setattr(device_classifier.encoder, "embed_on_device", on_device)
+    monkeypatch.setattr(classifier, "encoder", on_host)
+    options = {"vocab": classifier.vocabulary().nouns[:2], "beam_width": 10} if small_vocab else {}
+    images = photos(3)
+    got = device_classifier.classify(images, batch_size=3, **options)
+    want = classifier.classify(images, batch_size=3, **options)
+    assert [(r.error, r.labels) for r in got] == [(r.error, r.labels) for r in want]
+    assert [r.ok for r in got] == [True, False, True] and got[1].labels == []
+    assert got[1].error.endswith("the image encoder returned a non-finite or zero embedding; try precision='fp32'")
+    assert got[0].labels and got[2].labels

@@ -192,11 +192,15 @@ def test_bundle_runtime_and_selection(runtime_bundle, tmp_path):   # noqa: F811
     gpu = Probe(gpu_name="NVIDIA H100", compute_capability="9.0", ort_version="1.23.0",
                 ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     cpu = Probe(ort_version="1.32.0", ort_providers=("CPUExecutionProvider",))
-    choice = select_backend((), ("fp32", "fp16"), facts=gpu, fused=("fp16", "fp32"))
-    assert (choice.backend, choice.precision, choice.variant) == ("ort-cuda", "fp16", "fused")
-    assert "CUDAExecutionProvider on NVIDIA H100; fused fp16 graphs" in choice.reason
-    assert select_backend((), ("fp32", "fp16"), facts=gpu, fused=("fp32",)).variant == "plain"  # no fused fp16
-    assert select_for_bundle(b, "ort-cpu", facts=cpu).variant == "plain"   # CPU: not faster (benchmarks.md)
+    from novic.runtime.classifier import _ort_variants
+
+    choice = select_backend((), ("fp32", "fp16"), facts=gpu)
+    assert (choice.backend, choice.precision) == ("ort-cuda", "fp16")
+    # fused or plain is decided for the precision that is loaded, not for the backend's default
+    assert _ort_variants(b, "fp32", "ort-cuda", None) == ("fused", "fused")
+    assert _ort_variants(b, "fp16", "ort-cuda", None) == ("plain", "plain")      # no fused fp16
+    assert _ort_variants(b, "fp32", "ort-cpu", None) == ("plain", "plain")       # CPU: not faster (benchmarks.md)
+    assert _ort_variants(b, "fp32", "ort-cuda", False) == ("plain", "plain")
     assert select_for_bundle(b, "auto", facts=cpu).backend == "ort-cpu"
 
     images = [np.full((64, 64, 3), v, np.uint8) for v in (0, 90, 200)]
@@ -211,8 +215,55 @@ def test_bundle_runtime_and_selection(runtime_bundle, tmp_path):   # noqa: F811
         assert clf.variant == "plain" and labels(clf) == fused_labels
 
     old = Bundle.open(strip_fused(runtime_bundle.bundle, tmp_path / "old"), verify="eager")
-    assert old.fused_precisions() == [] and select_for_bundle(old, "ort-cpu", facts=cpu).variant == "plain"
+    assert old.fused_precisions() == [] and select_for_bundle(old, "ort-cpu", facts=cpu).backend == "ort-cpu"
     with Classifier.load(old, "ort-cpu") as clf:
         assert clf.variant == "plain" and labels(clf) == fused_labels
     with pytest.raises(ClassifierError, match="no fused fp32 graphs in this bundle"):
         Classifier.load(old, "ort-cpu", fused=True)
+
+
+def test_fused_follows_the_loaded_precision(runtime_bundle, monkeypatch):   # noqa: F811
+    """ort-cuda picks its default precision (fp16 here) but the caller loads fp32: the fused fp32
+    graphs are taken and the reason names them; fused=True where no fused graph can exist (int8/fp8,
+    TensorRT) is one line, not ignored. Run with CPU sessions standing in for CUDA ones."""
+    from novic.runtime.backends import ort
+    from novic.runtime.backends import select
+    from novic.runtime.bundle import Bundle
+    from novic.runtime.classifier import Classifier, ClassifierError
+
+    b = Bundle.open(runtime_bundle.bundle)
+    backend = {"name": "ort-cuda", "precision": "fp16"}
+    monkeypatch.setattr(select, "select_for_bundle", lambda bundle, requested: select.Choice(
+        backend["name"], f"{backend['name']}: stand-in", backend["precision"]))
+    for cls in ("OrtImageEncoder", "OrtDecoderSession"):
+        real = getattr(ort, cls)
+        monkeypatch.setattr(ort, cls, lambda *a, _real=real, **kw: _real(*a, **{**kw, "provider": "cpu"}))
+    with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, jpeg_decoder="pillow") as clf:
+        assert (clf.precision, clf.variant) == ("fp32", "fused")
+        assert clf.backend_reason == "ort-cuda: stand-in; fused fp32 graphs"
+    with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, fused=False, jpeg_decoder="pillow") as clf:
+        assert clf.variant == "plain" and clf.backend_reason == "ort-cuda: stand-in"
+    with pytest.raises(ClassifierError, match=r"^fused=True: there are no fused int8 graphs"):
+        Classifier.load(b, "ort-cuda", precision="int8", fused=True, jpeg_decoder="pillow")
+    backend.update(name="trt")
+    with pytest.raises(ClassifierError, match=r"^fused=True: fused graphs are onnxruntime's"):
+        Classifier.load(b, "trt", fused=True, jpeg_decoder="pillow")
+
+
+def test_calib_derives_from_the_plain_fp32_encoder(runtime_bundle, tmp_path):   # noqa: F811
+    """A manifest listing the fused fp32 encoder first: the quantised entry copies the plain one's I/O."""
+    from novic.calib.run import add_artifact
+
+    root = tmp_path / "b"
+    shutil.copytree(runtime_bundle.bundle, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    arts = manifest["artifacts"]
+    fused = next(a for a in arts if a["role"] == "image_encoder" and a.get("variant") == "fused")
+    plain = next(a for a in arts if a["role"] == "image_encoder" and a["precision"] == "fp32" and "variant" not in a)
+    fused["inputs"] = [{"name": "fused-marker"}]
+    manifest["artifacts"] = [fused] + [a for a in arts if a is not fused]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    src = tmp_path / "enc.int8.onnx"
+    shutil.copy(root / plain["file"], src)
+    entry = add_artifact(root, src, role="image_encoder", precision="int8", name="image_encoder.int8.onnx")
+    assert entry["inputs"] == plain["inputs"] != fused["inputs"]

@@ -126,8 +126,9 @@ def test_the_runtime_never_reports_a_nan_score(runtime_bundle):
     try:
         assert clf.classify([image])[0].ok
         clf.decoder = NanSession()
-        for guided in (True, False):
-            result = clf.classify([image], guided=guided)[0]
+        two_nouns = clf.vocabulary().nouns[:2]   # a small vocabulary: every beam ends on a dead candidate
+        for options in ({"guided": True}, {"guided": False}, {"vocab": two_nouns, "beam_width": 10}):
+            result = clf.classify([image], **options)[0]
             assert not result.ok and result.labels == []
             assert "the decoder returned non-finite scores" in result.error
             json.dumps(result.to_dict(), allow_nan=False)

@@ -99,11 +99,49 @@ def test_jpegs_go_to_nvimgcodec_in_one_batch_the_rest_to_pillow(fake, tmp_path):
     decoder = nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
     got, errors = Preprocessor(CONFIG, threads=2, jpeg_decoder=decoder).load_batch(sources)
     want, want_errors = Preprocessor(CONFIG, threads=2).load_batch(sources)
-    assert fake.batches == [4]                  # one call: the JPEG file, the JPEG bytes, both broken ones
+    assert fake.batches == [3]                  # one call: the JPEG file, the JPEG bytes, the one it gives up on
+                                                # (no header: Pillow's path, straight away)
     assert fake.decoder_kwargs == {"device_id": 0}
     assert np.array_equal(got, want)            # the stand-in decodes as Pillow does
     assert [e is None for e in errors] == [True, True, True, True, True, False, False]
     assert [str(e) for e in errors] == [str(e) for e in want_errors]
+
+
+def test_pillows_limits_hold_on_the_nvimgcodec_path(fake, tmp_path, monkeypatch):
+    """Above MAX_IMAGE_PIXELS (novic-run --max-pixels), a file far larger than its pixels, and
+    every JPEG with fast_decode: Pillow decodes them (its bomb error line, its reduced scale),
+    nvImageCodec never sees them."""
+    images = photos()
+    small, big = jpeg(images[0]), jpeg(images[3])          # 160x120, 280x150
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(small + b"\0" * (nvjpeg.METADATA_BYTES + 3 * 160 * 120 + 1))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 280 * 150 // 2 - 1)   # big is over twice the limit
+    sources = [small, big, padded, small]
+    decoder = nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
+    got, errors = Preprocessor(CONFIG, threads=2, jpeg_decoder=decoder).load_batch(sources)
+    want, want_errors = Preprocessor(CONFIG, threads=2).load_batch(sources)
+    assert fake.batches == [2]                  # only the small JPEGs
+    assert [e is None for e in errors] == [True, False, True, True]
+    assert "image too large" in str(errors[1]) and str(errors[1]) == str(want_errors[1])
+    assert np.array_equal(got, want)
+    fake.batches.clear()
+    fast = Preprocessor(CONFIG, threads=2, fast_decode=True, jpeg_decoder=decoder)
+    pair = [small, small]
+    assert np.array_equal(fast.load_batch(pair)[0], Preprocessor(CONFIG, fast_decode=True).load_batch(pair)[0])
+    assert fake.batches == []
+
+
+def test_a_single_jpeg_is_decoded_by_pillow_in_the_callers_thread(fake):
+    """The batch decoder is shared (one lock): one image per call (Batcher's callers) would only
+    queue on it, so it takes batches of two JPEGs or more."""
+    images = photos()
+    decoder = nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
+    pre = Preprocessor(CONFIG, threads=2, jpeg_decoder=decoder)
+    pre.load_batch([jpeg(images[0])])
+    pre.load_batch([jpeg(images[0]), png(images[1])])
+    assert fake.batches == []
+    pre.load_batch([jpeg(images[0]), jpeg(images[1])])
+    assert fake.batches == [2]
 
 
 def test_choosing_a_decoder(fake, monkeypatch):

@@ -78,7 +78,7 @@ class Batcher:
                                                                              temperature, alpha)
         options = dict(topk=topk, guided=vocabulary is not None, vocab=vocabulary, beam_width=beam_width,
                        temperature=temperature, alpha=alpha)
-        pixels, (error,) = clf.preprocessor.load_batch([image])   # in this thread: decoding in parallel
+        pixels, (error,) = clf._load_batch([image])   # in this thread, by Pillow: decoding in parallel
         if error is not None:
             return Result(describe(image), [], str(error))
         request = _Request(options, pixels[0], describe(image))

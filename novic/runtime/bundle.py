@@ -43,7 +43,9 @@ from novic.config import DecoderConfig
 from novic.errors import NovicError
 
 FORMAT_NAME = "novic-bundle"
-FORMAT_VERSION = 1
+# 2: artifacts may carry "variant" (fused graphs) and the manifest a "hierarchy"; both optional, so
+# version-1 bundles read unchanged, and a novic that reads only 1 says "upgrade" on a 2.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VERIFY_CACHE = ".novic-verified.json"
 
@@ -51,7 +53,7 @@ ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")   # image encoder only (novic-export calib); the decoder stays fp32/fp16
 # "plain": standard ONNX ops (every backend); "fused": onnxruntime's contrib ops (novic.export.fused).
-# An entry without "variant" is plain, so bundles written before fused variants read unchanged.
+# An entry without "variant" is plain (every format_version 1 entry).
 VARIANTS = ("plain", "fused")
 REEXPORT = "re-export with novic-export onnx"
 _CHUNK = 1 << 20

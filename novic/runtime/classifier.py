@@ -209,13 +209,17 @@ class Classifier:
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
             raise ClassifierError(f"precision {precision!r} is not one of {PRECISIONS}")
-        variant = "plain"
+        if fused and choice.backend == "trt":
+            raise ClassifierError("fused=True: fused graphs are onnxruntime's (ort-cpu, ort-cuda); TensorRT "
+                                  "fuses its engines itself: drop fused=True or pick an ort backend")
+        variant, reason = "plain", choice.reason
         if choice.backend == "trt":
             encoder, decoder, used = _open_trt(bundle, choice, device_id)
         else:
             encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused)
+            reason += f"; {variant} {used} graphs" if variant != "plain" else ""
         bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
-        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=choice.reason,
+        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
                   precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
                   fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
         log.info("novic: %s", clf.describe())
@@ -483,10 +487,14 @@ class Classifier:
             loader.shutdown(wait=False, cancel_futures=True)
 
     def _load_batch(self, sources):
-        """preprocessor.load_batch; if close() shut its pool down under this call (another thread
-        closed the Classifier), the closed error instead of the pool's RuntimeError."""
+        """preprocessor.load_batch; if close() shut its pool down before or under this call
+        (another thread closed the Classifier), the closed error instead of the pool's RuntimeError."""
+        from novic.runtime.preprocess import PreprocessorClosed
+
         try:
             return self.preprocessor.load_batch(sources)
+        except PreprocessorClosed:
+            raise ClassifierError(CLOSED) from None
         except RuntimeError:
             if self._closing:
                 raise ClassifierError(CLOSED) from None
@@ -513,31 +521,31 @@ class Classifier:
             batch = pixels[good] if len(good) < len(results) else pixels
             embeds = self._embed_on_device(batch)
             on_device = embeds is not None
-            if not on_device:   # on the host: checked here; on the device, by the scores below
-                embeds = self.embed(batch)
-                finite = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
-                keep = [j for j in range(len(good)) if finite[j]]
-                embeds = embeds[keep] if len(keep) < len(good) else embeds
-            else:
+            if on_device:   # checked after decoding, so that the prefill reads them without a round trip
                 keep = list(range(len(good)))
-            bad_embedding = set(range(len(good))) - set(keep)
-            if keep:
-                hyps = self.decode(embeds, vocabulary, beam_width, temperature, alpha)
-                for j, h in zip(keep, hyps):
-                    if on_device and h and math.isnan(h[0].logprob):   # a non-finite embedding: all NaN
-                        bad_embedding.add(j)
-                        continue
-                    if not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):   # never a NaN label
-                        results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
-                                                  f"the bundle's weights are damaged or from a diverged "
-                                                  f"training run: export it again from a good checkpoint")
-                        continue
-                    results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
-                                                     float(hyp.prob)) for hyp in h[:topk]]
-            fp32 = option("precision='fp32'", "--precision fp32")
-            for j in sorted(bad_embedding):
-                results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or zero "
-                                          f"embedding; try {fp32}")
+            else:
+                embeds = self.embed(batch)
+                bad = _bad_embeddings(embeds)
+                keep = [j for j in range(len(good)) if j not in bad]
+                embeds = embeds[keep] if len(keep) < len(good) else embeds
+            hyps = self.decode(embeds, vocabulary, beam_width, temperature, alpha) if keep else []
+            bad = _bad_embeddings(embeds.numpy()) if on_device else set(range(len(good))) - set(keep)
+            for j, h in zip(keep, hyps):
+                if j in bad:
+                    continue
+                # every beam dead (a NaN sorts after -inf) or a non-finite score: never an empty or NaN answer
+                if not h or not all(math.isfinite(hyp.logprob) for hyp in h[:topk]):
+                    results[good[j]].error = (f"{names[good[j]]}: the decoder returned non-finite scores; "
+                                              f"the bundle's weights are damaged or from a diverged "
+                                              f"training run: export it again from a good checkpoint")
+                    continue
+                results[good[j]].labels = [Label(self._text(hyp.tokens, vocabulary), float(hyp.logprob),
+                                                 float(hyp.prob)) for hyp in h[:topk]]
+            if bad:
+                fp32 = option("precision='fp32'", "--precision fp32")
+                for j in sorted(bad):
+                    results[good[j]].error = (f"{names[good[j]]}: the image encoder returned a non-finite or "
+                                              f"zero embedding; try {fp32}")
         return results
 
     def _embed_on_device(self, pixels):
@@ -570,6 +578,13 @@ class _Closed:
     def __call__(self, *args, **kwargs):
         raise ClassifierError(CLOSED)
 
+def _bad_embeddings(embeds: np.ndarray) -> set[int]:
+    """Rows of the encoder's unit embeddings that are not finite or all zero (an fp16 overflow, or a
+    tower output of zeros that the graph's L2 normalisation leaves at zero)."""
+    good = np.isfinite(embeds).all(axis=1) & (np.abs(embeds).sum(axis=1) > 0)
+    return {int(j) for j in np.flatnonzero(~good)}
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ClassifierError(f"{name} must be a positive integer, got {value!r}")
@@ -591,16 +606,19 @@ def _as_list(images) -> list:
         return [images]
 
 
-def _ort_variants(bundle, precision: str, choice, fused: bool | None) -> tuple[str, str]:
-    """"fused" or "plain" for the encoder and for the decoder graphs of `precision` (see
-    Classifier.load's `fused`). The two are gated apart at export, so either may be missing."""
+def _ort_variants(bundle, precision: str, backend: str, fused: bool | None) -> tuple[str, str]:
+    """"fused" or "plain" for the encoder and for the decoder graphs of `precision`, the final one
+    (see Classifier.load's `fused`; None: `prefers_fused(backend)`). The two are gated apart at
+    export, so either may be missing."""
+    from novic.runtime.backends.select import prefers_fused
+
     have = {part: bundle.has_fused(precision, roles) for part, roles in
             (("encoder", ("image_encoder",)), ("decoder", ("decoder_prefill", "decoder_step")))}
     if fused and not any(have.values()):
         raise ClassifierError(f"{bundle.path}: no fused {precision} graphs in this bundle (they are written by "
                               "novic-export onnx and left out when they fail their gate); re-export, or load "
                               "without fused=True")
-    take = fused is not False and (fused or choice.variant == "fused")
+    take = prefers_fused(backend) if fused is None else fused
     return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
 
 
@@ -611,6 +629,9 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
     want = precision or choice.precision
     have = bundle.precisions("decoder_step")
     if want in QUANTIZED:  # int8/fp8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
+        if fused:
+            raise ClassifierError(f"fused=True: there are no fused {want} graphs (fused graphs are fp32/fp16); "
+                                  f"drop fused=True or load precision 'fp32' or 'fp16'")
         if want not in bundle.precisions("image_encoder"):
             method = "modelopt-fp8" if want == "fp8" else "dynamic"
             raise ClassifierError(f"{bundle.path}: no {want} image encoder in this bundle; create one with "
@@ -626,7 +647,7 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
             raise ClassifierError(f"{bundle.path}: no {want} decoder graphs (bundle has {', '.join(have)}); "
                                   f"pick one of those or re-export")
         want = "fp32" if "fp32" in have else have[0]
-    enc_variant, dec_variant = _ort_variants(bundle, want, choice, fused)
+    enc_variant, dec_variant = _ort_variants(bundle, want, choice.backend, fused)
     enc_have = bundle.precisions("image_encoder", enc_variant)
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
     encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,

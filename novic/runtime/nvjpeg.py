@@ -7,25 +7,29 @@ it can. The decoded RGB images come back to the host, where `Preprocessor` resiz
 them as for Pillow's, so the pixels match Pillow's within a few 8-bit levels (IDCT and chroma
 upsampling may differ; tests/test_nvjpeg.py). EXIF orientation is applied by nvImageCodec.
 
-Only JPEG files and bytes take this path; a JPEG that nvImageCodec cannot decode, and every other
-input, is decoded by Pillow as before (same clear errors for broken files).
+Only JPEG files and bytes take this path; a JPEG that nvImageCodec cannot decode, one above Pillow's
+decompression-bomb limit (`jpeg_payload`), every JPEG of a `fast_decode` Preprocessor (Pillow's
+reduced-scale decode) and every other input are decoded by Pillow as before (same clear errors).
 
     decoder = jpeg_decoder("auto", device="cuda")   # None when nvImageCodec is not installed
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from novic.errors import NovicError
 
 INSTALL = "pip install 'novic[nvjpeg]' (nvidia-nvimgcodec-cu13; nvidia-nvjpeg for the GPU decoder)"
 CHOICES = ("pillow", "nvimgcodec", "auto")
 JPEG_MAGIC = b"\xff\xd8\xff"
+METADATA_BYTES = 1 << 20   # room for EXIF/ICC/thumbnails on top of the pixels' uncompressed size
 
 
 class JpegDecoderError(NovicError, ValueError):
@@ -55,20 +59,41 @@ def jpeg_decoder(choice: str = "pillow", device: str = "cpu", device_id: int = 0
 
 
 def jpeg_payload(source: Any) -> bytes | None:
-    """The bytes of `source` if it is a JPEG file path or JPEG bytes, else None (Pillow decodes it)."""
+    """The bytes of `source` if it is a JPEG file path or JPEG bytes that nvImageCodec may decode,
+    else None (Pillow decodes it). Its header is read first (Pillow reads only the header): an
+    unreadable header, an image above Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
+    novic-run --max-pixels) and a file much larger than its pixels need are left to Pillow, which
+    reports them in its one line, so nothing is read whole that Pillow would refuse."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return data if data[:3] == JPEG_MAGIC else None
+        return data if data[:3] == JPEG_MAGIC and _within_limits(io.BytesIO(data), len(data)) else None
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
         try:
-            with open(path, "rb") as handle:
+            with open(Path(source), "rb") as handle:
                 if handle.read(3) != JPEG_MAGIC:
                     return None
-                return JPEG_MAGIC + handle.read()
+                handle.seek(0)
+                if not _within_limits(handle, os.fstat(handle.fileno()).st_size):
+                    return None
+                handle.seek(0)
+                return handle.read()
         except OSError:
             return None   # Pillow's loader reports the missing or unreadable file
     return None
+
+
+def _within_limits(handle, size: int) -> bool:
+    """Whether the image in `handle` (`size` bytes) is one nvImageCodec may decode: a header Pillow
+    reads, at most MAX_IMAGE_PIXELS pixels, and at most an uncompressed image's bytes (+ metadata)."""
+    try:
+        with Image.open(handle) as image:   # reads the header only
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - includes DecompressionBombError: Pillow's path says it in one line
+        return False
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:   # Pillow warns or refuses: leave it that way
+        return False
+    return size <= 3 * width * height + METADATA_BYTES
 
 
 class NvImageCodecDecoder:

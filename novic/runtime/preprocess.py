@@ -154,6 +154,10 @@ def _crop_offsets(w: int, h: int, cw: int, ch: int) -> tuple[int, int, int, int]
 DRAFT_OVERSAMPLE = 2
 
 
+class PreprocessorClosed(RuntimeError):
+    """load_batch after close() (the Classifier says "this Classifier was closed")."""
+
+
 class Preprocessor:
     """Callable: RGB PIL image (or any `load_image` input) -> float32 [3, H, W].
 
@@ -161,7 +165,9 @@ class Preprocessor:
     stays at least DRAFT_OVERSAMPLE x the target size on both sides: several times faster for
     camera photos, not bit-identical to open_clip.
     jpeg_decoder (`novic.runtime.nvjpeg.jpeg_decoder`): `load_batch` decodes the batch's JPEG
-    files/bytes with it in one call (nvImageCodec, on the GPU) and the rest with Pillow.
+    files/bytes with it in one call (nvImageCodec, on the GPU) when there are several (a single
+    image is decoded by Pillow in the caller's thread) and the rest with Pillow; with
+    fast_decode every JPEG goes to Pillow (nvImageCodec has no reduced-scale decode).
     Thread-safe: the transform is a pure function; the pool is created once, lazily."""
 
     def __init__(self, config: PreprocessConfig | Mapping[str, Any], *, threads: int | None = None,
@@ -175,6 +181,7 @@ class Preprocessor:
         self._std = np.asarray(self.config.std, dtype=np.float32).reshape(3, 1, 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closed = False   # after close(): no new pool, no loading
 
     # ---- single image ----
     def pixels(self, image: Image.Image) -> np.ndarray:
@@ -214,6 +221,8 @@ class Preprocessor:
     # ---- batches ----
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
+            if self._closed:   # a pool made now would never be shut down
+                raise PreprocessorClosed("this Preprocessor was closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="novic-pre")
             return self._pool
@@ -236,6 +245,8 @@ class Preprocessor:
         """Load + preprocess every input in the pool: (float32 [N, 3, H, W], per-input error or None).
 
         Rows of failed inputs are left zero; a bad input never stops the others."""
+        if self._closed:
+            raise PreprocessorClosed("this Preprocessor was closed")
         th, tw = self.config.size
         out = np.zeros((len(sources), 3, th, tw), dtype=np.float32)
         decoded = self._decode_jpegs(sources)
@@ -250,12 +261,16 @@ class Preprocessor:
         """The JPEG files/bytes among `sources` decoded in one batch by `jpeg_decoder` (None for
         the other inputs, for JPEGs it could not decode, and without a jpeg_decoder)."""
         decoded: list[np.ndarray | None] = [None] * len(sources)
-        if self.jpeg_decoder is None:
+        if self.jpeg_decoder is None or self.draft is not None:   # fast_decode: Pillow's reduced-scale decode
             return decoded
         from novic.runtime.nvjpeg import jpeg_payload
 
+        if len(sources) < 2:   # one image: Pillow in this thread, not a queue on the shared decoder
+            return decoded
         payloads = [jpeg_payload(s) for s in sources]
         at = [i for i, p in enumerate(payloads) if p is not None]
+        if len(at) < 2:
+            return decoded
         for i, array in zip(at, self.jpeg_decoder.decode([payloads[i] for i in at])):
             decoded[i] = array
         return decoded
@@ -269,7 +284,9 @@ class Preprocessor:
         return out
 
     def close(self) -> None:
+        """Shut the loading pool down; loading afterwards raises PreprocessorClosed. Idempotent."""
         with self._pool_lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None

@@ -20,7 +20,8 @@ ENGINE_ROLES = ("image_encoder", "decoder_prefill", "decoder_step")
 ENGINE_PREFERENCE = {"fp8": 0, "int8": 1, "fp16": 2, "fp32": 3}
 # Fused graphs (novic.export.fused) on the CPU: onnxruntime's own session-time fusions already
 # cover most of what they fuse there, and the ViT-B/16 encoder measured no faster fused
-# (docs/benchmarks.md, "Fused graphs on the CPU"), so ort-cpu keeps the plain graphs by default.
+# (docs/benchmarks.md, "Fused graphs on the CPU"), so ort-cpu keeps the plain graphs by default;
+# on the GPU they are what ort-cuda takes. The Classifier decides once the precision is final.
 CPU_PREFERS_FUSED = False
 INSTALL = {"trt": "pip install 'novic[trt]'", "ort-cuda": "pip install 'novic[gpu]' (onnxruntime-gpu)",
            "ort-cpu": "pip install 'novic[cpu]' (onnxruntime)"}
@@ -57,7 +58,6 @@ class Choice:
     precision: str = "fp32"                    # graph precision the backend should load
     engines: dict = field(default_factory=dict)  # role -> Engine (trt only)
     rejected: tuple = ()                       # reasons the better backends were not taken
-    variant: str = "plain"                     # "fused": onnxruntime's fused graphs of that precision
 
     def __str__(self) -> str:
         return self.reason
@@ -129,14 +129,18 @@ def ort_cpu_fit(probe: Probe) -> tuple[bool, str]:
     return True, f"ort-cpu: onnxruntime {probe.ort_version} on the CPU"
 
 
-def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, facts: Probe | None = None,
-                   fused=()) -> Choice:
+def prefers_fused(backend: str) -> bool:
+    """Whether `backend` takes a bundle's fused graphs (of the precision it loads) by default."""
+    return backend == "ort-cuda" or (backend == "ort-cpu" and CPU_PREFERS_FUSED)
+
+
+def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, facts: Probe | None = None) -> Choice:
     """Choose a backend.
 
     engines: the bundle's engine entries (``Bundle.engines`` or dicts); precisions: the ONNX graph
     precisions the bundle holds (the decoder's); requested: "auto" or one of BACKENDS;
-    facts: injected `Probe` (tests); None probes this machine; fused: the precisions for which
-    the bundle holds fused graphs that passed their gate (ort-cuda prefers them)."""
+    facts: injected `Probe` (tests); None probes this machine. Fused or plain graphs: the
+    Classifier's choice once the precision is final (`prefers_fused`)."""
     requested = (requested or AUTO).lower()
     if requested not in (AUTO, *BACKENDS):
         raise BackendError(f"unknown backend {requested!r}; use one of: auto, {', '.join(BACKENDS)}")
@@ -158,21 +162,16 @@ def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, fact
     if requested in (AUTO, "ort-cuda"):
         ok, why = ort_cuda_fit(probe_)
         if ok:
-            variant = "fused" if gpu_precision in fused else "plain"
-            reason = why + (f"; fused {gpu_precision} graphs" if variant == "fused" else "")
-            reason += f" ({rejected[-1]})" if requested == AUTO and rejected else ""
-            return Choice("ort-cuda", reason, gpu_precision, {}, tuple(rejected), variant)
+            reason = why + (f" ({rejected[-1]})" if requested == AUTO and rejected else "")
+            return Choice("ort-cuda", reason, gpu_precision, {}, tuple(rejected))
         if requested == "ort-cuda":
             raise BackendError(f"backend 'ort-cuda' is not usable: {why.removeprefix('ort-cuda: ')}")
         rejected.append(why)
     ok, why = ort_cpu_fit(probe_)
     if ok:
-        variant = "fused" if CPU_PREFERS_FUSED and "fp32" in fused else "plain"
-        if variant == "fused":
-            why += "; fused fp32 graphs"
         if requested == AUTO and probe_.compute_capability is not None and rejected:
             why += f" (a GPU is present but {rejected[-1]})"
-        return Choice("ort-cpu", why, "fp32", {}, tuple(rejected), variant)
+        return Choice("ort-cpu", why, "fp32", {}, tuple(rejected))
     raise BackendError(f"no backend can run this bundle: {why.removeprefix('ort-cpu: ')}"
                        + (f"; also {'; '.join(rejected)}" if rejected else ""))
 
@@ -256,5 +255,4 @@ def _short(exc: BaseException) -> str:
 
 def select_for_bundle(bundle, requested: str = AUTO, facts: Probe | None = None) -> Choice:
     """Convenience: `select_backend` with a `novic.runtime.bundle.Bundle`."""
-    fused = bundle.fused_precisions()
-    return select_backend(bundle.engines, bundle.precisions("decoder_step"), requested, facts, fused)
+    return select_backend(bundle.engines, bundle.precisions("decoder_step"), requested, facts)
