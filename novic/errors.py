@@ -1,4 +1,18 @@
 """Errors whose message is meant for the user: one line naming the input and the fix."""
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for one terminal line and for JSON as UTF-8: bytes of a file name that are not
+    UTF-8 (kept by Python as lone surrogates) and control characters (a newline, an escape
+    sequence planted in a file name) become \\xNN escapes."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # other lone surrogates
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class NovicError(Exception):

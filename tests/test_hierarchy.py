@@ -132,6 +132,20 @@ def test_rollup_nearest_ancestor_then_list_order():
     assert unknown.unknown == ["unicorn"] and "unicorn" in unknown.unknown_summary()
 
 
+def test_rollup_cache_stays_bounded_and_answers_the_same(monkeypatch):
+    """Free decoding in a long-lived service rolls up arbitrary texts: the cache must not grow
+    without end, and a text rolled again after the cache was emptied rolls up the same way."""
+    import novic.runtime.hierarchy as hierarchy
+
+    monkeypatch.setattr(hierarchy, "ROLL_CACHE_SIZE", 3)
+    roll = RollUp(_toy(), ["animal", "food"], "t")
+    first = roll.roll("hot dog")
+    for i in range(20):
+        roll.roll(f"made-up thing {i}")
+        assert len(roll._cache) <= 3
+    assert roll.roll("hot dog") == first
+
+
 def test_fallback_phrases_and_placement():
     assert fallback_phrases("brazil nut tree") == ["nut tree", "tree"]
     assert fallback_phrases("cup of tea") == ["cup"]

@@ -77,8 +77,7 @@ def test_statuses_and_answers(service, classifier):  # noqa: F811
     image = png(1)
     want = classifier.classify_one(image, topk=3)
     status, body = call(f"{service}/classify?topk=3", image)
-    from novic.cli.run import json_record
-    assert (status, body) == (200, json_record(want))                      # what novic-run --json writes
+    assert (status, body) == (200, want.to_json())                      # what novic-run --json writes
     status, body = call(f"{service}/classify?vocab=pets&topk=2", image)   # a server-side vocabulary
     assert status == 200 and labels(body) == [l.text for l in classifier.classify_one(
         image, topk=2, vocab=["dog", "cat", "kitten"]).labels]

@@ -5,7 +5,6 @@ bundle, the environment); 2 a usage error (an option's value or a combination of
 used; nothing was run), as typer itself answers a malformed option. 130 interrupted."""
 from __future__ import annotations
 
-import re
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -15,6 +14,7 @@ from typing import NoReturn
 from rich.console import Console
 from rich.markup import escape
 
+from novic.errors import printable  # noqa: F401 (the CLIs import it from here too)
 from novic.runtime.backends.select import AUTO, BACKENDS
 
 err = Console(stderr=True)
@@ -29,18 +29,6 @@ Precision = Enum("Precision", {name: name for name in ("fp32", "fp16", "int8", "
 def choice(value):
     """The string of a Backend/Precision option (None stays None)."""
     return value.value if isinstance(value, Enum) else value
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(text: str) -> str:
-    """`text` safe for one terminal line and for JSON as UTF-8: bytes of a file name that are not
-    UTF-8 (kept by Python as lone surrogates) and control characters (a newline, an escape
-    sequence planted in a file name) become \\xNN escapes."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # other lone surrogates
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def error_line(message: str) -> None:
@@ -60,12 +48,6 @@ def os_error_line(exc: OSError) -> str:
     what = exc.strerror or str(exc)
     return f"{where}: {what}; check the path and its permissions, or choose another location" if where else \
         f"{what}; check the paths given and their permissions"
-
-
-def not_yet(what: str, issue: int) -> "NoReturn":  # noqa: F821
-    err.print(f"{what} is not implemented yet (planned in issue #{issue}).", highlight=False,
-              soft_wrap=True)
-    raise SystemExit(2)
 
 
 # Packages that only the training/export extras bring; a runtime-only install (novic[cpu]) lacks them.

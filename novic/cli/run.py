@@ -255,20 +255,10 @@ def main_command(
     raise SystemExit(1 if failed or problems else 0)
 
 
-def json_record(result) -> dict:
-    """A `Result` as the JSON object `--json` writes (also what novic-serve answers): names and
-    errors made printable."""
-    record = result.to_dict()
-    record["source"] = printable(record["source"])
-    if record.get("error"):
-        record["error"] = printable(record["error"])
-    return record
-
-
 def _write_json(result) -> None:
     import json
 
-    sys.stdout.write(json.dumps(json_record(result), ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

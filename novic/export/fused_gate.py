@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from novic.calib.gates import cosine
+
 FP32_COS, FP16_COS = 0.99999, 0.999
 FP32_MAX_LOGPROB_ERR = 1e-3
 FP16_AGREEMENT = 0.98
@@ -33,10 +35,6 @@ class GateResult:
         return f"fused {what}: {'PASS' if self.passed else 'FAIL (' + self.why + '); not written'} ({shown})"
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def gate_encoder(plain_path, fused_path, precision: str, *, seed: int = 0) -> GateResult:
     from novic.runtime.backends.ort import OrtImageEncoder
 
@@ -44,7 +42,7 @@ def gate_encoder(plain_path, fused_path, precision: str, *, seed: int = 0) -> Ga
     fused = OrtImageEncoder(fused_path, provider="cpu")
     rng = np.random.default_rng(seed)
     batches = [rng.standard_normal((b, 3, *plain.image_size)).astype(np.float32) for b in (1, 3)]
-    cos = min(float(_cosines(fused(x), plain(x)).min()) for x in batches)
+    cos = min(float(cosine(fused(x), plain(x)).min()) for x in batches)
     bar = FP32_COS if precision == "fp32" else FP16_COS
     ok = cos >= bar
     return GateResult(ok, {"min_cosine": cos}, "" if ok else f"cosine {cos:.6f} < {bar}")

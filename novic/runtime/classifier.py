@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from novic.errors import NovicError, option
+from novic.errors import NovicError, option, printable
 from novic.runtime.bundle import PRECISIONS, QUANTIZED
 from novic.runtime.images import describe
 
@@ -88,6 +88,15 @@ class Result:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "labels": [l.to_dict() for l in self.labels], "error": self.error}
+
+    def to_json(self) -> dict:
+        """What `novic-run --json` writes and the HTTP services answer: `to_dict` with the source
+        and the error made printable (file names may hold control characters or non-UTF-8 bytes)."""
+        record = self.to_dict()
+        record["source"] = printable(record["source"])
+        if record["error"]:
+            record["error"] = printable(record["error"])
+        return record
 
 
 # ---- vocabularies ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ HIERARCHY_FILE = "hierarchy.json"
 FORMAT_NAME = "novic-hierarchy"
 FORMAT_VERSION = 1
 GRANULARITIES = ("fine", "basic", "coarse")   # built-in levels; any other value is a file of targets
+ROLL_CACHE_SIZE = 50_000   # texts remembered per RollUp (a few MB); free decoding can produce any text
 _SYNSET_NAME = re.compile(r"^(.+)\.n\.(\d\d)$")
 _WNID = re.compile(r"^n(\d{8})$")
 
@@ -308,6 +309,8 @@ class RollUp:
     def roll(self, text: str) -> Rolled:
         hit = self._cache.get(text)
         if hit is None:
+            if len(self._cache) >= ROLL_CACHE_SIZE:   # free decoding in a long-lived service: any text
+                self._cache.clear()
             hit = self._cache[text] = self._roll(text)
         return hit
 

@@ -14,7 +14,6 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from novic.cli.run import json_record
 from novic.errors import first_line
 from novic.runtime.classifier import Classifier, ClassifierError, Result
 from novic.runtime.images import describe
@@ -54,9 +53,9 @@ class NovicClassifier:
                        temperature=temperature, alpha=alpha)
         pixels, (error,) = await asyncio.to_thread(self.clf.preprocessor.load_batch, [image])
         if error is not None:
-            return 422, json_record(Result(describe(image), [], str(error)))
+            return 422, Result(describe(image), [], str(error)).to_json()
         result = await self._classify_batch((pixels[0], describe(image), checked))
-        return 200, json_record(result)
+        return 200, result.to_json()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _classify_batch(self, requests: list[tuple]) -> list[Result]:

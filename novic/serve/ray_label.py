@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from novic.errors import NovicError
+from novic.errors import NovicError, printable
 
 FORMATS = ("jsonl", "parquet")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -242,7 +242,6 @@ class Classify:
         import numpy as np
         import pyarrow as pa
 
-        from novic.cli.run import json_record
 
         paths, errors = [str(p) for p in batch["path"]], [str(e) for e in batch["error"]]
         good = [i for i, e in enumerate(errors) if not e]
@@ -251,17 +250,11 @@ class Classify:
         by_row = dict(zip(good, results))
         rows = []
         for i, path in enumerate(paths):
-            labels = json_record(by_row[i])["labels"] if i in by_row else []
+            labels = by_row[i].to_json()["labels"] if i in by_row else []
             rows.append({"path": path, "labels": [l["text"] for l in labels],
                          "probs": [l["prob"] for l in labels], "logprobs": [l["logprob"] for l in labels],
-                         "error": _printable(errors[i]) if errors[i] else None})
+                         "error": printable(errors[i]) if errors[i] else None})
         return pa.Table.from_pylist(rows, schema=row_schema())
-
-
-def _printable(text: str) -> str:
-    from novic.cli._common import printable
-
-    return printable(text)
 
 
 # ---- the job ------------------------------------------------------------------------------
