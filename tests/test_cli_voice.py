@@ -106,6 +106,14 @@ def test_precision_is_case_insensitive_and_the_choices_are_the_runtime_s(runtime
     assert out.exit_code == 0 and "backend ort-cpu (fp32" in out.stderr, out.output
 
 
+def test_triton_choices_are_the_repository_writer_s():
+    from novic.cli.export import EncoderBackend, TritonTarget
+    from novic.serve.triton_repo import ENCODER_BACKENDS, TARGETS
+
+    assert tuple(t.value for t in TritonTarget) == TARGETS
+    assert tuple(b.value for b in EncoderBackend) == ENCODER_BACKENDS
+
+
 @pytest.mark.parametrize("module, args, flag", [
     ("run", ["--bundle", "B", "--backend", "bogus", "x.jpg"], "'--backend'"),
     ("run", ["--bundle", "B", "--precision", "bf16", "x.jpg"], "'--precision'"),
@@ -124,6 +132,13 @@ def test_precision_is_case_insensitive_and_the_choices_are_the_runtime_s(runtime
     ("export", ["onnx", "--checkpoint", "C", "--out", "O", "--topk", "0"], "'--topk'"),
     ("importer", ["X.zip", "--out", "O.safetensors", "--heads", "0"], "'--heads'"),
     ("train", ["nouns", "n.json", "--max-nouns", "0"], "'--max-nouns'"),
+    ("eval", ["D", "--bundle", "B", "--backend", "bogus"], "'--backend'"),
+    ("eval", ["D", "--bundle", "B", "--precision", "bf16"], "'--precision'"),
+    ("label", ["I", "--bundle", "B", "--out", "O", "--format", "xml"], "'--format'"),
+    ("label", ["I", "--bundle", "B", "--out", "O", "--backend", "bogus"], "'--backend'"),
+    ("export", ["triton", "B", "--out", "R", "--target", "tpu"], "'--target'"),
+    ("export", ["triton", "B", "--out", "R", "--precision", "int8"], "'--precision'"),
+    ("export", ["triton", "B", "--out", "R", "--encoder-backend", "tensorrt"], "'--encoder-backend'"),
 ])
 def test_bad_option_values_exit_2_in_every_console_script(module, args, flag, tmp_path, monkeypatch):
     """Nothing is opened or run: B, C, X name nothing (the value is refused first)."""

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from novic.cli._common import err, fail, one_line_errors, run_app
+from novic.cli._common import Backend, Precision, choice, err, fail, one_line_errors, run_app
 
 app = typer.Typer(help="Measure a bundle on a labelled image set.", add_completion=False, no_args_is_help=True)
 
@@ -24,8 +24,9 @@ def main_command(
     data: Path = typer.Argument(..., help="Folder of class folders (ImageFolder) or a CSV of path,label."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
                                           help="Bundle directory (written by novic-export onnx)."),
-    backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends: fp32, fp16, int8, fp8."),
+    backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+    precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                  help="Graph precision for ORT backends: fp32, fp16, int8, fp8."),
     granularity: str = typer.Option("fine", "--granularity", "-g", help="Score at this level: fine, basic or coarse."),
     roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels to score at "
                                            "(instead of --granularity)."),
@@ -47,7 +48,7 @@ def main_command(
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
     level = roll_up if roll_up is not None else granularity
     with one_line_errors():   # bad DATA, bundle or --out: one line, also when the app is called directly
-        _run(data, bundle, backend, precision, level, guided, vocab, beam_width, batch_size, threads, out, model)
+        _run(data, bundle, choice(backend), choice(precision), level, guided, vocab, beam_width, batch_size, threads, out, model)
 
 
 def _run(data, bundle, backend, precision, level, guided, vocab, beam_width, batch_size, threads, out, model):

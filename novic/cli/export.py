@@ -16,7 +16,9 @@ from typing import Optional
 
 import typer
 
-from novic.cli._common import err, run_app
+from enum import Enum
+
+from novic.cli._common import choice, err, run_app
 from novic.errors import cli_voice
 
 app = typer.Typer(help="Export a checkpoint to an ONNX/TensorRT bundle.", add_completion=False,
@@ -174,18 +176,26 @@ def calib_command(
               f" in {result['seconds']:.1f} s", highlight=False)
 
 
+# novic.serve.triton_repo's TARGETS / ENCODER_BACKENDS (not imported: --help stays light; a test
+# compares them), as typer choices so that a bad value is a usage error (exit 2).
+TritonTarget = Enum("TritonTarget", {"cpu": "cpu", "gpu": "gpu"}, type=str)
+TritonPrecision = Enum("TritonPrecision", {"fp32": "fp32", "fp16": "fp16"}, type=str)
+EncoderBackend = Enum("EncoderBackend", {"onnxruntime": "onnxruntime", "python": "python"}, type=str)
+
+
 @app.command("triton")
 def triton_command(
     bundle: Path = typer.Argument(..., help="Bundle directory (written by novic-export onnx)."),
     out: Path = typer.Option(..., "--out", "-o", help="Triton model repository to write."),
-    target: str = typer.Option("cpu", "--target", help="cpu (fp32, KIND_CPU) or gpu (fp16 graphs if the bundle has "
+    target: TritonTarget = typer.Option("cpu", "--target", help="cpu (fp32, KIND_CPU) or gpu (fp16 graphs if the bundle has "
                                                          "them, the image encoder on KIND_GPU)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 graphs (default: by --target)."),
+    precision: Optional[TritonPrecision] = typer.Option(None, "--precision", case_sensitive=False,
+                                                         help="fp32 or fp16 graphs (default: by --target)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per dynamic batch (max_batch_size)."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long Triton waits to fill a batch."),
     instances: int = typer.Option(1, "--instances", min=1, help="Model instances (instance_group count)."),
     topk: int = typer.Option(5, "--topk", min=1, help="Labels per image when a request does not say."),
-    encoder_backend: str = typer.Option("onnxruntime", "--encoder-backend",
+    encoder_backend: EncoderBackend = typer.Option("onnxruntime", "--encoder-backend",
                                         help="onnxruntime (Triton's backend) or python (novic's onnxruntime wrapper in "
                                              "the Python backend, for servers without the onnxruntime backend)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing repository at --out."),
@@ -193,9 +203,9 @@ def triton_command(
     """Bundle -> Triton Inference Server model repository (docs/triton.md)."""
     from novic.serve.triton_repo import export_triton_repo
 
-    result = export_triton_repo(bundle, out, target=target, precision=precision, max_batch=max_batch,
+    result = export_triton_repo(bundle, out, target=choice(target), precision=choice(precision), max_batch=max_batch,
                                 max_wait_ms=max_wait_ms, instances=instances, topk=topk,
-                                encoder_backend=encoder_backend, force=force)
+                                encoder_backend=choice(encoder_backend), force=force)
     plan = result["plan"]
     for name, size in result["files"]:
         err.print(f"  {name}  {_size(size)}", highlight=False)

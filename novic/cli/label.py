@@ -15,7 +15,11 @@ from typing import List, Optional
 
 import typer
 
-from novic.cli._common import err, error_line, fail, run_app
+from enum import Enum
+
+from novic.cli._common import Backend, Precision, choice, err, error_line, fail, run_app
+
+OutputFormat = Enum("OutputFormat", {"jsonl": "jsonl", "parquet": "parquet"}, type=str)
 
 app = typer.Typer(help="Label an image collection on Ray Data (resumable).", add_completion=False,
                   no_args_is_help=True)
@@ -27,13 +31,14 @@ def main_command(
                                        "(*.txt/*.lst, one path or URI per line)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory of parts; a rerun skips what it holds."),
     bundle: Path = typer.Option(..., "--bundle", "-b", envvar="NOVIC_BUNDLE", help="Bundle directory."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or parquet."),
+    fmt: OutputFormat = typer.Option("jsonl", "--format", help="jsonl or parquet."),
     concurrency: int = typer.Option(1, min=1, help="Classifier actors (one Classifier each)."),
     gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", min=0, help="GPUs per actor (0 on CPU)."),
     cpus_per_worker: float = typer.Option(1, "--cpus-per-worker", min=0.01, help="CPUs per actor."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per decode task and classifier call."),
-    backend: str = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
-    precision: Optional[str] = typer.Option(None, help="Graph precision for ORT backends."),
+    backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
+    precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
+                                                  help="Graph precision for ORT backends."),
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="Labels per image."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line."),
@@ -45,8 +50,8 @@ def main_command(
     """Label every image under INPUT... into OUT (path, labels, probs, logprobs, error per row)."""
     from novic.serve.ray_label import label, summary_line
 
-    summary = label(inputs, out, bundle=bundle, fmt=fmt, concurrency=concurrency, gpus_per_worker=gpus_per_worker,
-                    cpus_per_worker=cpus_per_worker, batch_size=batch_size, backend=backend, precision=precision,
+    summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency, gpus_per_worker=gpus_per_worker,
+                    cpus_per_worker=cpus_per_worker, batch_size=batch_size, backend=choice(backend), precision=choice(precision),
                     topk=topk, guided=guided, vocab=vocab, beam_width=beam_width, fast_decode=fast_decode,
                     address=address)
     for line in summary.problems:
