@@ -98,7 +98,7 @@ def bench_serving(bundle: str, a) -> str:
                                "--backend", a.backend], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
-        wait_http(f"http://127.0.0.1:{std_port}/health")
+        wait_http(f"http://127.0.0.1:{std_port}/healthz")
         sides = {"examples/serve.py (Batcher)": f"http://127.0.0.1:{std_port}/classify"}
         for replicas in (1, 2):
             serve(bundle, port=ray_port, replicas=replicas, cpus_per_replica=1, blocking=False, backend=a.backend,

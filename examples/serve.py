@@ -2,7 +2,7 @@
 
     python examples/serve.py BUNDLE [--port 8080] [--backend auto] [--fast-decode]
     curl --data-binary @photo.jpg 'http://127.0.0.1:8080/classify?topk=3'
-    curl http://127.0.0.1:8080/health
+    curl http://127.0.0.1:8080/healthz           # /health too
 
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
 (`Result.to_dict()`); `?topk=N` sets how many. Each request is served in its own thread and the
@@ -149,14 +149,14 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             self.wfile.write(data)
 
         def do_GET(self):
-            if urlparse(self.path).path != "/health":
-                return self._reply(404, {"error": "use POST /classify or GET /health"})
+            if urlparse(self.path).path not in ("/healthz", "/health"):   # /healthz as novic-serve
+                return self._reply(404, {"error": "use POST /classify or GET /healthz"})
             self._reply(200, {"ok": True, "classifier": batcher.classifier.describe()})
 
         def do_POST(self):
             url = urlparse(self.path)
             if url.path != "/classify":
-                return self._reply(404, {"error": "use POST /classify or GET /health"})
+                return self._reply(404, {"error": "use POST /classify or GET /healthz"})
             try:
                 topk, body = self._read_request(url)
             except _Refused as refused:

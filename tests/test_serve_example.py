@@ -61,8 +61,9 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
             monkeypatch.setattr(serve, "MAX_BYTES", 100)
             status, body = call(f"{base}/classify", b"x" * 200)    # small: the client sends it all
             assert status == 413 and "exceeds" in body["error"]
-            status, body = call(f"{base}/health")
-            assert status == 200 and body["ok"] and "ort-cpu" in body["classifier"]
+            for path in ("/healthz", "/health"):   # /healthz as novic-serve answers it; /health kept
+                status, body = call(f"{base}{path}")
+                assert status == 200 and body["ok"] and "ort-cpu" in body["classifier"]
             assert call(f"{base}/other")[0] == 404
             request = urllib.request.Request(f"{base}/classify", data=b"", headers={"Content-Length": "x"})
             status, body = call(request)
