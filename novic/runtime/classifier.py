@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -210,10 +211,6 @@ class Classifier:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         choice = select_for_bundle(bundle, backend)
-        try:
-            jpeg = make_jpeg_decoder(jpeg_decoder, "cpu" if choice.backend == "ort-cpu" else "cuda", device_id)
-        except JpegDecoderError as exc:
-            raise ClassifierError(str(exc)) from None
         if isinstance(precision, str):
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
@@ -221,16 +218,26 @@ class Classifier:
         if fused and choice.backend == "trt":
             raise ClassifierError("fused=True: fused graphs are onnxruntime's (ort-cpu, ort-cuda); TensorRT "
                                   "fuses its engines itself: drop fused=True or pick an ort backend")
-        variant, reason = "plain", choice.reason
-        if choice.backend == "trt":
-            encoder, decoder, used = _open_trt(bundle, choice, device_id)
-        else:
-            encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused)
-            reason += f"; {variant} {used} graphs" if variant != "plain" else ""
-        bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
-        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
-                  precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
-                  fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
+        # What is open when a later step fails is closed before its error goes up: a caller that
+        # retries (a server, a notebook) must not pile up GPU memory of half-loaded classifiers.
+        with ExitStack() as opened:
+            try:
+                jpeg = make_jpeg_decoder(jpeg_decoder, "cpu" if choice.backend == "ort-cpu" else "cuda", device_id)
+            except JpegDecoderError as exc:
+                raise ClassifierError(str(exc)) from None
+            opened.callback(_close_quietly, jpeg)
+            variant, reason = "plain", choice.reason
+            if choice.backend == "trt":
+                encoder, decoder, used = _open_trt(bundle, choice, device_id, opened)
+            else:
+                encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused,
+                                                            opened)
+                reason += f"; {variant} {used} graphs" if variant != "plain" else ""
+            bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
+            clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
+                      precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
+                      fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
+            opened.pop_all()   # loaded: clf.close() closes them from now on
         log.info("novic: %s", clf.describe())
         if verbose:
             print(f"novic: {clf.describe()}", file=sys.stderr)
@@ -256,13 +263,8 @@ class Classifier:
         with self._encode_lock, self._decode_lock:
             if self.closed:
                 return
-            for part in (self.encoder, self.decoder):
-                close = getattr(part, "close", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception:  # noqa: BLE001 - best effort at shutdown
-                        log.debug("novic: closing %r failed", part, exc_info=True)
+            for part in (self.preprocessor.jpeg_decoder, self.encoder, self.decoder):
+                _close_quietly(part)   # the JPEG decoder waits for a batch it is decoding
             self.encoder = self.decoder = _Closed()
 
     def __enter__(self):
@@ -587,6 +589,18 @@ class _Closed:
     def __call__(self, *args, **kwargs):
         raise ClassifierError(CLOSED)
 
+
+def _close_quietly(part) -> None:
+    """`part.close()` where it has one (None and objects without one are skipped); a failure is
+    logged, never raised: closing is best effort and must not hide the error that led to it."""
+    try:
+        close = getattr(part, "close", None)
+        if callable(close):
+            close()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        log.debug("novic: closing %r failed", part, exc_info=True)
+
+
 def _bad_embeddings(embeds: np.ndarray) -> set[int]:
     """Rows of the encoder's unit embeddings that are not finite or all zero (an fp16 overflow, or a
     tower output of zeros that the graph's L2 normalisation leaves at zero)."""
@@ -631,7 +645,9 @@ def _ort_variants(bundle, precision: str, backend: str, fused: bool | None) -> t
     return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
 
 
-def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
+def _open_ort(bundle, choice, precision, threads, device_id, fused, opened: ExitStack):
+    """The onnxruntime encoder and decoder -> (encoder, decoder, precision, variant); each one is
+    registered with `opened` as soon as it is open (closed there if a later step fails)."""
     from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
 
     provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
@@ -647,9 +663,11 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
                                   f"novic-export calib {bundle.path} --method {method}")
         encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", want), provider=provider,
                                   threads=threads, device_id=device_id)
+        opened.callback(_close_quietly, encoder)
         decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
                                     bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
                                     provider=provider, threads=threads, device_id=device_id)
+        opened.callback(_close_quietly, decoder)
         return encoder, decoder, want, "plain"
     if want not in have:
         if precision is not None:
@@ -661,21 +679,25 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
     encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,
                               threads=threads, device_id=device_id)
+    opened.callback(_close_quietly, encoder)
     decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want, dec_variant),
                                 bundle.artifact_path("decoder_step", want, dec_variant), bundle.decoder_config,
                                 provider=provider, threads=threads, device_id=device_id)
+    opened.callback(_close_quietly, decoder)
     variant = {("fused", "fused"): "fused", ("fused", "plain"): "fused encoder",
                ("plain", "fused"): "fused decoder"}.get((enc_variant, dec_variant), "plain")
     return encoder, decoder, want, variant
 
 
-def _open_trt(bundle, choice, device_id):  # pragma: no cover - needs a GPU with TensorRT
+def _open_trt(bundle, choice, device_id, opened: ExitStack):  # pragma: no cover - needs a GPU with TensorRT
     from novic.runtime.backends import trt as trt_backend
 
     engines = choice.engines
     encoder = trt_backend.TrtImageEncoder(bundle.engine_path(engines["image_encoder"]),
                                           engines["image_encoder"], device_id=device_id)
+    opened.callback(_close_quietly, encoder)
     decoder = trt_backend.TrtDecoderSession(bundle.engine_path(engines["decoder_prefill"]),
                                             bundle.engine_path(engines["decoder_step"]),
                                             bundle.decoder_config, engines=engines, device_id=device_id)
+    opened.callback(_close_quietly, decoder)
     return encoder, decoder, choice.precision

@@ -117,6 +117,8 @@ class NvImageCodecDecoder:
             return []
         try:
             with self._lock:
+                if self._decoder is None:   # closed: Pillow decodes them
+                    return [None] * len(payloads)
                 images = self._decoder.decode(list(payloads), params=self._params)
         except Exception:  # noqa: BLE001 - the whole batch failed: Pillow decodes every one
             return [None] * len(payloads)
@@ -127,3 +129,9 @@ class NvImageCodecDecoder:
             ok = array is not None and array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8
             out.append(np.ascontiguousarray(array) if ok else None)
         return out
+
+    def close(self) -> None:
+        """Let go of nvImageCodec's decoder (its GPU buffers and streams; it has no close of its
+        own). Waits for a batch being decoded; Pillow decodes whatever comes after. Idempotent."""
+        with self._lock:
+            self._decoder = None
