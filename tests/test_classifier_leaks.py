@@ -95,3 +95,24 @@ def test_close_closes_the_sessions_and_the_jpeg_decoder(runtime_bundle, opened):
     assert live(sessions) == 0          # even though `encoder` and `decoder` are still referenced here
     assert encoder._session is None and decoder._prefill is None and decoder._step is None
     assert decoders[0].closed == 1
+
+
+def test_an_unfinished_iteration_leaves_no_loader_thread(runtime_bundle):   # noqa: F811
+    """iter_classify prefetches the next batch while the current one is decoded; an iteration
+    that is never finished (the caller breaks out and keeps the iterator, or closes the
+    Classifier) leaves no idle loader thread behind once that batch is loaded."""
+    import threading
+
+    import numpy as np
+
+    clf = Classifier.load(runtime_bundle.bundle, backend="ort-cpu", threads=1)
+    pictures = [np.random.default_rng(i).integers(0, 256, (40, 60, 3), dtype=np.uint8) for i in range(4)]
+    results = clf.iter_classify(pictures, batch_size=2)
+    assert next(results).ok                  # the second batch is being prefetched now
+    for thread in threading.enumerate():
+        if thread.name.startswith("novic-prefetch"):
+            thread.join(timeout=10)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("novic-prefetch")]
+    clf.close()
+    with pytest.raises(Exception, match="this Classifier was closed"):
+        list(results)

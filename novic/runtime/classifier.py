@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -485,17 +485,27 @@ class Classifier:
         chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
         if not chunks:
             return
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="novic-prefetch")
-        try:
-            pending = loader.submit(self._load_batch, [sources[i] for i in chunks[0]])
-            for n, chunk in enumerate(chunks):
-                pixels, errors = pending.result()
-                if n + 1 < len(chunks):
-                    pending = loader.submit(self._load_batch, [sources[i] for i in chunks[n + 1]])
-                yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
-                                           topk, beam_width, temperature, alpha)
-        finally:
-            loader.shutdown(wait=False, cancel_futures=True)
+        pending = self._prefetch([sources[i] for i in chunks[0]])
+        for n, chunk in enumerate(chunks):
+            pixels, errors = pending.result()
+            if n + 1 < len(chunks):
+                pending = self._prefetch([sources[i] for i in chunks[n + 1]])
+            yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
+                                       topk, beam_width, temperature, alpha)
+
+    def _prefetch(self, sources) -> Future:
+        """`_load_batch(sources)` in a thread of its own that ends with it: an iteration that is
+        abandoned (or outlives close()) leaves no idle loader thread behind, as a pool would."""
+        future: Future = Future()
+
+        def load():
+            try:
+                future.set_result(self._load_batch(sources))
+            except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
+                future.set_exception(exc)
+
+        threading.Thread(target=load, name="novic-prefetch", daemon=True).start()
+        return future
 
     def _load_batch(self, sources):
         """preprocessor.load_batch; if close() shut its pool down before or under this call
