@@ -195,7 +195,8 @@ class Classifier:
         decode JPEG files/bytes at a reduced scale (several times faster for camera photos; pixels
         differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). `jpeg_decoder`:
         'pillow', 'nvimgcodec' (JPEGs decoded in batches by nvImageCodec, `novic.runtime.nvjpeg`) or
-        'auto' (nvImageCodec on the GPU backends when it is installed, else Pillow). The choice
+        'auto' (nvImageCodec on the GPU backends when it is installed and its GPU decoder opens,
+        else Pillow; a decoder that does not open is logged once with the reason). The choice
         and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True).
         `fused` (ORT backends): None = the backend's choice (ort-cuda takes the bundle's fused graphs
         when it has them), True = the fused graphs (an error if the bundle has none), False = plain."""
@@ -256,8 +257,9 @@ class Classifier:
         return f"Classifier({str(self.bundle.path)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
     def close(self) -> None:
-        """Stop the loading pool and release backend resources (GPU buffers); idempotent. Waits for
-        a batch that another thread is encoding or decoding (its buffers must not go under it)."""
+        """Stop the loading pool and release backend resources (sessions, GPU buffers, the JPEG
+        decoder); idempotent. Waits for a batch that another thread is encoding or decoding (its
+        buffers must not go under it)."""
         self._closing = True
         self.preprocessor.close()
         with self._encode_lock, self._decode_lock:

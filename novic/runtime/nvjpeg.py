@@ -11,7 +11,8 @@ Only JPEG files and bytes take this path; a JPEG that nvImageCodec cannot decode
 decompression-bomb limit (`jpeg_payload`), every JPEG of a `fast_decode` Preprocessor (Pillow's
 reduced-scale decode) and every other input are decoded by Pillow as before (same clear errors).
 
-    decoder = jpeg_decoder("auto", device="cuda")   # None when nvImageCodec is not installed
+    decoder = jpeg_decoder("auto", device="cuda")   # None (Pillow) when nvImageCodec is not installed
+                                                    # or its GPU decoder cannot open (warned once)
 """
 from __future__ import annotations
 
