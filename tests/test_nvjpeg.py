@@ -168,3 +168,68 @@ def test_classifier_rejects_an_unknown_decoder(runtime_bundle):
         Classifier.load(runtime_bundle.bundle, backend="ort-cpu", jpeg_decoder="turbo")
     with Classifier.load(runtime_bundle.bundle, backend="ort-cpu") as clf:
         assert clf.preprocessor.jpeg_decoder is None               # auto on the CPU: Pillow
+
+
+@pytest.fixture()
+def no_gpu(fake, monkeypatch):
+    """The stand-in as nvImageCodec behaves without a GPU: installed, its CPU decoder opens, its
+    GPU decoder does not (the real one's error: "Could not create decoder. Code: 8")."""
+    cpu_decoder = fake.Decoder
+
+    def decoder(**kwargs):
+        if kwargs.get("device_id") != fake.NVIMGCODEC_DEVICE_CPU_ONLY:
+            raise RuntimeError("Internal error - Could not create decoder. Code: 8")
+        return cpu_decoder(**kwargs)
+
+    fake.Decoder = decoder
+    monkeypatch.setattr(nvjpeg, "_cuda_driver_loads", lambda: False)
+    monkeypatch.setattr(nvjpeg, "_warned", set())
+    return fake
+
+
+def test_auto_falls_back_to_pillow_where_the_gpu_decoder_cannot_open(no_gpu, monkeypatch, caplog):
+    """"auto" on a GPU backend without a GPU decoder: Pillow, and one warning that says why (not
+    one per load); "nvimgcodec" asked for by name: one error line naming the option and the fix."""
+    with caplog.at_level("WARNING", logger="novic"):
+        assert nvjpeg.jpeg_decoder("auto", device="cuda") is None
+        assert nvjpeg.jpeg_decoder("auto", device="cuda") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "novic: JPEGs are decoded by Pillow: nvImageCodec cannot decode on GPU 0: no NVIDIA driver on this "
+        "machine (libcuda)"]
+    with pytest.raises(nvjpeg.JpegDecoderError) as raised:
+        nvjpeg.jpeg_decoder("nvimgcodec", device="cuda", device_id=1)
+    assert str(raised.value).startswith("jpeg_decoder='nvimgcodec': nvImageCodec cannot decode on GPU 1: no NVIDIA "
+                                        "driver on this machine (libcuda); use jpeg_decoder='pillow', or 'auto'")
+    assert "\n" not in str(raised.value)
+    assert nvjpeg.jpeg_decoder("nvimgcodec", device="cpu").device == "cpu"    # its CPU decoder still opens
+
+    monkeypatch.setattr(nvjpeg, "_cuda_driver_loads", lambda: True)   # a driver, but no nvJPEG (say)
+    with pytest.raises(nvjpeg.JpegDecoderError, match=r"could not open a decoder on GPU 0 \(Internal error - "
+                                                      r"Could not create decoder. Code: 8\); use jpeg_decoder="):
+        nvjpeg.jpeg_decoder("nvimgcodec", device="cuda")
+
+
+def test_classifier_on_a_gpu_backend_without_a_gpu_decoder(runtime_bundle, monkeypatch, caplog):
+    """The real nvImageCodec on this machine (no GPU), ort-cuda stood in by CPU sessions: "auto"
+    loads with Pillow and classifies JPEGs; "nvimgcodec" is the one-line error."""
+    pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec not installed: pip install 'novic[nvjpeg]'")
+    if nvjpeg._cuda_driver_loads():
+        pytest.skip("an NVIDIA driver is present: nvImageCodec's GPU decoder may open here")
+    from novic.runtime.backends import ort, select
+    from novic.runtime.classifier import Classifier, ClassifierError
+
+    monkeypatch.setattr(nvjpeg, "_warned", set())
+    monkeypatch.setattr(select, "select_for_bundle", lambda bundle, requested: select.Choice(
+        "ort-cuda", "ort-cuda: stand-in", "fp32"))
+    for cls in ("OrtImageEncoder", "OrtDecoderSession"):
+        real = getattr(ort, cls)
+        monkeypatch.setattr(ort, cls, lambda *a, _real=real, **kw: _real(*a, **{**kw, "provider": "cpu"}))
+    with caplog.at_level("WARNING", logger="novic"):
+        with Classifier.load(runtime_bundle.bundle, "ort-cuda", threads=1) as clf:   # jpeg_decoder="auto"
+            assert clf.backend == "ort-cuda" and clf.preprocessor.jpeg_decoder is None
+            results = clf.classify([jpeg(image) for image in photos()[:2]], guided=False, beam_width=2, topk=1)
+            assert [r.ok for r in results] == [True, True]
+    assert "JPEGs are decoded by Pillow: nvImageCodec cannot decode on GPU 0: no NVIDIA driver" in caplog.text
+    with pytest.raises(ClassifierError, match=r"^jpeg_decoder='nvimgcodec': nvImageCodec cannot decode on GPU 0: "
+                                              r"no NVIDIA driver on this machine \(libcuda\); use jpeg_decoder="):
+        Classifier.load(runtime_bundle.bundle, "ort-cuda", threads=1, jpeg_decoder="nvimgcodec")

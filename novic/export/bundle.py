@@ -420,9 +420,6 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
 
 
 # --- check: bundle graphs vs the PyTorch oracle -----------------------------------------------------
-FP32_COS, FP16_COS = 0.99999, 0.999
-
-
 def _sample_images(n_random: int, size, seed: int = 0):
     """A few real photos (scikit-image ships some, if installed) + random-noise images (PIL)."""
     import numpy as np
@@ -460,9 +457,10 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
     import torch.nn.functional as F
     from rich.console import Console
 
+    from novic.export.parity import (FP16_COS, FP32_COS, agreement, random_unit_embeddings, search_tokens,
+                                     token_lists)
     from novic.model.checkpoint import load_checkpoint
     from novic.model.embedder import EmbedderSpec
-    from novic.runtime import search
     from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
     from novic.runtime.trie import TokenTrie
 
@@ -480,31 +478,19 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
     cfg = bundle.decoder_config
     width = beam_width or bundle.search_defaults.get("beam_width", DEFAULT_BEAM_WIDTH)
     trie = TokenTrie(bundle.noun_tokens) if bundle.noun_tokens else None
-    rng = np.random.default_rng(seed)
-    embeds = rng.standard_normal((n, cfg.embed_dim)).astype(np.float32)
-    embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+    embeds = random_unit_embeddings(n, cfg.embed_dim, seed)
     rows, results = [], {"decoder": {}, "encoder": {}, "ok": True}
-
-    def tokens(hyps_per_image):
-        return [[tuple(h.tokens) for h in hyps] for hyps in hyps_per_image]
-
-    def decode(session):
-        out = {"greedy": [[tuple(h.tokens)] for h in search.greedy(session, embeds)],
-               "beam": tokens(search.beam_search(session, embeds, width=width))}
-        if trie is not None:
-            out["guided"] = tokens(search.beam_search(session, embeds, width=width, trie=trie))
-        return out
 
     if reference:
         from novic.model import reference as ref
         x = torch.from_numpy(embeds)
         oracle = {"greedy": [[tuple(h.tokens)] for h in ref.greedy_decode(model, x)],
-                  "beam": tokens(ref.beam_search(model, x, width=width))}
+                  "beam": token_lists(ref.beam_search(model, x, width=width))}
         if trie is not None:
-            oracle["guided"] = tokens(ref.beam_search(model, x, width=width, trie=trie))
+            oracle["guided"] = token_lists(ref.beam_search(model, x, width=width, trie=trie))
     else:
         from novic.model.session import TorchDecoderSession
-        oracle = decode(TorchDecoderSession(model, topk=bundle.graph_topk))
+        oracle = search_tokens(TorchDecoderSession(model, topk=bundle.graph_topk), embeds, width, trie)
     with torch.no_grad():
         ref_lp = torch.log_softmax(model.prefill(torch.from_numpy(embeds))[0].float(), -1)
         ref_lp[:, 0] = float("-inf")
@@ -521,9 +507,7 @@ def check_bundle(bundle_dir, *, n: int = 200, checkpoint=None, beam_width: int |
         out = session.prefill(embeds, 1.0, np.zeros((n, 1), np.int64))
         err = float(np.abs(out.topk_logprobs - ref_lp.gather(1, torch.from_numpy(out.topk_ids)).numpy()).max())
         top1 = float(np.mean(out.topk_ids[:, 0] == ref_lp.argmax(1).numpy()))
-        got = decode(session)
-        agree = {k: float(np.mean([a == b for a, b in zip(got[k], oracle[k])])) for k in got}
-        best = {k: float(np.mean([a[:1] == b[:1] for a, b in zip(got[k], oracle[k])])) for k in got}
+        agree, best = agreement(search_tokens(session, embeds, width, trie), oracle)
         ok = precision != "fp32" or all(v == 1.0 for v in agree.values())
         results["ok"] &= ok
         results["decoder"][name] = {"max_abs_logprob_err": err, "top1_first_token": top1,

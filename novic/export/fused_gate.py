@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from novic.calib.gates import cosine
+from novic.export.parity import FP16_COS, FP32_COS, agreement, random_unit_embeddings, search_tokens
 
-FP32_COS, FP16_COS = 0.99999, 0.999
 FP32_MAX_LOGPROB_ERR = 1e-3
 FP16_AGREEMENT = 0.98
 
@@ -48,17 +48,6 @@ def gate_encoder(plain_path, fused_path, precision: str, *, seed: int = 0) -> Ga
     return GateResult(ok, {"min_cosine": cos}, "" if ok else f"cosine {cos:.6f} < {bar}")
 
 
-def _decode(session, embeds, width, trie):
-    from novic.runtime import search
-
-    out = {"greedy": [tuple(h.tokens) for h in search.greedy(session, embeds)],
-           "beam": [[tuple(h.tokens) for h in hyps] for hyps in search.beam_search(session, embeds, width=width)]}
-    if trie is not None:
-        out["guided"] = [[tuple(h.tokens) for h in hyps]
-                         for hyps in search.beam_search(session, embeds, width=width, trie=trie)]
-    return out
-
-
 def gate_decoder(plain_paths, fused_paths, config, precision: str, *, n: int = 100, width: int = 10,
                  noun_tokens=None, seed: int = 0, reference: dict | None = None) -> GateResult:
     """plain_paths / fused_paths: (prefill, step). `reference`: a dict this function filled on an
@@ -66,30 +55,26 @@ def gate_decoder(plain_paths, fused_paths, config, precision: str, *, n: int = 1
     from novic.runtime.backends.ort import OrtDecoderSession
     from novic.runtime.trie import TokenTrie
 
-    rng = np.random.default_rng(seed)
-    embeds = rng.standard_normal((n, config.embed_dim)).astype(np.float32)
-    embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+    embeds = random_unit_embeddings(n, config.embed_dim, seed)
     trie = TokenTrie(noun_tokens) if noun_tokens else None
     cands = np.zeros((n, 1), np.int64)
     reference = {} if reference is None else reference
     if "tokens" not in reference:
         plain = OrtDecoderSession(*plain_paths, config, provider="cpu")
         reference["prefill"] = plain.prefill(embeds, 1.0, cands)
-        reference["tokens"] = _decode(plain, embeds, width, trie)
+        reference["tokens"] = search_tokens(plain, embeds, width, trie)
     fused = OrtDecoderSession(*fused_paths, config, provider="cpu")
     ref_scores = reference["prefill"]
     scores = fused.prefill(embeds, 1.0, cands)
     same_ids = scores.topk_ids == ref_scores.topk_ids
     diff = np.abs(scores.topk_logprobs - ref_scores.topk_logprobs)[same_ids]
     err = float(diff.max()) if diff.size else float("inf")
-    got = _decode(fused, embeds, width, trie)
-    ref = reference["tokens"]
-    numbers = {"max_abs_logprob_err": err,
-               "greedy": float(np.mean([a == b for a, b in zip(got["greedy"], ref["greedy"])]))}
+    got = search_tokens(fused, embeds, width, trie)
+    lists, best = agreement(got, reference["tokens"])
+    numbers = {"max_abs_logprob_err": err, "greedy": lists["greedy"]}
     for kind in ("beam", "guided"):
         if kind in got:
-            numbers[f"{kind}_best"] = float(np.mean([a[:1] == b[:1] for a, b in zip(got[kind], ref[kind])]))
-            numbers[f"{kind}_lists"] = float(np.mean([a == b for a, b in zip(got[kind], ref[kind])]))
+            numbers[f"{kind}_best"], numbers[f"{kind}_lists"] = best[kind], lists[kind]
     if precision == "fp32":
         failed = [k for k, v in numbers.items() if k != "max_abs_logprob_err" and v < 1.0]
         if err > FP32_MAX_LOGPROB_ERR:

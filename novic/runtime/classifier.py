@@ -35,7 +35,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -194,7 +195,8 @@ class Classifier:
         decode JPEG files/bytes at a reduced scale (several times faster for camera photos; pixels
         differ slightly from open_clip's, see `novic.runtime.preprocess.Preprocessor`). `jpeg_decoder`:
         'pillow', 'nvimgcodec' (JPEGs decoded in batches by nvImageCodec, `novic.runtime.nvjpeg`) or
-        'auto' (nvImageCodec on the GPU backends when it is installed, else Pillow). The choice
+        'auto' (nvImageCodec on the GPU backends when it is installed and its GPU decoder opens,
+        else Pillow; a decoder that does not open is logged once with the reason). The choice
         and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True).
         `fused` (ORT backends): None = the backend's choice (ort-cuda takes the bundle's fused graphs
         when it has them), True = the fused graphs (an error if the bundle has none), False = plain."""
@@ -210,10 +212,6 @@ class Classifier:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=verify)
         choice = select_for_bundle(bundle, backend)
-        try:
-            jpeg = make_jpeg_decoder(jpeg_decoder, "cpu" if choice.backend == "ort-cpu" else "cuda", device_id)
-        except JpegDecoderError as exc:
-            raise ClassifierError(str(exc)) from None
         if isinstance(precision, str):
             precision = precision.lower()   # "FP16" as well as "fp16", in every caller
         if precision is not None and precision not in PRECISIONS:
@@ -221,16 +219,26 @@ class Classifier:
         if fused and choice.backend == "trt":
             raise ClassifierError("fused=True: fused graphs are onnxruntime's (ort-cpu, ort-cuda); TensorRT "
                                   "fuses its engines itself: drop fused=True or pick an ort backend")
-        variant, reason = "plain", choice.reason
-        if choice.backend == "trt":
-            encoder, decoder, used = _open_trt(bundle, choice, device_id)
-        else:
-            encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused)
-            reason += f"; {variant} {used} graphs" if variant != "plain" else ""
-        bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
-        clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
-                  precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
-                  fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
+        # What is open when a later step fails is closed before its error goes up: a caller that
+        # retries (a server, a notebook) must not pile up GPU memory of half-loaded classifiers.
+        with ExitStack() as opened:
+            try:
+                jpeg = make_jpeg_decoder(jpeg_decoder, "cpu" if choice.backend == "ort-cpu" else "cuda", device_id)
+            except JpegDecoderError as exc:
+                raise ClassifierError(str(exc)) from None
+            opened.callback(_close_quietly, jpeg)
+            variant, reason = "plain", choice.reason
+            if choice.backend == "trt":
+                encoder, decoder, used = _open_trt(bundle, choice, device_id, opened)
+            else:
+                encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused,
+                                                            opened)
+                reason += f"; {variant} {used} graphs" if variant != "plain" else ""
+            bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
+            clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
+                      precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
+                      fast_decode=fast_decode, jpeg_decoder=jpeg, variant=variant)
+            opened.pop_all()   # loaded: clf.close() closes them from now on
         log.info("novic: %s", clf.describe())
         if verbose:
             print(f"novic: {clf.describe()}", file=sys.stderr)
@@ -249,20 +257,16 @@ class Classifier:
         return f"Classifier({str(self.bundle.path)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
     def close(self) -> None:
-        """Stop the loading pool and release backend resources (GPU buffers); idempotent. Waits for
-        a batch that another thread is encoding or decoding (its buffers must not go under it)."""
+        """Stop the loading pool and release backend resources (sessions, GPU buffers, the JPEG
+        decoder); idempotent. Waits for a batch that another thread is encoding or decoding (its
+        buffers must not go under it)."""
         self._closing = True
         self.preprocessor.close()
         with self._encode_lock, self._decode_lock:
             if self.closed:
                 return
-            for part in (self.encoder, self.decoder):
-                close = getattr(part, "close", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception:  # noqa: BLE001 - best effort at shutdown
-                        log.debug("novic: closing %r failed", part, exc_info=True)
+            for part in (self.preprocessor.jpeg_decoder, self.encoder, self.decoder):
+                _close_quietly(part)   # the JPEG decoder waits for a batch it is decoding
             self.encoder = self.decoder = _Closed()
 
     def __enter__(self):
@@ -483,17 +487,27 @@ class Classifier:
         chunks = [range(i, min(i + batch_size, len(sources))) for i in range(0, len(sources), batch_size)]
         if not chunks:
             return
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="novic-prefetch")
-        try:
-            pending = loader.submit(self._load_batch, [sources[i] for i in chunks[0]])
-            for n, chunk in enumerate(chunks):
-                pixels, errors = pending.result()
-                if n + 1 < len(chunks):
-                    pending = loader.submit(self._load_batch, [sources[i] for i in chunks[n + 1]])
-                yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
-                                           topk, beam_width, temperature, alpha)
-        finally:
-            loader.shutdown(wait=False, cancel_futures=True)
+        pending = self._prefetch([sources[i] for i in chunks[0]])
+        for n, chunk in enumerate(chunks):
+            pixels, errors = pending.result()
+            if n + 1 < len(chunks):
+                pending = self._prefetch([sources[i] for i in chunks[n + 1]])
+            yield from self._run_batch(pixels, errors, [labels[i] for i in chunk], vocabulary,
+                                       topk, beam_width, temperature, alpha)
+
+    def _prefetch(self, sources) -> Future:
+        """`_load_batch(sources)` in a thread of its own that ends with it: an iteration that is
+        abandoned (or outlives close()) leaves no idle loader thread behind, as a pool would."""
+        future: Future = Future()
+
+        def load():
+            try:
+                future.set_result(self._load_batch(sources))
+            except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
+                future.set_exception(exc)
+
+        threading.Thread(target=load, name="novic-prefetch", daemon=True).start()
+        return future
 
     def _load_batch(self, sources):
         """preprocessor.load_batch; if close() shut its pool down before or under this call
@@ -587,6 +601,18 @@ class _Closed:
     def __call__(self, *args, **kwargs):
         raise ClassifierError(CLOSED)
 
+
+def _close_quietly(part) -> None:
+    """`part.close()` where it has one (None and objects without one are skipped); a failure is
+    logged, never raised: closing is best effort and must not hide the error that led to it."""
+    try:
+        close = getattr(part, "close", None)
+        if callable(close):
+            close()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        log.debug("novic: closing %r failed", part, exc_info=True)
+
+
 def _bad_embeddings(embeds: np.ndarray) -> set[int]:
     """Rows of the encoder's unit embeddings that are not finite or all zero (an fp16 overflow, or a
     tower output of zeros that the graph's L2 normalisation leaves at zero)."""
@@ -631,7 +657,9 @@ def _ort_variants(bundle, precision: str, backend: str, fused: bool | None) -> t
     return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
 
 
-def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
+def _open_ort(bundle, choice, precision, threads, device_id, fused, opened: ExitStack):
+    """The onnxruntime encoder and decoder -> (encoder, decoder, precision, variant); each one is
+    registered with `opened` as soon as it is open (closed there if a later step fails)."""
     from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
 
     provider = "cuda" if choice.backend == "ort-cuda" else "cpu"
@@ -647,9 +675,11 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
                                   f"novic-export calib {bundle.path} --method {method}")
         encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", want), provider=provider,
                                   threads=threads, device_id=device_id)
+        opened.callback(_close_quietly, encoder)
         decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", "fp32"),
                                     bundle.artifact_path("decoder_step", "fp32"), bundle.decoder_config,
                                     provider=provider, threads=threads, device_id=device_id)
+        opened.callback(_close_quietly, decoder)
         return encoder, decoder, want, "plain"
     if want not in have:
         if precision is not None:
@@ -661,21 +691,25 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused=None):
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
     encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,
                               threads=threads, device_id=device_id)
+    opened.callback(_close_quietly, encoder)
     decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want, dec_variant),
                                 bundle.artifact_path("decoder_step", want, dec_variant), bundle.decoder_config,
                                 provider=provider, threads=threads, device_id=device_id)
+    opened.callback(_close_quietly, decoder)
     variant = {("fused", "fused"): "fused", ("fused", "plain"): "fused encoder",
                ("plain", "fused"): "fused decoder"}.get((enc_variant, dec_variant), "plain")
     return encoder, decoder, want, variant
 
 
-def _open_trt(bundle, choice, device_id):  # pragma: no cover - needs a GPU with TensorRT
+def _open_trt(bundle, choice, device_id, opened: ExitStack):  # pragma: no cover - needs a GPU with TensorRT
     from novic.runtime.backends import trt as trt_backend
 
     engines = choice.engines
     encoder = trt_backend.TrtImageEncoder(bundle.engine_path(engines["image_encoder"]),
                                           engines["image_encoder"], device_id=device_id)
+    opened.callback(_close_quietly, encoder)
     decoder = trt_backend.TrtDecoderSession(bundle.engine_path(engines["decoder_prefill"]),
                                             bundle.engine_path(engines["decoder_step"]),
                                             bundle.decoder_config, engines=engines, device_id=device_id)
+    opened.callback(_close_quietly, decoder)
     return encoder, decoder, choice.precision

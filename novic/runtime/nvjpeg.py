@@ -11,11 +11,13 @@ Only JPEG files and bytes take this path; a JPEG that nvImageCodec cannot decode
 decompression-bomb limit (`jpeg_payload`), every JPEG of a `fast_decode` Preprocessor (Pillow's
 reduced-scale decode) and every other input are decoded by Pillow as before (same clear errors).
 
-    decoder = jpeg_decoder("auto", device="cuda")   # None when nvImageCodec is not installed
+    decoder = jpeg_decoder("auto", device="cuda")   # None (Pillow) when nvImageCodec is not installed
+                                                    # or its GPU decoder cannot open (warned once)
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 from pathlib import Path
@@ -24,12 +26,15 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from novic.errors import NovicError
+from novic.errors import NovicError, first_line
 
 INSTALL = "pip install 'novic[nvjpeg]' (nvidia-nvimgcodec-cu13; nvidia-nvjpeg for the GPU decoder)"
 CHOICES = ("pillow", "nvimgcodec", "auto")
 JPEG_MAGIC = b"\xff\xd8\xff"
 METADATA_BYTES = 1 << 20   # room for EXIF/ICC/thumbnails on top of the pixels' uncompressed size
+
+log = logging.getLogger("novic")
+_warned: set[str] = set()   # "auto" fallbacks already logged: once per reason and process
 
 
 class JpegDecoderError(NovicError, ValueError):
@@ -43,8 +48,9 @@ def import_nvimgcodec():
 
 def jpeg_decoder(choice: str = "pillow", device: str = "cpu", device_id: int = 0) -> "NvImageCodecDecoder | None":
     """The decoder for `choice`: "pillow" -> None (Pillow decodes); "nvimgcodec" -> nvImageCodec on
-    `device` ("cuda" or "cpu"), a one-line error when it is not installed; "auto" -> nvImageCodec
-    when installed and `device` is "cuda", else None."""
+    `device` ("cuda" or "cpu"), a one-line error when it is not installed or cannot open its
+    decoder there (no GPU); "auto" -> nvImageCodec when installed and `device` is "cuda", else
+    None; if its GPU decoder cannot open, None too, with one logged warning saying why."""
     if choice not in CHOICES:
         raise JpegDecoderError(f"jpeg decoder {choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "pillow" or (choice == "auto" and device != "cuda"):
@@ -55,7 +61,36 @@ def jpeg_decoder(choice: str = "pillow", device: str = "cpu", device_id: int = 0
         if choice == "auto":
             return None
         raise JpegDecoderError(f"nvImageCodec is not installed ({exc}); {INSTALL}") from None
-    return NvImageCodecDecoder(device, device_id)
+    try:
+        return NvImageCodecDecoder(device, device_id)
+    except Exception as exc:  # noqa: BLE001 - nvImageCodec raises RuntimeError("... Code: 8") and no more
+        why = _why_no_decoder(device, device_id, exc)
+    if choice == "auto":
+        if why not in _warned:
+            _warned.add(why)
+            log.warning("novic: JPEGs are decoded by Pillow: %s", why)
+        return None
+    raise JpegDecoderError(f"jpeg_decoder='nvimgcodec': {why}; use jpeg_decoder='pillow', or 'auto' (nvImageCodec "
+                           f"where it can decode, else Pillow), or run where it can ({INSTALL})")
+
+
+def _why_no_decoder(device: str, device_id: int, exc: Exception) -> str:
+    """Why nvImageCodec could not open a decoder on `device`, in words: its own error says only
+    "Could not create decoder. Code: 8" (the reason goes to stderr from C)."""
+    if device == "cuda" and not _cuda_driver_loads():
+        return f"nvImageCodec cannot decode on GPU {device_id}: no NVIDIA driver on this machine (libcuda)"
+    where = f"GPU {device_id}" if device == "cuda" else "the CPU"
+    return f"nvImageCodec could not open a decoder on {where} ({first_line(exc)})"
+
+
+def _cuda_driver_loads() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def jpeg_payload(source: Any) -> bytes | None:
@@ -117,6 +152,8 @@ class NvImageCodecDecoder:
             return []
         try:
             with self._lock:
+                if self._decoder is None:   # closed: Pillow decodes them
+                    return [None] * len(payloads)
                 images = self._decoder.decode(list(payloads), params=self._params)
         except Exception:  # noqa: BLE001 - the whole batch failed: Pillow decodes every one
             return [None] * len(payloads)
@@ -127,3 +164,9 @@ class NvImageCodecDecoder:
             ok = array is not None and array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8
             out.append(np.ascontiguousarray(array) if ok else None)
         return out
+
+    def close(self) -> None:
+        """Let go of nvImageCodec's decoder (its GPU buffers and streams; it has no close of its
+        own). Waits for a batch being decoded; Pillow decodes whatever comes after. Idempotent."""
+        with self._lock:
+            self._decoder = None

@@ -151,9 +151,22 @@ class _GraphsOrPlain:
         self.cuda_graph_error = first_line(exc)
         self._graphs = None
 
+    _SESSIONS: tuple[str, ...] = ()   # the attributes that hold onnxruntime sessions and buffers
+
+    def close(self) -> None:
+        """Let go of the onnxruntime sessions and device buffers. onnxruntime has no close of its
+        own: a session frees its memory (GPU memory included) when the last reference goes, so
+        this drops ours at once, even while something (an error's traceback) still holds this
+        object. Idempotent; not usable afterwards."""
+        self._graphs = None
+        for name in self._SESSIONS:
+            setattr(self, name, None)
+
 
 class OrtDecoderSession(_GraphsOrPlain):
     """DecoderSession over the prefill/step ONNX graphs (fp32 or fp16 cache)."""
+
+    _SESSIONS = ("_prefill", "_step", "_graph_prefill", "_graph_step", "_cache", "_buffers")
 
     def __init__(self, prefill_path, step_path, config: DecoderConfig, *, provider: str = "cpu",
                  threads: int | None = None, device_id: int = 0, optimize: bool | None = None,
@@ -432,6 +445,8 @@ class OrtImageEncoder(_GraphsOrPlain):
     twice on the GPU, as for the decoder step); larger batches are compute-bound and run plainly.
     Falls back to plain runs if onnxruntime cannot capture the graph. Not yet measured on a GPU:
     bench/gpu_check.py times both paths side by side."""
+
+    _SESSIONS = ("_session",)
 
     def __init__(self, path, *, provider: str = "cpu", threads: int | None = None,
                  device_id: int = 0, optimize: bool | None = None, cuda_graph: bool = True,
