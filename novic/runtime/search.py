@@ -192,13 +192,26 @@ class _Guide:
         root = t.cand_tokens[t.cand_offsets[0]:t.cand_offsets[1]]
         self.start = np.full(rows, t.cand_offsets[0], np.int64)
         self.count = np.full(rows, len(root), np.int64)
+        self.forced = False  # the prefill's rows take the general path
         return np.tile(root, (rows, 1))
 
     def next(self, nodes: np.ndarray) -> np.ndarray:
-        start, count = self.trie.candidate_rows(nodes)
+        t = self.trie
+        start, count = t.row_start[nodes], t.row_count[nodes]  # node -1: no candidates
         self.depth += 1
-        widths = self.trie.depth_candidates
+        widths = t.depth_candidates
         N, G = len(nodes), max(1, int(widths[self.depth]) if self.depth < len(widths) else 1)
+        self.start, self.count = start, count
+        # Late in a noun every row is 1 wide (one child, or EOS where the noun ends): the
+        # candidate is forced, and beam_search takes the short path of _select_forced.
+        self.forced = int(count.max()) <= 1
+        if self.forced:
+            self.token, self.next_node = t.row_token[nodes], t.row_next[nodes]  # -1: 0, -1
+            if G == 1:
+                return self.token.reshape(N, 1)
+            buf = np.zeros((N, G), np.int64)
+            buf[:, 0] = self.token
+            return buf
         entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
         buf, written = entry
         flat = buf.reshape(-1)
@@ -208,13 +221,17 @@ class _Guide:
         at = np.arange(total, dtype=np.int64)
         first = np.cumsum(count) - count  # where each row's entries begin in `at`
         pos = np.repeat(np.arange(0, N * G, G, dtype=np.int64) - first, count) + at
-        flat[pos] = self.trie.cand_tokens[np.repeat(start - first, count) + at]
-        entry[1], self.start, self.count = pos, start, count
+        flat[pos] = t.cand_tokens[np.repeat(start - first, count) + at]
+        entry[1] = pos
         return buf
 
     def top(self, cand_logprobs, k: int):
         """-> (log-probs f32 [N,k], columns [N,k]) of each row's k best candidates."""
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
+
+    def pick_forced(self, row, done):
+        """Token and next node of the one candidate of each `row` (EOS where done)."""
+        return np.where(done, EOS, self.token[row]), self.next_node[row]
 
     def pick(self, row, col, done):
         """Token and next node of candidate `col` of `row` (EOS where done or not a candidate)."""
@@ -256,6 +273,32 @@ def _select(score, done, lp, width, scale=None):
     return parent, slot, new_score
 
 
+def _select_forced(score, done, lp, width, scale=None):
+    """_select for a step where every beam has at most one candidate (its trie node has one
+    child, or only ends a noun): lp [B, Kp] that candidate's log-prob. The beams' keys need a
+    stable sort of Kp values, not of Kp x width. -> (parent [B, width], new score [B, width]),
+    or None where a key is NaN (_select ranks NaN behind its -inf padding; leave that to it).
+
+    The same parents and scores as _select over the rows that _top_rows pads to width with -inf
+    for every candidate with a finite score, in the same places: those come first in both, by
+    key, ties to the lower beam. The rest are dead (-inf) beams either way, which are never
+    ranked and never run again; their parent and token may differ.
+    """
+    cand = score + np.where(done, np.float32(0.0), lp)  # a finished beam: EOS, log-prob 0
+    key = cand if scale is None else cand * scale
+    if np.isnan(key).any():
+        return None
+    parent = np.argsort(-key, axis=1, kind="stable")
+    B, Kp = key.shape
+    if Kp >= width:
+        parent = parent[:, :width]
+        return parent, np.take_along_axis(cand, parent, 1)
+    dead = np.zeros((B, width - Kp), np.int64)  # fewer beams than width: pad with dead ones
+    new_score = np.concatenate([np.take_along_axis(cand, parent, 1),
+                                np.full((B, width - Kp), NEG_INF, np.float32)], 1)
+    return np.concatenate([parent, dead], 1), new_score
+
+
 class _Rows:
     """Which beams (or images) the last session call ran, in its row order, so that a search steps
     only the unfinished ones: a finished beam only ever appends EOS with log-prob 0 and needs no
@@ -290,6 +333,49 @@ class _Rows:
         return values if len(self.ran) == len(values) else values[self.ran]
 
 
+def _step(out, guide, rows, score, done, K, scale):
+    """One selection from the session's output `out` for B images x Kp beams (score [B, Kp],
+    done [B x Kp]). -> (src: the beam each new beam continues, its row in the last call, new
+    score [B, K], token, next trie node (guided; else None)), flat over B x K."""
+    B, Kp = score.shape
+    n = B * Kp
+    if guide is not None:
+        lp, col = guide.top(out.cand_logprobs, K)
+        col = rows.spread(n, col, 0)
+    else:
+        lp = np.asarray(out.topk_logprobs, np.float32)
+        ids = rows.spread(n, np.asarray(out.topk_ids, np.int64), EOS)
+        lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
+    lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
+    G = lp.shape[1]
+    parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
+    src = (np.arange(0, n, Kp)[:, None] + parent).reshape(-1)  # image's first beam + parent
+    slot = slot.reshape(-1)
+    was_done = done[src]
+    row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
+    if guide is None:
+        token, nxt = np.where(was_done, EOS, ids.reshape(-1)[src * ids.shape[1] + slot]), None
+    else:
+        token, nxt = guide.pick(np.maximum(row, 0), col.reshape(-1)[src * G + slot], was_done)
+    return src, row, score, token, nxt
+
+
+def _forced_step(out, guide, rows, score, done, K, scale):
+    """_step where every row that ran has at most one candidate (guide.forced); None where
+    _select_forced leaves the step to _step."""
+    B, Kp = score.shape
+    row = rows.row_of(B * Kp)  # -1 (not run): finished, _select_forced gives them EOS
+    lp = np.asarray(out.cand_logprobs, np.float32)[row, 0].reshape(B, Kp)
+    picked = _select_forced(score, done.reshape(B, Kp), lp, K, scale)
+    if picked is None:
+        return None
+    parent, score = picked
+    src = (np.arange(0, B * Kp, Kp)[:, None] + parent).reshape(-1)
+    row = row[src]
+    token, nxt = guide.pick_forced(row, done[src])
+    return src, row, score, token, nxt
+
+
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
                 alpha: float = 0.0, trie: TokenTrie | None = None) -> list[list[Hypothesis]]:
     """Beam search (free, or guided by a noun trie). -> per image, hypotheses best first.
@@ -309,8 +395,6 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         return []
     P = cfg.prefix_len
     temperature = float(temperature)
-    first_row = np.arange(B, dtype=np.int64)[:, None]  # times Kp: an image's first row
-
     # Beam state, flat over B x Kp rows; before the first token every image has one empty,
     # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
     score = np.zeros((B, 1), np.float32)
@@ -327,26 +411,13 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
-        n = B * Kp
-        if guide is not None:
-            lp, col = guide.top(out.cand_logprobs, K)
-            col = rows.spread(n, col, 0)
-        else:
-            lp = np.asarray(out.topk_logprobs, np.float32)
-            ids = rows.spread(n, np.asarray(out.topk_ids, np.int64), EOS)
-            lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
-        lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
-        G = lp.shape[1]
         scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
-        parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
-        src = (first_row * Kp + parent).reshape(-1)  # previous beam each new beam continues
-        slot = slot.reshape(-1)
-        was_done = done[src]
-        row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
-        if guide is not None:
-            token, nxt = guide.pick(np.maximum(row, 0), col.reshape(-1)[src * G + slot], was_done)
-        else:
-            token = np.where(was_done, EOS, ids.reshape(-1)[src * ids.shape[1] + slot])
+        picked = None
+        if guide is not None and guide.forced:
+            picked = _forced_step(out, guide, rows, score, done, K, scale)
+        if picked is None:
+            picked = _step(out, guide, rows, score, done, K, scale)
+        src, row, score, token, nxt = picked
         grows = token != EOS  # a finished beam's token is EOS
         length = length[src] + grows
         tokens = tokens[src]
