@@ -20,6 +20,7 @@ copy what it keeps.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -111,7 +112,7 @@ def _on_device(embeds) -> bool:
 _U32 = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 _NAN_KEY = np.uint32(0xFFFFFFFF)
-_SMALL = 8192  # up to this many values a stable argsort beats the packed-key partition
+_SMALL = 512  # up to this many values a stable argsort beats the partitions of _best_columns
 
 
 def _desc_key(x: np.ndarray) -> np.ndarray:
@@ -124,21 +125,39 @@ def _desc_key(x: np.ndarray) -> np.ndarray:
     return key
 
 
-def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """values f32 [n, w], w >= k -> (columns i64 [n,k], values f32 [n,k]) of the k first entries
-    of a stable descending sort of each row (ties to the lower column, -0 = +0, NaN last).
+def _best_columns(values: np.ndarray, k: int) -> np.ndarray:
+    """values f32 [n, w], w >= k -> columns i64 [n,k] of the k first entries of a stable
+    descending sort of each row (ties to the lower column, -0 = +0, NaN last).
 
-    Small inputs: np.argsort. Large ones: each value and its column packed in one u64 key
-    (unique per row), a partition for the k smallest keys and a sort of those k: the same order."""
+    Few values, or narrow rows: np.argsort. Else a partition finds each row's k-th largest
+    value; the entries >= it (the k best and their ties, NaN never) are few, and a stable sort
+    of those alone, in column order, gives the same first k. Rows with fewer than k non-NaN values: each
+    value and its column packed in one u64 key (unique per row), a partition for the k smallest
+    keys and a sort of those k: the same order again."""
     n, w = values.shape
     if values.size <= _SMALL or w <= 2 * k:
         col = np.argsort(-values, axis=1, kind="stable")
-        if w > k:
-            col = col[:, :k]
-    else:
-        keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
-        keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
-        col = (keys & _U32).astype(np.int64)
+        return col[:, :k] if w > k else col
+    neg = -values  # ascending order of neg = descending order of values; NaN stays last
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1:k]
+    if not np.isnan(kth).any():
+        if n == 1:  # one row (a batch of one at the prefill): no row bookkeeping
+            at = np.flatnonzero(neg[0] <= kth[0, 0])
+            return at[np.argsort(neg[0, at], kind="stable")[:k]][None]
+        row, at = np.nonzero(neg <= kth)  # row by row, columns ascending
+        order = np.lexsort((neg[row, at], row))  # stable: ties keep the lower column first
+        per_row = np.bincount(row, minlength=n)  # >= k each
+        first = np.cumsum(per_row) - per_row
+        return at[order[first[:, None] + np.arange(k)]]
+    keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
+    keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
+    return (keys & _U32).astype(np.int64)
+
+
+def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """_best_columns, and the values there: (columns i64 [n,k], values f32 [n,k])."""
+    n, w = values.shape
+    col = _best_columns(values, k)
     return col, values.reshape(-1)[col + np.arange(0, n * w, w)[:, None]]  # take_along_axis
 
 
@@ -150,22 +169,24 @@ def _top_rows(cl: np.ndarray, count: np.ndarray, k: int) -> tuple[np.ndarray, np
     Rows are handled in groups of similar width (<= k, <= 4k, <= 16k, ...), so the work is
     O(sum of counts), not O(N x widest row)."""
     N, G = cl.shape
-    widest = int(count.max(initial=0))
-    lp = col = None
+    narrowest, widest = (int(count.min()), int(count.max())) if N else (0, 0)
     lo, w = -1, k
+    while narrowest > w:  # no row in the narrower groups
+        lo, w = w, 4 * w
+    lp = col = None
     while True:
-        rows = None if widest <= w and lo < 0 else np.flatnonzero((count > lo) & (count <= w))
-        if rows is not None and len(rows) == N:
-            rows = None
+        every = narrowest > lo and widest <= w  # every row is in this group
+        rows = None if every else np.flatnonzero((count > lo) & (count <= w))
         if rows is None or len(rows):
             g = min(w, G)
             sub = cl[:, :g] if rows is None else cl[rows, :g]
-            cnt = count[:, None] if rows is None else count[rows, None]
-            block = np.where(np.arange(g) < cnt, sub, NEG_INF)
+            if not (every and narrowest >= g):  # (else every row fills all g columns)
+                cnt = count[:, None] if rows is None else count[rows, None]
+                sub = np.where(np.arange(g) < cnt, sub, NEG_INF)
             if g < k:  # fewer columns than k: dead padding
-                pad = np.full((len(block), k - g), NEG_INF, np.float32)
-                block = np.concatenate([block, pad], 1)
-            c, v = _best(block, k)
+                pad = np.full((len(sub), k - g), NEG_INF, np.float32)
+                sub = np.concatenate([sub, pad], 1)
+            c, v = _best(sub, k)
             if rows is None:
                 return v, c
             if lp is None:
@@ -187,13 +208,8 @@ class _Guide:
         self.bufs = {}        # (N, G) -> [cand_ids buffer, flat positions written last time]
 
     def first(self, rows: int) -> np.ndarray:
-        t = self.trie
-        self.depth = 0
-        root = t.cand_tokens[t.cand_offsets[0]:t.cand_offsets[1]]
-        self.start = np.full(rows, t.cand_offsets[0], np.int64)
-        self.count = np.full(rows, len(root), np.int64)
-        self.forced = False  # the prefill's rows take the general path
-        return np.tile(root, (rows, 1))
+        self.depth = -1
+        return self.next(np.zeros(rows, np.int64))  # every row at the root
 
     def next(self, nodes: np.ndarray) -> np.ndarray:
         t = self.trie
@@ -202,10 +218,8 @@ class _Guide:
         widths = t.depth_candidates
         N, G = len(nodes), max(1, int(widths[self.depth]) if self.depth < len(widths) else 1)
         self.start, self.count = start, count
-        # Late in a noun every row is 1 wide (one child, or EOS where the noun ends): the
-        # candidate is forced, and beam_search takes the short path of _select_forced.
-        self.forced = int(count.max()) <= 1
-        if self.forced:
+        self.widest = int(count.max())  # <= the width: beam_search takes _narrow_step
+        if self.widest <= 1:  # every row's candidate is forced: the cand_ids are one gather
             self.token, self.next_node = t.row_token[nodes], t.row_next[nodes]  # -1: 0, -1
             if G == 1:
                 return self.token.reshape(N, 1)
@@ -230,7 +244,8 @@ class _Guide:
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
 
     def pick_forced(self, row, done):
-        """Token and next node of the one candidate of each `row` (EOS where done)."""
+        """pick where every row has at most one candidate (widest <= 1): its token and next node
+        (EOS where done)."""
         return np.where(done, EOS, self.token[row]), self.next_node[row]
 
     def pick(self, row, col, done):
@@ -240,63 +255,45 @@ class _Guide:
         return np.where(ok, self.trie.cand_tokens[at], EOS), self.trie.cand_next[at]
 
 
+@functools.lru_cache(maxsize=None)
+def _eos_row(width: int) -> np.ndarray:
+    """A finished beam's candidate row: EOS (column 0) with log-prob 0, nothing else."""
+    row = np.full(width, NEG_INF, np.float32)
+    row[0] = 0.0
+    row.setflags(write=False)
+    return row
+
+
 def _select(score, done, lp, width, scale=None):
     """One beam-search selection for B images at once.
 
     score, done [B, Kp]; lp [B, Kp, G]: each beam's candidates in descending log-prob order,
     ties lower id first, as a top-k returns them (invalid entries -inf, last). Finished beams
     are replaced by their single EOS candidate (slot 0) with log-prob 0. `scale` [B, Kp] (length
-    normalisation, None = 1): each beam's candidates compete by score x scale. Returns (parent
-    [B,K], slot [B,K], new score [B,K]) of the `width` best candidates by a stable sort of the
-    flattened keys: ties go to the lower beam, then the higher log-prob, then the lower id
+    normalisation, None = 1): each beam's candidates compete by score x scale. Returns (src
+    [B*K]: the beam each new beam continues, flat over B x Kp; slot [B*K]; new score [B,K]) of
+    the `width` best candidates by a stable sort of the flattened keys: ties go to the lower beam, then the higher log-prob, then the lower id
     (the oracle's order; exact as long as every beam offers >= width candidates, or at least
     its best `width`: a beam's later candidates never come before its earlier ones, since its
     scale is positive).
     """
     B, Kp, G = lp.shape
     if done.any():
-        eos_only = np.full(G, NEG_INF, dtype=np.float32)
-        eos_only[0] = 0.0
-        lp = np.where(done[:, :, None], eos_only, lp)
-    cand = score[:, :, None] + lp  # fp32, same additions as the oracle
-    key = (cand if scale is None else cand * scale[:, :, None]).reshape(B, Kp * G)
-    cand = cand.reshape(B, Kp * G)
+        lp = np.where(done[:, :, None], _eos_row(G), lp)
     n = Kp * G
+    cand = (score[:, :, None] + lp).reshape(B, n)  # fp32, same additions as the oracle
+    key = cand if scale is None else (cand.reshape(B, Kp, G) * scale[:, :, None]).reshape(B, n)
     if n < width:  # fewer candidates than beams: pad with dead ones (after every real one)
         key = np.concatenate([key, np.full((B, width - n), NEG_INF, np.float32)], 1)
-    best, _ = _best(key, width)
-    best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
-    new_score = np.take_along_axis(cand, best, 1)
+    best = _best_columns(key, width)
+    if n < width:
+        best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
+    best += np.arange(0, B * n, n)[:, None]  # flat over the B images' candidates
+    new_score = cand.reshape(-1)[best]
     if n < width:
         new_score[:, n:] = NEG_INF
-    parent, slot = np.divmod(best, G)
-    return parent, slot, new_score
-
-
-def _select_forced(score, done, lp, width, scale=None):
-    """_select for a step where every beam has at most one candidate (its trie node has one
-    child, or only ends a noun): lp [B, Kp] that candidate's log-prob. The beams' keys need a
-    stable sort of Kp values, not of Kp x width. -> (parent [B, width], new score [B, width]),
-    or None where a key is NaN (_select ranks NaN behind its -inf padding; leave that to it).
-
-    The same parents and scores as _select over the rows that _top_rows pads to width with -inf
-    for every candidate with a finite score, in the same places: those come first in both, by
-    key, ties to the lower beam. The rest are dead (-inf) beams either way, which are never
-    ranked and never run again; their parent and token may differ.
-    """
-    cand = score + np.where(done, np.float32(0.0), lp)  # a finished beam: EOS, log-prob 0
-    key = cand if scale is None else cand * scale
-    if np.isnan(key).any():
-        return None
-    parent = np.argsort(-key, axis=1, kind="stable")
-    B, Kp = key.shape
-    if Kp >= width:
-        parent = parent[:, :width]
-        return parent, np.take_along_axis(cand, parent, 1)
-    dead = np.zeros((B, width - Kp), np.int64)  # fewer beams than width: pad with dead ones
-    new_score = np.concatenate([np.take_along_axis(cand, parent, 1),
-                                np.full((B, width - Kp), NEG_INF, np.float32)], 1)
-    return np.concatenate([parent, dead], 1), new_score
+    src, slot = np.divmod(best.reshape(-1), G)  # image b's beam p is src b * Kp + p
+    return src, slot, new_score
 
 
 class _Rows:
@@ -326,7 +323,10 @@ class _Rows:
 
     def next(self, done: np.ndarray) -> None:
         """The next call runs the unfinished beams (or all)."""
-        self.ran = np.flatnonzero(~done) if self.drop else np.arange(len(done), dtype=np.int64)
+        if self.drop:
+            self.ran = np.flatnonzero(~done)
+        elif len(self.ran) != len(done):
+            self.ran = np.arange(len(done), dtype=np.int64)
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """The entries of the beams the next call runs (values itself when that is all of them)."""
@@ -348,9 +348,7 @@ def _step(out, guide, rows, score, done, K, scale):
         lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
     lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
     G = lp.shape[1]
-    parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
-    src = (np.arange(0, n, Kp)[:, None] + parent).reshape(-1)  # image's first beam + parent
-    slot = slot.reshape(-1)
+    src, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
     was_done = done[src]
     row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
     if guide is None:
@@ -360,20 +358,49 @@ def _step(out, guide, rows, score, done, K, scale):
     return src, row, score, token, nxt
 
 
-def _forced_step(out, guide, rows, score, done, K, scale):
-    """_step where every row that ran has at most one candidate (guide.forced); None where
-    _select_forced leaves the step to _step."""
+def _narrow_step(out, guide, rows, score, done, K, scale):
+    """_step where no row that ran has more than K candidates (guide.widest <= K): late in a noun,
+    where trie nodes have one child or a few. None where a key is NaN (left to _step).
+
+    Every beam keeps all its candidates, so no per-row top-k is needed: one sort of the B x Kp x
+    widest keys in _select's order (key descending, ties to the lower beam, then the higher
+    log-prob, then the lower column; with one candidate per beam, a plain stable argsort). The
+    candidates with a finite score come first and in the same places as in _step; the rest are
+    dead (-inf) beams either way, never ranked and never run again (which beam they continue and
+    their token may differ). _step ranks NaN behind its -inf padding, hence the fallback.
+    """
     B, Kp = score.shape
-    row = rows.row_of(B * Kp)  # -1 (not run): finished, _select_forced gives them EOS
-    lp = np.asarray(out.cand_logprobs, np.float32)[row, 0].reshape(B, Kp)
-    picked = _select_forced(score, done.reshape(B, Kp), lp, K, scale)
-    if picked is None:
+    n, W = B * Kp, guide.widest
+    row = rows.row_of(n)  # -1 (not run): a finished beam, given its EOS below
+    lp = np.asarray(out.cand_logprobs, np.float32)[row, :W]
+    if W > 1:  # columns past a row's own candidates are padding
+        lp = np.where(np.arange(W) < guide.count[row][:, None], lp, NEG_INF)
+        lp[done] = _eos_row(W)
+    else:  # (a live beam's node always has a candidate: a child, or EOS where a noun ends)
+        lp = np.where(done[:, None], np.float32(0.0), lp)
+    cand = (score.reshape(n, 1) + lp).reshape(B, Kp * W)  # a finished beam: EOS, log-prob 0
+    key = cand if scale is None else (cand.reshape(n, W) * scale.reshape(n, 1)).reshape(B, Kp * W)
+    if np.isnan(key).any():
         return None
-    parent, score = picked
-    src = (np.arange(0, B * Kp, Kp)[:, None] + parent).reshape(-1)
-    row = row[src]
-    token, nxt = guide.pick_forced(row, done[src])
-    return src, row, score, token, nxt
+    if W == 1:
+        best = np.argsort(-key, axis=1, kind="stable")
+    else:  # beam: b x Kp + p, increasing with p within an image
+        beam = (np.arange(n * W) // W).reshape(B, Kp * W)
+        best = np.lexsort((-lp.reshape(B, Kp * W), beam, -key), axis=1)
+    best = best[:, :K]
+    if B > 1:
+        best += np.arange(0, n * W, Kp * W)[:, None]  # flat over the B images' candidates
+    new_score = cand.reshape(-1)[best]
+    if Kp * W < K:  # fewer candidates than beams: pad with dead ones
+        best = np.concatenate([best, np.repeat(best[:, :1], K - Kp * W, 1)], 1)
+        new_score = np.concatenate([new_score, np.full((B, K - Kp * W), NEG_INF, np.float32)], 1)
+    src, col = np.divmod(best.reshape(-1), W)
+    row, was_done = row[src], done[src]
+    if W == 1:
+        token, nxt = guide.pick_forced(row, was_done)
+    else:
+        token, nxt = guide.pick(row, col, was_done)  # row -1 only where was_done
+    return src, row, new_score, token, nxt
 
 
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
@@ -413,8 +440,8 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         Kp = score.shape[1]
         scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
         picked = None
-        if guide is not None and guide.forced:
-            picked = _forced_step(out, guide, rows, score, done, K, scale)
+        if guide is not None and guide.widest <= K:
+            picked = _narrow_step(out, guide, rows, score, done, K, scale)
         if picked is None:
             picked = _step(out, guide, rows, score, done, K, scale)
         src, row, score, token, nxt = picked
@@ -428,7 +455,8 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
             break
         rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
+            # node -1: a finished beam (which runs only where every row runs)
+            cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
         else:
             cand_ids = no_cands[:len(rows.ran)]
         # a live beam's parent was live, so it ran: row >= 0 for every beam that runs
@@ -476,7 +504,8 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
             break
         rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
+            # node -1: a finished beam (which runs only where every row runs)
+            cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
         else:
             cand_ids = cand_ids[:len(rows.ran)]
         out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)

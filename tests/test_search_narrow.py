@@ -1,10 +1,11 @@
-"""Guided beam search's short path for forced steps (novic/runtime/search.py `_select_forced`).
+"""Guided beam search's short path for narrow steps (novic/runtime/search.py `_narrow_step`).
 
 Late in a noun every beam's trie node has one candidate (one child, or EOS where the noun ends)
-and the search skips the per-row top-k and the [beams x width] sort. These tests make such steps
-common (nouns with long private tails) under heavy ties, finished beams at every step, batches,
-length normalisation and NaN log-probs, and check that the short path changes nothing: against
-the PyTorch oracle (reference.beam_one), and bit for bit against the general path alone.
+or a few, and the search skips the per-row top-k: one sort of all the candidates' keys. These
+tests make such steps common (nouns with long private tails, nouns that are prefixes of others)
+under heavy ties, finished beams at every step, batches, length normalisation and NaN log-probs,
+and check that the short path changes nothing: against the PyTorch oracle (reference.beam_one),
+and bit for bit against the general path alone.
 """
 import numpy as np
 import pytest
@@ -86,16 +87,17 @@ def oracle_logprobs(table, image, prefix_len):
 
 
 @pytest.fixture
-def forced_steps(monkeypatch):
-    """Counts the steps that took the short path (a test that never takes it proves nothing)."""
+def narrow_steps(monkeypatch):
+    """The width (1: forced) of each step that took the short path, None where it fell back
+    (a test that never takes it proves nothing)."""
     taken = []
-    inner = search._select_forced
+    inner = search._narrow_step
 
-    def counting(*args, **kw):
-        got = inner(*args, **kw)
-        taken.append(got is not None)
+    def counting(out, guide, *args):
+        got = inner(out, guide, *args)
+        taken.append(guide.widest if got is not None else None)
         return got
-    monkeypatch.setattr(search, "_select_forced", counting)
+    monkeypatch.setattr(search, "_narrow_step", counting)
     return taken
 
 
@@ -109,7 +111,7 @@ def random_case(rng):
     return cfg, trie, embeds, tie_rows(rng, V)
 
 
-def test_forced_steps_match_the_oracle(forced_steps):
+def test_narrow_steps_match_the_oracle(narrow_steps):
     rng = np.random.default_rng(0)
     for _ in range(60):
         cfg, trie, embeds, table = random_case(rng)
@@ -121,11 +123,11 @@ def test_forced_steps_match_the_oracle(forced_steps):
             got = search.beam_search(HashSession(cfg, table, drops), embeds, width, alpha=alpha,
                                      trie=trie)
             assert got == expected, (width, alpha, drops)  # tokens, order and fp32 scores
-    assert sum(forced_steps) > 100
+    assert narrow_steps.count(1) > 100 and sum(w is not None and w > 1 for w in narrow_steps) > 50
 
 
 def general_path_only(monkeypatch):
-    monkeypatch.setattr(search, "_select_forced", lambda *args, **kw: None)
+    monkeypatch.setattr(search, "_narrow_step", lambda *args: None)
 
 
 def run_both(monkeypatch, cfg, trie, embeds, table, width, alpha, drops):
@@ -147,7 +149,7 @@ def same_hypotheses(a, b):
     return key == [[(h.tokens, np.float32(h.logprob).tobytes()) for h in hyps] for hyps in b]
 
 
-def test_forced_steps_match_the_general_path_bit_for_bit(monkeypatch, forced_steps):
+def test_narrow_steps_match_the_general_path_bit_for_bit(monkeypatch, narrow_steps):
     """Also with NaN and -inf log-probs, which the oracle does not define: the short path leaves
     NaN keys to the general one. Each session sees the same cand_ids, and the same tokens and
     beam_idx in every row whose beam is live (finished rows are filled in either way)."""
@@ -168,11 +170,12 @@ def test_forced_steps_match_the_general_path_bit_for_bit(monkeypatch, forced_ste
             for a, b in zip(calls, calls_general):
                 if isinstance(a, np.ndarray):  # cand_ids
                     np.testing.assert_array_equal(a, b)
-    assert nan_cases and sum(forced_steps) > 100
-    assert not all(forced_steps)  # a NaN key sent some forced steps to the general path
+    assert nan_cases and narrow_steps.count(1) > 100
+    assert sum(w is not None and w > 1 for w in narrow_steps) > 50
+    assert None in narrow_steps  # a NaN key sent some steps to the general path
 
 
-def test_forced_rows_get_their_one_candidate():
+def test_narrow_rows_get_their_candidates():
     """The rows a forced step sends: exactly each node's candidate (EOS for a finished noun,
     token 0 for a finished beam), padded with 0 to the depth's width."""
     trie = TokenTrie([[1, 2, 3, 4], [1, 2], [5, 6, 7], [5, 8, 9, 10]])
@@ -181,13 +184,14 @@ def test_forced_rows_get_their_one_candidate():
     guide.depth = 1  # the rows below sit at depth 2
     node = {seq: trie.advance(trie.advance(0, seq[0]), seq[1]) for seq in [(1, 2), (5, 6), (5, 8)]}
     cand_ids = guide.next(np.array([node[(1, 2)], node[(5, 6)], -1, node[(5, 8)]]))
-    assert not guide.forced  # the node (1, 2) ends a noun and has a child: 2 candidates
+    assert guide.widest == 2  # the node (1, 2) ends a noun and has a child: 2 candidates
+    assert cand_ids.tolist() == [[EOS, 3], [7, 0], [0, 0], [9, 0]]
     guide.depth = 1
     cand_ids = guide.next(np.array([node[(5, 6)], -1, node[(5, 8)]]))
-    assert guide.forced and cand_ids.tolist() == [[7, 0], [0, 0], [9, 0]]  # (1, 2) is 2 wide
+    assert guide.widest == 1 and cand_ids.tolist() == [[7, 0], [0, 0], [9, 0]]  # (1, 2) is 2 wide
     at_7 = trie.advance(node[(5, 6)], 7)
     cand_ids = guide.next(np.array([at_7, trie.advance(node[(5, 8)], 9)]))
-    assert guide.forced and cand_ids.tolist() == [[EOS], [10]]
+    assert guide.widest == 1 and cand_ids.tolist() == [[EOS], [10]]
     token, nxt = guide.pick_forced(np.array([1, 0, 0]), np.array([False, False, True]))
     assert token.tolist() == [10, EOS, EOS] and nxt[:2].tolist() == [trie.advance(trie.advance(
         node[(5, 8)], 9), 10), at_7]
