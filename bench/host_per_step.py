@@ -74,17 +74,6 @@ def sessions(cfg, prefill, step, threads: int | None):
     return {"plain": make(), "iobinding": make(iobinding=True), "cuda-graph logic": graphed}
 
 
-def load_search(path: str):
-    """beam_search of a copy of novic/runtime/search.py kept elsewhere (an earlier revision:
-    `git show REV:novic/runtime/search.py > FILE`); it runs on the current TokenTrie."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("baseline_search", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.beam_search
-
-
 def search_gaps(cfg, trie, embeds, drops_rows: bool, reps: int, searches: dict) -> dict:
     """Host microseconds before each decoder call (index 0: between the prefill and the first step)
     and after the last one (the ranking), fake session. The searches take turns, rep after rep, so
@@ -159,6 +148,8 @@ def main(argv=None) -> int:
                       f"{r['session_us']:.0f} | {r['ort_us']:.0f} | {r['host_us_min']:.0f} |", flush=True)
     searches = {"current": beam_search}
     if args.baseline:
+        from search_overhead import load_search
+
         searches["baseline"] = load_search(args.baseline)
     print("\n| batch | session | search | search's host us before each call (first: after the prefill), "
           "then the ranking: median (least disturbed) |")

@@ -112,7 +112,8 @@ def _on_device(embeds) -> bool:
 _U32 = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 _NAN_KEY = np.uint32(0xFFFFFFFF)
-_SMALL = 512  # up to this many values a stable argsort beats the partitions of _best_columns
+_SMALL = 8192  # up to this many values (rows narrower than _WIDE) a stable argsort is fastest
+_WIDE = 256     # rows this wide: _best_columns's threshold partition; narrower: packed keys
 
 
 def _desc_key(x: np.ndarray) -> np.ndarray:
@@ -129,26 +130,28 @@ def _best_columns(values: np.ndarray, k: int) -> np.ndarray:
     """values f32 [n, w], w >= k -> columns i64 [n,k] of the k first entries of a stable
     descending sort of each row (ties to the lower column, -0 = +0, NaN last).
 
-    Few values, or narrow rows: np.argsort. Else a partition finds each row's k-th largest
-    value; the entries >= it (the k best and their ties, NaN never) are few, and a stable sort
-    of those alone, in column order, gives the same first k. Rows with fewer than k non-NaN values: each
-    value and its column packed in one u64 key (unique per row), a partition for the k smallest
-    keys and a sort of those k: the same order again."""
+    Small inputs: np.argsort. Wide rows (the root's or a wide node's candidates): a partition
+    finds each row's k-th largest value; the entries >= it (the k best and their ties, NaN
+    never) are few, and a stable sort of those alone, in column order, gives the same first k.
+    Else (many rows, or rows with fewer than k non-NaN values): each value and its column packed
+    in one u64 key (unique per row), a partition for the k smallest keys and a sort of those k:
+    the same order again."""
     n, w = values.shape
-    if values.size <= _SMALL or w <= 2 * k:
+    if w <= 2 * k or (values.size <= _SMALL and w < _WIDE):
         col = np.argsort(-values, axis=1, kind="stable")
         return col[:, :k] if w > k else col
-    neg = -values  # ascending order of neg = descending order of values; NaN stays last
-    kth = np.partition(neg, k - 1, axis=1)[:, k - 1:k]
-    if not np.isnan(kth).any():
-        if n == 1:  # one row (a batch of one at the prefill): no row bookkeeping
-            at = np.flatnonzero(neg[0] <= kth[0, 0])
-            return at[np.argsort(neg[0, at], kind="stable")[:k]][None]
-        row, at = np.nonzero(neg <= kth)  # row by row, columns ascending
-        order = np.lexsort((neg[row, at], row))  # stable: ties keep the lower column first
-        per_row = np.bincount(row, minlength=n)  # >= k each
-        first = np.cumsum(per_row) - per_row
-        return at[order[first[:, None] + np.arange(k)]]
+    if w >= _WIDE:
+        neg = -values  # ascending order of neg = descending order of values; NaN stays last
+        kth = np.partition(neg, k - 1, axis=1)[:, k - 1:k]
+        if not np.isnan(kth).any():
+            if n == 1:  # one row (a batch of one at the prefill): no row bookkeeping
+                at = np.flatnonzero(neg[0] <= kth[0, 0])
+                return at[np.argsort(neg[0, at], kind="stable")[:k]][None]
+            row, at = np.nonzero(neg <= kth)  # row by row, columns ascending
+            order = np.lexsort((neg[row, at], row))  # stable: ties keep the lower column first
+            per_row = np.bincount(row, minlength=n)  # >= k each
+            first = np.cumsum(per_row) - per_row
+            return at[order[first[:, None] + np.arange(k)]]
     keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
     keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
     return (keys & _U32).astype(np.int64)
@@ -220,11 +223,11 @@ class _Guide:
         self.start, self.count = start, count
         self.widest = int(count.max())  # <= the width: beam_search takes _narrow_step
         if self.widest <= 1:  # every row's candidate is forced: the cand_ids are one gather
-            self.token, self.next_node = t.row_token[nodes], t.row_next[nodes]  # -1: 0, -1
+            token = t.row_token[nodes]  # node -1: 0
             if G == 1:
-                return self.token.reshape(N, 1)
+                return token.reshape(N, 1)
             buf = np.zeros((N, G), np.int64)
-            buf[:, 0] = self.token
+            buf[:, 0] = token
             return buf
         entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
         buf, written = entry
@@ -243,10 +246,13 @@ class _Guide:
         """-> (log-probs f32 [N,k], columns [N,k]) of each row's k best candidates."""
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
 
-    def pick_forced(self, row, done):
-        """pick where every row has at most one candidate (widest <= 1): its token and next node
-        (EOS where done)."""
-        return np.where(done, EOS, self.token[row]), self.next_node[row]
+    def pick_narrow(self, row, col, done):
+        """pick for _narrow_step: candidate `col` of `row` where the beam is live (EOS where
+        done). Where the beam is dead (-inf), `col` may be no candidate of `row`, or `row` -1:
+        its token and node are then some other row's (clipped to the arrays), never used."""
+        at, t = self.start[row] + col, self.trie
+        token = np.where(done, EOS, t.cand_tokens.take(at, mode="clip"))
+        return token, t.cand_next.take(at, mode="clip")
 
     def pick(self, row, col, done):
         """Token and next node of candidate `col` of `row` (EOS where done or not a candidate)."""
@@ -396,10 +402,7 @@ def _narrow_step(out, guide, rows, score, done, K, scale):
         new_score = np.concatenate([new_score, np.full((B, K - Kp * W), NEG_INF, np.float32)], 1)
     src, col = np.divmod(best.reshape(-1), W)
     row, was_done = row[src], done[src]
-    if W == 1:
-        token, nxt = guide.pick_forced(row, was_done)
-    else:
-        token, nxt = guide.pick(row, col, was_done)  # row -1 only where was_done
+    token, nxt = guide.pick_narrow(row, col, was_done)
     return src, row, new_score, token, nxt
 
 

@@ -85,14 +85,13 @@ class TokenTrie:
         # The same rows per node with one extra, last entry for node -1 (a finished beam: no
         # candidates, padding token 0), so that `row_start[nodes]` needs no mask for -1 nodes.
         # Every node's row is non-empty (a node either has children or ends a noun), so
-        # `row_token`/`row_next` are its first candidate: the forced one where the row is 1 wide.
+        # `row_token` is its first candidate: the only one where the row is 1 wide.
         first = self.cand_offsets[:-1]
         self.row_start = np.append(first, 0)
         self.row_count = np.append(cand_counts, 0)
         self.row_token = np.append(self.cand_tokens[first], 0)
-        self.row_next = np.append(self.cand_next[first], -1)
         for a in (self.cand_offsets, self.cand_tokens, self.cand_next, self.row_start,
-                  self.row_count, self.row_token, self.row_next):
+                  self.row_count, self.row_token):
             a.setflags(write=False)
         # Widest candidate row of candidates(): children plus EOS where a noun ends.
         self.max_candidates = int(cand_counts.max())

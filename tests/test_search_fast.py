@@ -1,11 +1,14 @@
-"""Guided beam search's short path for narrow steps (novic/runtime/search.py `_narrow_step`).
+"""The short paths of guided beam search (novic/runtime/search.py) change no result.
 
-Late in a noun every beam's trie node has one candidate (one child, or EOS where the noun ends)
-or a few, and the search skips the per-row top-k: one sort of all the candidates' keys. These
-tests make such steps common (nouns with long private tails, nouns that are prefixes of others)
-under heavy ties, finished beams at every step, batches, length normalisation and NaN log-probs,
-and check that the short path changes nothing: against the PyTorch oracle (reference.beam_one),
-and bit for bit against the general path alone.
+Narrow steps (`_narrow_step`): late in a noun every beam's trie node has one candidate (one
+child, or EOS where the noun ends) or a few, and the search skips the per-row top-k: one sort of
+all the candidates' keys. These tests make such steps common (nouns with long private tails,
+nouns that are prefixes of others) under heavy ties, finished beams at every step, batches,
+length normalisation and NaN log-probs, and check the results against the PyTorch oracle
+(reference.beam_one), and bit for bit against the general path alone.
+
+Wide rows (`_best_columns`, the root's candidates): the top-k by a partition threshold equals
+a stable argsort, ties, signed zeros, infinities and NaN included.
 """
 import numpy as np
 import pytest
@@ -192,6 +195,30 @@ def test_narrow_rows_get_their_candidates():
     at_7 = trie.advance(node[(5, 6)], 7)
     cand_ids = guide.next(np.array([at_7, trie.advance(node[(5, 8)], 9)]))
     assert guide.widest == 1 and cand_ids.tolist() == [[EOS], [10]]
-    token, nxt = guide.pick_forced(np.array([1, 0, 0]), np.array([False, False, True]))
+    token, nxt = guide.pick_narrow(np.array([1, 0, 0]), 0, np.array([False, False, True]))
     assert token.tolist() == [10, EOS, EOS] and nxt[:2].tolist() == [trie.advance(trie.advance(
         node[(5, 8)], 9), 10), at_7]
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_top_k_of_wide_rows_is_a_stable_descending_sort(n):
+    rng = np.random.default_rng(53)
+    paths = set()
+    for trial in range(40):
+        w, k = int(rng.integers(search._WIDE, 3 * search._WIDE)), int(rng.integers(1, 12))
+        # Ties everywhere, the k best spanning several tied values; signed zeros, infinities.
+        values = (rng.integers(-8, 2, (n, w)) / 8 - (rng.random((n, w)) < 0.95)).astype(np.float32)
+        values[(values == 0) & (rng.random((n, w)) < 0.5)] = -0.0
+        values[rng.random((n, w)) < 0.01] = np.inf
+        values[rng.random((n, w)) < 0.1] = -np.inf
+        if trial % 4 == 1:  # continuous values, some -inf
+            values = rng.standard_normal((n, w)).astype(np.float32)
+            values[rng.random((n, w)) < 0.3] = -np.inf
+        if trial % 4 == 2:  # NaN, but k non-NaN values per row: still the partition threshold
+            values[rng.random((n, w)) < 0.5] = np.nan
+        if trial % 4 == 3:  # a row with fewer than k non-NaN values: the packed keys instead
+            values[0, :w - k + 1] = np.nan
+        want = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(search._best_columns(values, k), want)
+        paths.add(bool(np.isnan(np.sort(-values, axis=1)[:, k - 1]).any()))
+    assert paths == {False, True}
