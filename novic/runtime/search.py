@@ -9,14 +9,17 @@ host only reads back O(B x K x k) numbers: the session's top-k (free decoding) o
 of the trie children of each beam (guided decoding), never a vocabulary-sized row; per-step cost
 is independent of the number of nouns.
 
-Host cost (bench/search_overhead.py): every step is a fixed number of vectorised numpy calls over
-B x K rows; trie candidates are gathered from the trie's flat per-node rows and only the entries
-of the rows in use are touched (per-row top-K by a partial sort on packed (log-prob, column) keys),
-never a [rows, widest row] sort. Guided steps pad cand_ids to one width per search
-(`TokenTrie.depth_candidates[t]` at step t; the prefill uses the root's row), so a session that
-is given every row sees the same shapes for every batch (CUDA graphs can be replayed). The
-cand_ids array handed to `session.step` is reused (rewritten) by the next step: a session must
-copy what it keeps.
+Host cost (bench/search_overhead.py, bench/host_per_step.py): every step is a fixed number of
+vectorised numpy calls over B x K rows; trie candidates are gathered from the trie's flat per-node
+rows and only the entries of the rows in use are touched (per-row top-K by a partition, never a
+[rows, widest row] sort). Late in a noun, where every row has at most K candidates (one, mostly:
+the next token is forced), a step skips the per-row top-K: one sort of all candidates' keys
+(`_narrow_step`); at batch 1 that is what keeps the host's work per step small.
+
+Guided steps pad cand_ids to one width per search (`TokenTrie.depth_candidates[t]` at step t;
+the prefill uses the root's row), so a session that is given every row sees the same shapes for
+every batch (CUDA graphs can be replayed). The cand_ids array handed to `session.step` may be
+reused (rewritten) by the next step: a session must copy what it keeps.
 """
 from __future__ import annotations
 
@@ -173,31 +176,29 @@ def _top_rows(cl: np.ndarray, count: np.ndarray, k: int) -> tuple[np.ndarray, np
     O(sum of counts), not O(N x widest row)."""
     N, G = cl.shape
     narrowest, widest = (int(count.min()), int(count.max())) if N else (0, 0)
-    lo, w = -1, k
-    while narrowest > w:  # no row in the narrower groups
-        lo, w = w, 4 * w
-    lp = col = None
-    while True:
-        every = narrowest > lo and widest <= w  # every row is in this group
-        rows = None if every else np.flatnonzero((count > lo) & (count <= w))
-        if rows is None or len(rows):
-            g = min(w, G)
-            sub = cl[:, :g] if rows is None else cl[rows, :g]
-            if not (every and narrowest >= g):  # (else every row fills all g columns)
-                cnt = count[:, None] if rows is None else count[rows, None]
-                sub = np.where(np.arange(g) < cnt, sub, NEG_INF)
-            if g < k:  # fewer columns than k: dead padding
-                pad = np.full((len(sub), k - g), NEG_INF, np.float32)
-                sub = np.concatenate([sub, pad], 1)
-            c, v = _best(sub, k)
-            if rows is None:
-                return v, c
-            if lp is None:
-                lp, col = np.empty((N, k), np.float32), np.empty((N, k), np.int64)
-            lp[rows], col[rows] = v, c
-        if widest <= w:
-            return lp, col
-        lo, w = w, 4 * w
+    widths = [k]  # the groups' widths, up to the widest row's
+    while widths[-1] < widest:
+        widths.append(4 * widths[-1])
+    if len(widths) == 1 or narrowest > widths[-2]:  # every row is in the last group
+        return _top_block(cl, count, None, min(widths[-1], G), k, narrowest)
+    lp, col = np.empty((N, k), np.float32), np.empty((N, k), np.int64)
+    group = np.searchsorted(widths, count)  # the first width >= count
+    for j in np.flatnonzero(np.bincount(group)).tolist():
+        rows = np.flatnonzero(group == j)
+        lp[rows], col[rows] = _top_block(cl, count, rows, min(widths[j], G), k, 0)
+    return lp, col
+
+
+def _top_block(cl, count, rows, g, k, narrowest):
+    """_top_rows of `rows` (None: all), all of which have at most g <= G candidates."""
+    sub = cl[:, :g] if rows is None else cl[rows, :g]
+    if narrowest < g:  # (else every row fills all g columns)
+        cnt = count[:, None] if rows is None else count[rows, None]
+        sub = np.where(np.arange(g) < cnt, sub, NEG_INF)
+    if g < k:  # fewer columns than k: dead padding
+        sub = np.concatenate([sub, np.full((len(sub), k - g), NEG_INF, np.float32)], 1)
+    col, lp = _best(sub, k)
+    return lp, col
 
 
 class _Guide:
@@ -278,10 +279,10 @@ def _select(score, done, lp, width, scale=None):
     are replaced by their single EOS candidate (slot 0) with log-prob 0. `scale` [B, Kp] (length
     normalisation, None = 1): each beam's candidates compete by score x scale. Returns (src
     [B*K]: the beam each new beam continues, flat over B x Kp; slot [B*K]; new score [B,K]) of
-    the `width` best candidates by a stable sort of the flattened keys: ties go to the lower beam, then the higher log-prob, then the lower id
-    (the oracle's order; exact as long as every beam offers >= width candidates, or at least
-    its best `width`: a beam's later candidates never come before its earlier ones, since its
-    scale is positive).
+    the `width` best candidates by a stable sort of the flattened keys: ties go to the lower
+    beam, then the higher log-prob, then the lower id (the oracle's order; exact as long as
+    every beam offers >= width candidates, or at least its best `width`: a beam's later
+    candidates never come before its earlier ones, since its scale is positive).
     """
     B, Kp, G = lp.shape
     if done.any():
