@@ -52,7 +52,7 @@ def advance(state, token, position):
 class HashSession:
     """A DecoderSession whose log-probs depend on each row's whole history (a hash of the image and
     the tokens fed along beam_idx), read from a table: the oracle recomputes the same hash from a
-    beam's tokens. Records the live rows' inputs (tokens, beam_idx, cand_ids)."""
+    beam's tokens. Records its inputs: cand_ids of each call, (tokens, beam_idx) of each step."""
 
     def __init__(self, cfg, table, drops):
         self.config, self.table, self.topk, self.drops_finished_rows = cfg, table, 4, drops
@@ -170,9 +170,15 @@ def test_narrow_steps_match_the_general_path_bit_for_bit(monkeypatch, narrow_ste
                 monkeypatch, cfg, trie, embeds, table, width, alpha, drops)
             assert same_hypotheses(short, general), (i, width, alpha, drops)
             assert len(calls) == len(calls_general)
-            for a, b in zip(calls, calls_general):
+            for i, (a, b) in enumerate(zip(calls, calls_general)):
                 if isinstance(a, np.ndarray):  # cand_ids
                     np.testing.assert_array_equal(a, b)
+                    continue
+                # (tokens, beam_idx) of a step: the rows whose beam is live (every row that runs
+                # where finished rows are dropped; else those asking for a token, not 0 only)
+                live = np.ones(len(a[0]), bool) if drops else calls[i + 1].any(1)
+                for x, y in zip(a, b):
+                    np.testing.assert_array_equal(x[live], y[live])
     assert nan_cases and narrow_steps.count(1) > 100
     assert sum(w is not None and w > 1 for w in narrow_steps) > 50
     assert None in narrow_steps  # a NaN key sent some steps to the general path
