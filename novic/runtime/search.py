@@ -185,7 +185,12 @@ def _top_rows(cl: np.ndarray, count: np.ndarray, k: int) -> tuple[np.ndarray, np
     group = np.searchsorted(widths, count)  # the first width >= count
     for j in np.flatnonzero(np.bincount(group)).tolist():
         rows = np.flatnonzero(group == j)
-        lp[rows], col[rows] = _top_block(cl, count, rows, min(widths[j], G), k, 0)
+        if j and len(rows) <= 2:  # one or two wide rows: each its own length, no mask, no copy
+            for r in rows.tolist():
+                c, v = _best(cl[r:r + 1, :count[r]], k)
+                lp[r], col[r] = v[0], c[0]
+        else:
+            lp[rows], col[rows] = _top_block(cl, count, rows, min(widths[j], G), k, 0)
     return lp, col
 
 
