@@ -19,6 +19,7 @@ are the same for every batch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import platform
 import sys
@@ -194,6 +195,15 @@ def old_beam_search(session, embeds, width=10, temperature=1.0, alpha=0.0, trie=
 IMPLS = {"old": old_beam_search, "new": search.beam_search}
 
 
+def load_search(path: str):
+    """beam_search of a copy of novic/runtime/search.py kept elsewhere (an earlier revision:
+    `git show REV:novic/runtime/search.py > FILE`); it runs on the current TokenTrie."""
+    spec = importlib.util.spec_from_file_location("baseline_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.beam_search
+
+
 def run_once(fn, session, embeds, width, trie):
     """-> (host seconds, session seconds, results, widths per call, candidate bytes moved)."""
     session.elapsed, session.widths, session.cand_bytes = 0.0, [], 0
@@ -224,9 +234,15 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=10)
     ap.add_argument("--images", type=int, default=512,
                     help="images per measurement (repeats = max(5, images // B))")
-    ap.add_argument("--impls", nargs="+", default=["old", "new"], choices=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", default=["old", "new"],
+                    choices=[*IMPLS, "baseline"], help="baseline: the --baseline FILE")
+    ap.add_argument("--baseline", metavar="FILE", help="a copy of an earlier search.py")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = ap.parse_args(argv)
+    if "baseline" in args.impls:
+        if not args.baseline:
+            ap.error("--impls baseline needs --baseline FILE")
+        IMPLS["baseline"] = load_search(args.baseline)
 
     pc = CONFIGS["paper"]
     cfg = DecoderConfig(embed_dim=pc.embed_dim, vocab_size=pc.vocab_size, max_tokens=pc.max_tokens)
@@ -259,16 +275,15 @@ def main(argv=None):
 
     if args.markdown:
         names = args.impls
+        slower = [n for n in names if n != "new"] if "new" in names else []  # speed-ups of new
         head = "| B | search | " + " | ".join(f"{n} host ms/img" for n in names)
-        if set(names) >= {"old", "new"}:
-            head += " | speed-up"
+        head += "".join(f" | {n} / new" for n in slower)
         head += " | identical | " + " | ".join(f"{n} cand I/O KB/img" for n in names) + " |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for B, mode, t, _, same, io in rows:
             cells = [f"{t[n][0]:.3f}" for n in names]
-            if set(names) >= {"old", "new"}:
-                cells.append(f"{t['old'][0] / t['new'][0]:.1f}x")
+            cells += [f"{t[n][0] / t['new'][0]:.1f}x" for n in slower]
             cells.append(same or "-")
             cells += [f"{io[n] / 1024:.1f}" for n in names]
             print(f"| {B} | {mode} | " + " | ".join(cells) + " |")

@@ -719,13 +719,32 @@ def test_top_rows_matches_brute_force(monkeypatch, small):
         cl = (rng.integers(-6, 1, (N, G)) / 4).astype(np.float32)  # many ties
         cl[rng.random((N, G)) < 0.05] = -np.inf
         count = rng.choice([0, 1, 2, k, k + 1, 4 * k, 4 * k + 1, G], N).clip(0, G)
-        lp, col = search._top_rows(cl, count, k)
-        for r in range(N):
-            vals = np.concatenate([cl[r, :count[r]], np.full(k, -np.inf, np.float32)])
-            want = np.argsort(-vals, kind="stable")[:k]
-            real = want < count[r]
-            assert (col[r][real] == want[real]).all() and (col[r][~real] >= count[r]).all()
-            np.testing.assert_array_equal(lp[r], vals[want])
+        check_top_rows(cl, count, k)
+
+
+def check_top_rows(cl, count, k):
+    """search._top_rows against a stable argsort of each row's own candidates."""
+    lp, col = search._top_rows(cl, count, k)
+    for r in range(len(cl)):
+        vals = np.concatenate([cl[r, :count[r]], np.full(k, -np.inf, np.float32)])
+        want = np.argsort(-vals, kind="stable")[:k]
+        real = want < count[r]
+        assert (col[r][real] == want[real]).all() and (col[r][~real] >= count[r]).all()
+        np.testing.assert_array_equal(lp[r], vals[want])
+
+
+@pytest.mark.parametrize("wide_rows", [1, 2, 3])
+def test_top_rows_with_a_few_wide_rows(wide_rows):
+    """Rows wider than 4k next to narrow ones (a beam at a node with many children): one or two
+    are sliced to their own length, more go through the masked block; same top-k either way."""
+    rng = np.random.default_rng(54)
+    for _ in range(20):
+        N, G, k = 10, int(rng.integers(300, 700)), int(rng.integers(1, 11))
+        cl = (rng.integers(-6, 1, (N, G)) / 4).astype(np.float32)  # many ties
+        cl[rng.random((N, G)) < 0.05] = -np.inf
+        count = rng.integers(0, k + 1, N)
+        count[rng.choice(N, wide_rows, replace=False)] = rng.integers(4 * k + 1, G + 1, wide_rows)
+        check_top_rows(cl, count, k)
 
 
 def test_search_rules_under_ties_packed_keys(monkeypatch):

@@ -9,17 +9,21 @@ host only reads back O(B x K x k) numbers: the session's top-k (free decoding) o
 of the trie children of each beam (guided decoding), never a vocabulary-sized row; per-step cost
 is independent of the number of nouns.
 
-Host cost (bench/search_overhead.py): every step is a fixed number of vectorised numpy calls over
-B x K rows; trie candidates are gathered from the trie's flat per-node rows and only the entries
-of the rows in use are touched (per-row top-K by a partial sort on packed (log-prob, column) keys),
-never a [rows, widest row] sort. Guided steps pad cand_ids to one width per search
-(`TokenTrie.depth_candidates[t]` at step t; the prefill uses the root's row), so a session that
-is given every row sees the same shapes for every batch (CUDA graphs can be replayed). The
-cand_ids array handed to `session.step` is reused (rewritten) by the next step: a session must
-copy what it keeps.
+Host cost (bench/search_overhead.py, bench/host_per_step.py): every step is a fixed number of
+vectorised numpy calls over B x K rows; trie candidates are gathered from the trie's flat per-node
+rows and only the entries of the rows in use are touched (per-row top-K by a partition, never a
+[rows, widest row] sort). Late in a noun, where every row has at most K candidates (one, mostly:
+the next token is forced), a step skips the per-row top-K: one sort of all candidates' keys
+(`_narrow_step`); at batch 1 that is what keeps the host's work per step small.
+
+Guided steps pad cand_ids to one width per search (`TokenTrie.depth_candidates[t]` at step t;
+the prefill uses the root's row), so a session that is given every row sees the same shapes for
+every batch (CUDA graphs can be replayed). The cand_ids array handed to `session.step` may be
+reused (rewritten) by the next step: a session must copy what it keeps.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -111,7 +115,8 @@ def _on_device(embeds) -> bool:
 _U32 = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 _NAN_KEY = np.uint32(0xFFFFFFFF)
-_SMALL = 8192  # up to this many values a stable argsort beats the packed-key partition
+_SMALL = 8192  # up to this many values (rows narrower than _WIDE) a stable argsort is fastest
+_WIDE = 256     # rows this wide: _best_columns's threshold partition; narrower: packed keys
 
 
 def _desc_key(x: np.ndarray) -> np.ndarray:
@@ -124,21 +129,41 @@ def _desc_key(x: np.ndarray) -> np.ndarray:
     return key
 
 
-def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """values f32 [n, w], w >= k -> (columns i64 [n,k], values f32 [n,k]) of the k first entries
-    of a stable descending sort of each row (ties to the lower column, -0 = +0, NaN last).
+def _best_columns(values: np.ndarray, k: int) -> np.ndarray:
+    """values f32 [n, w], w >= k -> columns i64 [n,k] of the k first entries of a stable
+    descending sort of each row (ties to the lower column, -0 = +0, NaN last).
 
-    Small inputs: np.argsort. Large ones: each value and its column packed in one u64 key
-    (unique per row), a partition for the k smallest keys and a sort of those k: the same order."""
+    Small inputs: np.argsort. Wide rows (the root's or a wide node's candidates): a partition
+    finds each row's k-th largest value; the entries >= it (the k best and their ties, NaN
+    never) are few, and a stable sort of those alone, in column order, gives the same first k.
+    Else (many rows, or rows with fewer than k non-NaN values): each value and its column packed
+    in one u64 key (unique per row), a partition for the k smallest keys and a sort of those k:
+    the same order again."""
     n, w = values.shape
-    if values.size <= _SMALL or w <= 2 * k:
+    if w <= 2 * k or (values.size <= _SMALL and w < _WIDE):
         col = np.argsort(-values, axis=1, kind="stable")
-        if w > k:
-            col = col[:, :k]
-    else:
-        keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
-        keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
-        col = (keys & _U32).astype(np.int64)
+        return col[:, :k] if w > k else col
+    if w >= _WIDE:
+        neg = -values  # ascending order of neg = descending order of values; NaN stays last
+        kth = np.partition(neg, k - 1, axis=1)[:, k - 1:k]
+        if not np.isnan(kth).any():
+            if n == 1:  # one row (a batch of one at the prefill): no row bookkeeping
+                at = np.flatnonzero(neg[0] <= kth[0, 0])
+                return at[np.argsort(neg[0, at], kind="stable")[:k]][None]
+            row, at = np.nonzero(neg <= kth)  # row by row, columns ascending
+            order = np.lexsort((neg[row, at], row))  # stable: ties keep the lower column first
+            per_row = np.bincount(row, minlength=n)  # >= k each
+            first = np.cumsum(per_row) - per_row
+            return at[order[first[:, None] + np.arange(k)]]
+    keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
+    keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
+    return (keys & _U32).astype(np.int64)
+
+
+def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """_best_columns, and the values there: (columns i64 [n,k], values f32 [n,k])."""
+    n, w = values.shape
+    col = _best_columns(values, k)
     return col, values.reshape(-1)[col + np.arange(0, n * w, w)[:, None]]  # take_along_axis
 
 
@@ -150,30 +175,35 @@ def _top_rows(cl: np.ndarray, count: np.ndarray, k: int) -> tuple[np.ndarray, np
     Rows are handled in groups of similar width (<= k, <= 4k, <= 16k, ...), so the work is
     O(sum of counts), not O(N x widest row)."""
     N, G = cl.shape
-    widest = int(count.max(initial=0))
-    lp = col = None
-    lo, w = -1, k
-    while True:
-        rows = None if widest <= w and lo < 0 else np.flatnonzero((count > lo) & (count <= w))
-        if rows is not None and len(rows) == N:
-            rows = None
-        if rows is None or len(rows):
-            g = min(w, G)
-            sub = cl[:, :g] if rows is None else cl[rows, :g]
-            cnt = count[:, None] if rows is None else count[rows, None]
-            block = np.where(np.arange(g) < cnt, sub, NEG_INF)
-            if g < k:  # fewer columns than k: dead padding
-                pad = np.full((len(block), k - g), NEG_INF, np.float32)
-                block = np.concatenate([block, pad], 1)
-            c, v = _best(block, k)
-            if rows is None:
-                return v, c
-            if lp is None:
-                lp, col = np.empty((N, k), np.float32), np.empty((N, k), np.int64)
-            lp[rows], col[rows] = v, c
-        if widest <= w:
-            return lp, col
-        lo, w = w, 4 * w
+    narrowest, widest = (int(count.min()), int(count.max())) if N else (0, 0)
+    widths = [k]  # the groups' widths, up to the widest row's
+    while widths[-1] < widest:
+        widths.append(4 * widths[-1])
+    if len(widths) == 1 or narrowest > widths[-2]:  # every row is in the last group
+        return _top_block(cl, count, None, min(widths[-1], G), k, narrowest)
+    lp, col = np.empty((N, k), np.float32), np.empty((N, k), np.int64)
+    group = np.searchsorted(widths, count)  # the first width >= count
+    for j in np.flatnonzero(np.bincount(group)).tolist():
+        rows = np.flatnonzero(group == j)
+        if j and len(rows) <= 2:  # one or two wide rows: each its own length, no mask, no copy
+            for r in rows.tolist():
+                c, v = _best(cl[r:r + 1, :count[r]], k)
+                lp[r], col[r] = v[0], c[0]
+        else:
+            lp[rows], col[rows] = _top_block(cl, count, rows, min(widths[j], G), k, 0)
+    return lp, col
+
+
+def _top_block(cl, count, rows, g, k, narrowest):
+    """_top_rows of `rows` (None: all), all of which have at most g <= G candidates."""
+    sub = cl[:, :g] if rows is None else cl[rows, :g]
+    if narrowest < g:  # (else every row fills all g columns)
+        cnt = count[:, None] if rows is None else count[rows, None]
+        sub = np.where(np.arange(g) < cnt, sub, NEG_INF)
+    if g < k:  # fewer columns than k: dead padding
+        sub = np.concatenate([sub, np.full((len(sub), k - g), NEG_INF, np.float32)], 1)
+    col, lp = _best(sub, k)
+    return lp, col
 
 
 class _Guide:
@@ -187,18 +217,24 @@ class _Guide:
         self.bufs = {}        # (N, G) -> [cand_ids buffer, flat positions written last time]
 
     def first(self, rows: int) -> np.ndarray:
-        t = self.trie
-        self.depth = 0
-        root = t.cand_tokens[t.cand_offsets[0]:t.cand_offsets[1]]
-        self.start = np.full(rows, t.cand_offsets[0], np.int64)
-        self.count = np.full(rows, len(root), np.int64)
-        return np.tile(root, (rows, 1))
+        self.depth = -1
+        return self.next(np.zeros(rows, np.int64))  # every row at the root
 
     def next(self, nodes: np.ndarray) -> np.ndarray:
-        start, count = self.trie.candidate_rows(nodes)
+        t = self.trie
+        start, count = t.row_start[nodes], t.row_count[nodes]  # node -1: no candidates
         self.depth += 1
-        widths = self.trie.depth_candidates
+        widths = t.depth_candidates
         N, G = len(nodes), max(1, int(widths[self.depth]) if self.depth < len(widths) else 1)
+        self.start, self.count = start, count
+        self.widest = int(count.max())  # <= the width: beam_search takes _narrow_step
+        if self.widest <= 1:  # every row's candidate is forced: the cand_ids are one gather
+            token = t.row_token[nodes]  # node -1: 0
+            if G == 1:
+                return token.reshape(N, 1)
+            buf = np.zeros((N, G), np.int64)
+            buf[:, 0] = token
+            return buf
         entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
         buf, written = entry
         flat = buf.reshape(-1)
@@ -208,13 +244,21 @@ class _Guide:
         at = np.arange(total, dtype=np.int64)
         first = np.cumsum(count) - count  # where each row's entries begin in `at`
         pos = np.repeat(np.arange(0, N * G, G, dtype=np.int64) - first, count) + at
-        flat[pos] = self.trie.cand_tokens[np.repeat(start - first, count) + at]
-        entry[1], self.start, self.count = pos, start, count
+        flat[pos] = t.cand_tokens[np.repeat(start - first, count) + at]
+        entry[1] = pos
         return buf
 
     def top(self, cand_logprobs, k: int):
         """-> (log-probs f32 [N,k], columns [N,k]) of each row's k best candidates."""
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
+
+    def pick_narrow(self, row, col, done):
+        """pick for _narrow_step: candidate `col` of `row` where the beam is live (EOS where
+        done). Where the beam is dead (-inf), `col` may be no candidate of `row`, or `row` -1:
+        its token and node are then some other row's (clipped to the arrays), never used."""
+        at, t = self.start[row] + col, self.trie
+        token = np.where(done, EOS, t.cand_tokens.take(at, mode="clip"))
+        return token, t.cand_next.take(at, mode="clip")
 
     def pick(self, row, col, done):
         """Token and next node of candidate `col` of `row` (EOS where done or not a candidate)."""
@@ -223,37 +267,45 @@ class _Guide:
         return np.where(ok, self.trie.cand_tokens[at], EOS), self.trie.cand_next[at]
 
 
+@functools.lru_cache(maxsize=None)
+def _eos_row(width: int) -> np.ndarray:
+    """A finished beam's candidate row: EOS (column 0) with log-prob 0, nothing else."""
+    row = np.full(width, NEG_INF, np.float32)
+    row[0] = 0.0
+    row.setflags(write=False)
+    return row
+
+
 def _select(score, done, lp, width, scale=None):
     """One beam-search selection for B images at once.
 
     score, done [B, Kp]; lp [B, Kp, G]: each beam's candidates in descending log-prob order,
     ties lower id first, as a top-k returns them (invalid entries -inf, last). Finished beams
     are replaced by their single EOS candidate (slot 0) with log-prob 0. `scale` [B, Kp] (length
-    normalisation, None = 1): each beam's candidates compete by score x scale. Returns (parent
-    [B,K], slot [B,K], new score [B,K]) of the `width` best candidates by a stable sort of the
-    flattened keys: ties go to the lower beam, then the higher log-prob, then the lower id
-    (the oracle's order; exact as long as every beam offers >= width candidates, or at least
-    its best `width`: a beam's later candidates never come before its earlier ones, since its
-    scale is positive).
+    normalisation, None = 1): each beam's candidates compete by score x scale. Returns (src
+    [B*K]: the beam each new beam continues, flat over B x Kp; slot [B*K]; new score [B,K]) of
+    the `width` best candidates by a stable sort of the flattened keys: ties go to the lower
+    beam, then the higher log-prob, then the lower id (the oracle's order; exact as long as
+    every beam offers >= width candidates, or at least its best `width`: a beam's later
+    candidates never come before its earlier ones, since its scale is positive).
     """
     B, Kp, G = lp.shape
     if done.any():
-        eos_only = np.full(G, NEG_INF, dtype=np.float32)
-        eos_only[0] = 0.0
-        lp = np.where(done[:, :, None], eos_only, lp)
-    cand = score[:, :, None] + lp  # fp32, same additions as the oracle
-    key = (cand if scale is None else cand * scale[:, :, None]).reshape(B, Kp * G)
-    cand = cand.reshape(B, Kp * G)
+        lp = np.where(done[:, :, None], _eos_row(G), lp)
     n = Kp * G
+    cand = (score[:, :, None] + lp).reshape(B, n)  # fp32, same additions as the oracle
+    key = cand if scale is None else (cand.reshape(B, Kp, G) * scale[:, :, None]).reshape(B, n)
     if n < width:  # fewer candidates than beams: pad with dead ones (after every real one)
         key = np.concatenate([key, np.full((B, width - n), NEG_INF, np.float32)], 1)
-    best, _ = _best(key, width)
-    best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
-    new_score = np.take_along_axis(cand, best, 1)
+    best = _best_columns(key, width)
+    if n < width:
+        best = np.minimum(best, n - 1)  # padding slots are dead; any index will do
+    best += np.arange(0, B * n, n)[:, None]  # flat over the B images' candidates
+    new_score = cand.reshape(-1)[best]
     if n < width:
         new_score[:, n:] = NEG_INF
-    parent, slot = np.divmod(best, G)
-    return parent, slot, new_score
+    src, slot = np.divmod(best.reshape(-1), G)  # image b's beam p is src b * Kp + p
+    return src, slot, new_score
 
 
 class _Rows:
@@ -283,11 +335,81 @@ class _Rows:
 
     def next(self, done: np.ndarray) -> None:
         """The next call runs the unfinished beams (or all)."""
-        self.ran = np.flatnonzero(~done) if self.drop else np.arange(len(done), dtype=np.int64)
+        if self.drop:
+            self.ran = np.flatnonzero(~done)
+        elif len(self.ran) != len(done):
+            self.ran = np.arange(len(done), dtype=np.int64)
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """The entries of the beams the next call runs (values itself when that is all of them)."""
         return values if len(self.ran) == len(values) else values[self.ran]
+
+
+def _step(out, guide, rows, score, done, K, scale):
+    """One selection from the session's output `out` for B images x Kp beams (score [B, Kp],
+    done [B x Kp]). -> (src: the beam each new beam continues, its row in the last call, new
+    score [B, K], token, next trie node (guided; else None)), flat over B x K."""
+    B, Kp = score.shape
+    n = B * Kp
+    if guide is not None:
+        lp, col = guide.top(out.cand_logprobs, K)
+        col = rows.spread(n, col, 0)
+    else:
+        lp = np.asarray(out.topk_logprobs, np.float32)
+        ids = rows.spread(n, np.asarray(out.topk_ids, np.int64), EOS)
+        lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
+    lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
+    G = lp.shape[1]
+    src, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
+    was_done = done[src]
+    row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
+    if guide is None:
+        token, nxt = np.where(was_done, EOS, ids.reshape(-1)[src * ids.shape[1] + slot]), None
+    else:
+        token, nxt = guide.pick(np.maximum(row, 0), col.reshape(-1)[src * G + slot], was_done)
+    return src, row, score, token, nxt
+
+
+def _narrow_step(out, guide, rows, score, done, K, scale):
+    """_step where no row that ran has more than K candidates (guide.widest <= K): late in a noun,
+    where trie nodes have one child or a few. None where a key is NaN (left to _step).
+
+    Every beam keeps all its candidates, so no per-row top-k is needed: one sort of the B x Kp x
+    widest keys in _select's order (key descending, ties to the lower beam, then the higher
+    log-prob, then the lower column; with one candidate per beam, a plain stable argsort). The
+    candidates with a finite score come first and in the same places as in _step; the rest are
+    dead (-inf) beams either way, never ranked and never run again (which beam they continue and
+    their token may differ). _step ranks NaN behind its -inf padding, hence the fallback.
+    """
+    B, Kp = score.shape
+    n, W = B * Kp, guide.widest
+    row = rows.row_of(n)  # -1 (not run): a finished beam, given its EOS below
+    lp = np.asarray(out.cand_logprobs, np.float32)[row, :W]
+    if W > 1:  # columns past a row's own candidates are padding
+        lp = np.where(np.arange(W) < guide.count[row][:, None], lp, NEG_INF)
+        lp[done] = _eos_row(W)
+    else:  # (a live beam's node always has a candidate: a child, or EOS where a noun ends)
+        lp = np.where(done[:, None], np.float32(0.0), lp)
+    cand = (score.reshape(n, 1) + lp).reshape(B, Kp * W)  # a finished beam: EOS, log-prob 0
+    key = cand if scale is None else (cand.reshape(n, W) * scale.reshape(n, 1)).reshape(B, Kp * W)
+    if np.isnan(key).any():
+        return None
+    if W == 1:
+        best = np.argsort(-key, axis=1, kind="stable")
+    else:  # beam: b x Kp + p, increasing with p within an image
+        beam = (np.arange(n * W) // W).reshape(B, Kp * W)
+        best = np.lexsort((-lp.reshape(B, Kp * W), beam, -key), axis=1)
+    best = best[:, :K]
+    if B > 1:
+        best += np.arange(0, n * W, Kp * W)[:, None]  # flat over the B images' candidates
+    new_score = cand.reshape(-1)[best]
+    if Kp * W < K:  # fewer candidates than beams: pad with dead ones
+        best = np.concatenate([best, np.repeat(best[:, :1], K - Kp * W, 1)], 1)
+        new_score = np.concatenate([new_score, np.full((B, K - Kp * W), NEG_INF, np.float32)], 1)
+    src, col = np.divmod(best.reshape(-1), W)
+    row, was_done = row[src], done[src]
+    token, nxt = guide.pick_narrow(row, col, was_done)
+    return src, row, new_score, token, nxt
 
 
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
@@ -309,8 +431,6 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         return []
     P = cfg.prefix_len
     temperature = float(temperature)
-    first_row = np.arange(B, dtype=np.int64)[:, None]  # times Kp: an image's first row
-
     # Beam state, flat over B x Kp rows; before the first token every image has one empty,
     # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
     score = np.zeros((B, 1), np.float32)
@@ -327,26 +447,13 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
-        n = B * Kp
-        if guide is not None:
-            lp, col = guide.top(out.cand_logprobs, K)
-            col = rows.spread(n, col, 0)
-        else:
-            lp = np.asarray(out.topk_logprobs, np.float32)
-            ids = rows.spread(n, np.asarray(out.topk_ids, np.int64), EOS)
-            lp = lp[:, :K] if lp.shape[1] > K else lp  # a beam's best K suffice
-        lp = rows.spread(n, lp, NEG_INF)  # rows not run are finished: _select gives them EOS
-        G = lp.shape[1]
         scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
-        parent, slot, score = _select(score, done.reshape(B, Kp), lp.reshape(B, Kp, G), K, scale)
-        src = (first_row * Kp + parent).reshape(-1)  # previous beam each new beam continues
-        slot = slot.reshape(-1)
-        was_done = done[src]
-        row = rows.row_of(n)[src]  # its row in the last call (-1 only if it was finished)
-        if guide is not None:
-            token, nxt = guide.pick(np.maximum(row, 0), col.reshape(-1)[src * G + slot], was_done)
-        else:
-            token = np.where(was_done, EOS, ids.reshape(-1)[src * ids.shape[1] + slot])
+        picked = None
+        if guide is not None and guide.widest <= K:
+            picked = _narrow_step(out, guide, rows, score, done, K, scale)
+        if picked is None:
+            picked = _step(out, guide, rows, score, done, K, scale)
+        src, row, score, token, nxt = picked
         grows = token != EOS  # a finished beam's token is EOS
         length = length[src] + grows
         tokens = tokens[src]
@@ -357,7 +464,8 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
             break
         rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
+            # node -1: a finished beam (which runs only where every row runs)
+            cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
         else:
             cand_ids = no_cands[:len(rows.ran)]
         # a live beam's parent was live, so it ran: row >= 0 for every beam that runs
@@ -405,7 +513,8 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
             break
         rows.next(done)
         if guide is not None:
-            cand_ids = guide.next(rows.take(np.where(done, -1, nxt)))
+            # node -1: a finished beam (which runs only where every row runs)
+            cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
         else:
             cand_ids = cand_ids[:len(rows.ran)]
         out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)

@@ -82,7 +82,16 @@ class TokenTrie:
         edge = np.where(is_eos, 0, edge)
         self.cand_tokens = np.where(is_eos, EOS, self._tokens[edge])
         self.cand_next = np.where(is_eos, owner, self._nodes[edge])
-        for a in (self.cand_offsets, self.cand_tokens, self.cand_next):
+        # The same rows per node with one extra, last entry for node -1 (a finished beam: no
+        # candidates, padding token 0), so that `row_start[nodes]` needs no mask for -1 nodes.
+        # Every node's row is non-empty (a node either has children or ends a noun), so
+        # `row_token` is its first candidate: the only one where the row is 1 wide.
+        first = self.cand_offsets[:-1]
+        self.row_start = np.append(first, 0)
+        self.row_count = np.append(cand_counts, 0)
+        self.row_token = np.append(self.cand_tokens[first], 0)
+        for a in (self.cand_offsets, self.cand_tokens, self.cand_next, self.row_start,
+                  self.row_count, self.row_token):
             a.setflags(write=False)
         # Widest candidate row of candidates(): children plus EOS where a noun ends.
         self.max_candidates = int(cand_counts.max())
@@ -128,11 +137,7 @@ class TokenTrie:
         count] (EOS first where the node is terminal, then the children by token id); node -1
         (no candidates) has count 0. No range check: for nodes this trie handed out."""
         nodes = np.asarray(nodes, dtype=np.int64).reshape(-1)
-        live = nodes >= 0
-        safe = np.where(live, nodes, 0)
-        start = self.cand_offsets[safe]
-        count = np.where(live, self.cand_offsets[safe + 1] - start, 0)
-        return start, count
+        return self.row_start[nodes], self.row_count[nodes]
 
     def candidates(self, nodes: np.ndarray, width: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
