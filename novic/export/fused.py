@@ -307,10 +307,11 @@ def _to_bsd(graph: _Graph, x: str, heads: int, head_dim: int) -> str:
     trans = graph.producer.get(x)
     if trans is not None and trans.op_type == "Transpose" and _perm(trans) == [0, 2, 1, 3]:
         split = graph.producer.get(trans.input[0])
-        shape = graph.shapes.get(split.input[0]) if split is not None and split.op_type == "Reshape" else None
-        if shape and len(shape) == 3 and shape[2] == heads * head_dim \
-                and graph.shapes.get(split.output[0], [None] * 4)[2:] == [heads, head_dim]:
-            return split.input[0]
+        if split is not None and split.op_type == "Reshape":
+            flat, heads_shape = graph.shapes.get(split.input[0]), graph.shapes.get(split.output[0])
+            if flat and heads_shape and len(flat) == 3 and flat[2] == heads * head_dim \
+                    and heads_shape == [*flat[:2], heads, head_dim]:
+                return split.input[0]
     (t,) = graph.add("Transpose", [x], perm=[0, 2, 1, 3])
     return graph.add("Reshape", [t, graph.const([0, 0, heads * head_dim])])[0]
 
