@@ -15,6 +15,8 @@ from fixtures_runtime import runtime_bundle  # noqa: E402,F401  (fixture)
 
 pytest.importorskip("onnxruntime")
 
+from novic.export.decoder_onnx import io_signature  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def runtime_fused(runtime_bundle):   # noqa: F811
@@ -56,9 +58,13 @@ def test_fusions_happen(runtime_fused, precision):
     assert enc["ai.onnx", "LayerNormalization"] == plain_enc["ai.onnx", "LayerNormalization"] - 2 * layers
     for role in ("decoder_prefill", "decoder_step"):
         dec, plain = ops(out[role, precision]["path"]), ops(out[role, "plain"])
+        cfg_layers = bundle.decoder_config.layers
+        # every self-attention (prefill: over the prefix; step: over the fixed-slot cache) fused
+        assert plain["ai.onnx", "Softmax"] == cfg_layers
+        assert dec[ms, "MultiHeadAttention"] == cfg_layers and dec["ai.onnx", "Softmax"] == 0
+        assert sum(dec.values()) < sum(plain.values())
         # the decoder's LayerNorms have no bias; all but the first (after the embedding sum) and
         # the final one (after a slice) sit on a residual Add
-        cfg_layers = bundle.decoder_config.layers
         assert dec[ms, "SkipLayerNormalization"] == 2 * cfg_layers - 1
         assert dec[ms, "Gelu"] == cfg_layers and dec["ai.onnx", "Erf"] == 0
         # the step contract is untouched: in-graph scores, fixed cache, beam reorder
@@ -69,6 +75,57 @@ def test_fusions_happen(runtime_fused, precision):
         cache = "kv_cache" if role == "decoder_prefill" else "kv_cache_out"
         assert io[cache] == (onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT)
         assert io["topk_logprobs"] == onnx.TensorProto.FLOAT
+        if precision == "fp32":   # the step contract's inputs and outputs: names, types, shapes
+            assert io_signature(model) == io_signature(onnx.load(out[role, "plain"]))
+
+
+def test_fused_step_keeps_the_step_contract(runtime_fused):
+    """The fused fp32 step against the plain one, graph call by graph call, at every position of
+    the cache: same top-k ids, same candidate log-probs (within fp32 round-off), the beam reorder
+    done in the graph, and kv_cache_out changed in slot `position` only (the slots after it are
+    the reordered input, bit for bit)."""
+    import onnxruntime as ort
+
+    bundle, out = runtime_fused
+    cfg = bundle.decoder_config
+    sessions = {v: ort.InferenceSession(p, providers=["CPUExecutionProvider"])
+                for v, p in (("plain", out["decoder_step", "plain"]), ("fused", out["decoder_step", "fp32"]["path"]))}
+    prefill = ort.InferenceSession(out["decoder_prefill", "plain"], providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(11)
+    rows, prev = 7, 3
+    embeds = rng.standard_normal((prev, cfg.embed_dim)).astype(np.float32)
+    one = np.ones(1, np.float32)
+    cache = prefill.run(None, {"embedding": embeds, "temperature": one,
+                               "cand_ids": np.zeros((prev, 1), np.int64)})[3]
+    for position in range(cfg.prefix_len, cfg.seq_len):
+        feeds = {"tokens": rng.integers(1, cfg.vocab_size, rows), "position": np.array([position]),
+                 "beam_idx": rng.integers(0, len(cache[0, 0]), rows), "kv_cache": cache, "temperature": one,
+                 "cand_ids": rng.integers(0, cfg.vocab_size, (rows, 4))}
+        (top_p, ids_p, cand_p, cache_p), (top_f, ids_f, cand_f, cache_f) = (
+            s.run(None, feeds) for s in (sessions["plain"], sessions["fused"]))
+        assert (ids_f == ids_p).all() and np.abs(top_f - top_p).max() < 1e-5 and np.abs(cand_f - cand_p).max() < 1e-5
+        reordered = cache[:, :, feeds["beam_idx"]]
+        assert cache_f.shape == cache_p.shape == reordered.shape
+        assert np.array_equal(np.delete(cache_f, position, axis=4), np.delete(reordered, position, axis=4))
+        assert np.abs(cache_f[..., position, :] - cache_p[..., position, :]).max() < 1e-5
+        cache = cache_f   # ping-pong: the next step reads what this one wrote
+
+
+def test_fused_decoder_gates_pass(runtime_bundle, runtime_fused):   # noqa: F811
+    """The export gate (novic.export.fused_gate, 100 embeddings, beam 5) on the fused decoder
+    graphs: fp32 identical tokens, fp16 within its thresholds."""
+    from novic.export.fused_gate import gate_decoder
+
+    bundle, out = runtime_fused
+    plain = (out["decoder_prefill", "plain"], out["decoder_step", "plain"])
+    reference: dict = {}
+    for precision in ("fp32", "fp16"):
+        gate = gate_decoder(plain, (out["decoder_prefill", precision]["path"], out["decoder_step", precision]["path"]),
+                            bundle.decoder_config, precision, noun_tokens=bundle.noun_tokens, width=5,
+                            reference=reference)
+        assert gate.passed, gate.line(f"decoder {precision}")
+        if precision == "fp32":
+            assert all(v == 1.0 for k, v in gate.numbers.items() if k != "max_abs_logprob_err")
 
 
 def test_fused_encoder_matches_plain_and_open_clip(runtime_fused, tmp_path):
@@ -121,8 +178,13 @@ def test_fused_decoder_tokens_match_the_pytorch_oracle(runtime_bundle, runtime_f
                 "guided": [[h.tokens for h in hs] for hs in search.beam_search(session, embeds, width=5, trie=trie)]}
 
     oracle = decode(TorchDecoderSession(model, topk=bundle.graph_topk))
+    # the lists exercise beams that finish at different steps (rows drop out of the step batch)
+    assert any(len({len(h) for h in hyps}) > 1 for hyps in oracle["beam"])
+    assert any(len({len(h) for h in hyps}) > 1 for hyps in oracle["guided"])
     fused32 = decode(OrtDecoderSession(out["decoder_prefill", "fp32"]["path"], out["decoder_step", "fp32"]["path"], cfg))
     assert fused32 == oracle
+    plain = decode(OrtDecoderSession(out["decoder_prefill", "plain"], out["decoder_step", "plain"], cfg))
+    assert plain == oracle
     fused16 = decode(OrtDecoderSession(out["decoder_prefill", "fp16"]["path"], out["decoder_step", "fp16"]["path"], cfg))
     for kind in ("greedy", "beam", "guided"):
         best = np.mean([(a[0] if kind != "greedy" else a) == (b[0] if kind != "greedy" else b)

@@ -5,12 +5,17 @@ kernel (on CUDA: flash / memory-efficient attention, one-pass residual + LayerNo
 variants are for onnxruntime only; the plain graphs stay in the bundle for TensorRT and as the
 reference. Three rewrites, applied in this order (each one a pass over the graph):
 
-- attention (ours): ``Softmax(q @ k^T * s) @ v`` -> ``MultiHeadAttention`` (no mask only: the
-  image encoders; the decoder's attention is masked and, in the step, reads a fixed-slot cache
-  that MultiHeadAttention's past-key layout does not match, so it stays plain). onnxruntime's
-  own clip/vit attention fusion matches neither open_clip's nor timm's export, hence our pass;
-  it keeps the graph's own head tensors and only converts their layout, so it does not depend on
-  how a tower splits q/k/v.
+- attention (ours): ``Softmax(q @ k^T * s) @ v`` -> ``MultiHeadAttention``, in the image
+  encoders (no mask), the decoder prefill (its mask, when it masks anything, becomes an additive
+  ``attention_bias``) and the decoder step. The step scores the token against the fixed-slot
+  cache (masked by position) and against its own key, which joins the cache only at the end of
+  the step; the fused op gets the cache with that key/value appended as 4-D BNSH key/value
+  ([B, h, Smax + 1, hd]) plus the mask as a bias, so the cache write and the step contract stay
+  as they are. (MultiHeadAttention's past-key inputs would concatenate the same way, but
+  onnxruntime 1.32's CPU kernel gave wrong numbers for them unless the present outputs were
+  requested, which copy the whole cache again.) onnxruntime's own clip/vit attention
+  fusion matches neither open_clip's nor timm's export, hence our pass; it keeps the graph's own
+  head tensors and bypasses the head split/merge where the graph has the usual one.
 - residual + LayerNorm (ours): ``LayerNormalization(a + b)`` -> ``SkipLayerNormalization`` (which
   also returns ``a + b`` for the next residual). onnxruntime's fusion needs symbolic shape
   inference, which fails on our L2-normalised output, and it cannot fuse a LayerNorm without a
@@ -29,6 +34,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +49,8 @@ MS_DOMAIN = "com.microsoft"
 FUSED_OPS = frozenset({"MultiHeadAttention", "SkipLayerNormalization", "Gelu", "BiasGelu"})
 # Which fused ops each graph must hold: a fusion that silently stops matching is an error.
 EXPECTED = {"image_encoder": ("MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"),
-            "decoder_prefill": ("SkipLayerNormalization", "Gelu"),
-            "decoder_step": ("SkipLayerNormalization", "Gelu")}
+            "decoder_prefill": ("MultiHeadAttention", "SkipLayerNormalization", "Gelu"),
+            "decoder_step": ("MultiHeadAttention", "SkipLayerNormalization", "Gelu")}
 FUSED_FP16_OPS = FP16_OPS | {"MultiHeadAttention"}
 
 
@@ -79,15 +85,18 @@ class _Graph:
         self.dead: set[int] = set()
         self._n = 0
 
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node, else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        if name in self.consts:
+            return numpy_helper.to_array(helper.get_attribute_value(self.consts[name].attribute[0]))
+        return None
+
     def scalar(self, name: str) -> float | None:
         """The value of a one-element float constant, else None."""
-        if name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        elif name in self.consts:
-            arr = numpy_helper.to_array(helper.get_attribute_value(self.consts[name].attribute[0]))
-        else:
-            return None
-        return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
+        arr = self.constant(name)
+        return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -109,9 +118,20 @@ class _Graph:
         return cons[0] if len(cons) == 1 and cons[0].op_type == op else None
 
     def finish(self) -> None:
-        """Drop dead nodes, add the new ones and sort the graph topologically."""
+        """Drop dead nodes, add the new ones, drop what nothing reads any more (a head split
+        the fused op bypasses, a mask it no longer needs) and sort the graph topologically."""
         g = self.model.graph
         nodes = [n for n in g.node if id(n) not in self.dead] + self.new_nodes
+        wanted = {v.name for v in g.output}
+        while True:
+            read = wanted | {x for n in nodes for x in n.input}
+            live = [n for n in nodes if any(y in read for y in n.output)]
+            if len(live) == len(nodes):
+                break
+            nodes = live
+        for i in reversed(range(len(g.initializer))):
+            if g.initializer[i].name not in read:
+                del g.initializer[i]
         ready = {x.name for x in g.input} | {t.name for t in g.initializer} | {""}
         ordered, pending = [], nodes
         while pending:
@@ -137,6 +157,10 @@ def _perm(node) -> list[int] | None:
     return None
 
 
+def _axis(node, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), default)
+
+
 def _scale_of(graph: _Graph, name: str) -> tuple[str, float]:
     """Strip a Mul/Div by a scalar constant off `name`: -> (the unscaled tensor, the factor)."""
     node = graph.producer.get(name)
@@ -149,58 +173,237 @@ def _scale_of(graph: _Graph, name: str) -> tuple[str, float]:
     return name, 1.0
 
 
-def fuse_attention(model: onnx.ModelProto) -> int:
-    """``Softmax(q @ k^T * s) @ v`` over head tensors [B, h, S, hd] -> MultiHeadAttention.
+def _ints(graph: _Graph, name: str) -> list[int] | None:
+    """The values of an integer constant (Slice starts/ends), else None."""
+    arr = graph.constant(name)
+    return [int(x) for x in arr.reshape(-1)] if arr is not None and arr.dtype.kind == "i" else None
 
-    q, k, v keep their producers; their layout goes BNSH -> BSD (Transpose + Reshape) into the
-    fused op, and its output goes back to BNSH under the old name (onnxruntime's transpose
-    optimiser folds the pairs). Needs the exporter's value_info (head count and size).
-    Returns the number of fused attentions."""
+
+@dataclass
+class _Attention:
+    """One matched attention: head tensors [B, h, S, hd] (names in the graph) and what to replace.
+    For the decoder step, `k_new`/`v_new` are the token's own key and value, which the plain
+    graph scores beside the cache (the cache slots first, then its own)."""
+    q: str
+    k: str                       # k itself, not k^T
+    v: str
+    out: str                     # the attention's output [B, h, Sq, hd]
+    scale: float
+    mask: tuple[str, str] | None = None    # (condition "masked", fill value) of a Where
+    k_new: str | None = None
+    v_new: str | None = None
+
+
+def _scores(graph: _Graph, name: str):
+    """``(q @ k^T) * s`` -> (q, k^T, s), marking the MatMul and scale dead; None if not that."""
+    scores, s_scale = _scale_of(graph, name)
+    qk = graph.producer.get(scores)
+    if qk is None or qk.op_type != "MatMul" or len(graph.consumers[scores]) != 1:
+        return None
+    q, q_scale = _scale_of(graph, qk.input[0])
+    kt, k_scale = _scale_of(graph, qk.input[1])
+    graph.dead.add(id(qk))
+    return q, kt, q_scale * k_scale * s_scale
+
+
+def _unmask(graph: _Graph, name: str):
+    """``Where(masked, fill, x)`` (masked_fill) -> (x, (masked, fill)); anything else -> (name, None)."""
+    where = graph.producer.get(name)
+    if where is None or where.op_type != "Where" or len(graph.consumers[name]) != 1 \
+            or graph.scalar(where.input[1]) is None:
+        return name, None
+    graph.dead.add(id(where))
+    return where.input[2], (where.input[0], where.input[1])
+
+
+def _single(graph: _Graph, name: str):
+    cons = graph.consumers.get(name, [])
+    return cons[0] if len(cons) == 1 else None
+
+
+def _match_output(graph: _Graph, softmax, slots: int | None):
+    """The softmax's consumers -> (v, v_new, output name) or None. Plain: ``weights @ v``. Step
+    (`slots` cache slots scored before the token's own key): ``w[..., :slots] @ v_cache +
+    w[..., slots:] * v_new``."""
+    weights = softmax.output[0]
+    if slots is None:
+        mm = graph.only_consumer(weights, "MatMul")
+        if mm is None or mm.input[0] != weights:
+            return None
+        graph.dead.add(id(mm))
+        return mm.input[1], None, mm.output[0]
+    cons = graph.consumers.get(weights, [])
+    if len(cons) != 2 or any(c.op_type != "Slice" or len(c.input) < 4 for c in cons):
+        return None
+    parts = {}
+    for sl in cons:
+        starts, ends, axes = (_ints(graph, x) for x in sl.input[1:4])
+        user = _single(graph, sl.output[0])
+        if starts is None or axes not in ([-1], [3]) or user is None:
+            return None
+        if starts == [0] and ends in ([slots], [-1]) and user.op_type == "MatMul" and user.input[0] == sl.output[0]:
+            parts["cache"] = (sl, user, user.input[1])
+        elif starts in ([slots], [-1]) and user.op_type == "Mul":
+            parts["own"] = (sl, user, user.input[1] if user.input[0] == sl.output[0] else user.input[0])
+    if set(parts) != {"cache", "own"}:
+        return None
+    add = _single(graph, parts["cache"][1].output[0])
+    if add is None or add.op_type != "Add" or set(add.input) != {parts["cache"][1].output[0],
+                                                                  parts["own"][1].output[0]}:
+        return None
+    graph.dead.update(id(n) for n in (*parts["cache"][:2], *parts["own"][:2], add))
+    return parts["cache"][2], parts["own"][2], add.output[0]
+
+
+def _match(graph: _Graph, softmax) -> _Attention | None:
+    """An attention ending in `softmax`, with its scores either plain (encoder), masked
+    (prefill) or [masked cache scores, own score] (step); marks its nodes dead."""
+    if _axis(softmax, -1) not in (-1, 3) or len(graph.consumers[softmax.input[0]]) != 1:
+        return None
+    cat = graph.producer.get(softmax.input[0])
+    own = None
+    if cat is not None and cat.op_type == "Concat" and len(cat.input) == 2 and _axis(cat, 0) in (-1, 3):
+        graph.dead.add(id(cat))
+        (cached, own_scores) = cat.input
+        own = _scores(graph, own_scores)
+        if own is None or len(graph.consumers[cached]) != 1:
+            return None
+    else:
+        cached = softmax.input[0]
+    scores, mask = _unmask(graph, cached)
+    qks = _scores(graph, scores)
+    if qks is None:
+        return None
+    q, kt, scale = qks
+    slots = None
+    if own is not None:
+        k_shape = graph.shapes.get(kt)
+        if own[0] != q or not np.isclose(own[2], scale, rtol=1e-6) or not k_shape or len(k_shape) != 4 \
+                or k_shape[3] is None:
+            return None
+        slots = k_shape[3]   # k^T is [B, h, hd, Smax]
+    matched = _match_output(graph, softmax, slots)
+    if matched is None:
+        return None
+    v, v_new, out = matched
+    graph.dead.add(id(softmax))
+    return _Attention(q, _untranspose(graph, kt), v, out, scale, mask,
+                      _untranspose(graph, own[1]) if own else None, v_new)
+
+
+def _untranspose(graph: _Graph, kt: str) -> str:
+    """k from k^T: the Transpose's input when k^T is one (dead then), else a new Transpose."""
+    trans = graph.producer.get(kt)
+    if trans is not None and trans.op_type == "Transpose" and _perm(trans) == [0, 1, 3, 2]:
+        if len(graph.consumers[kt]) == 1:
+            graph.dead.add(id(trans))
+        return trans.input[0]
+    return graph.add("Transpose", [kt], perm=[0, 1, 3, 2])[0]
+
+
+def _to_bsd(graph: _Graph, x: str, heads: int, head_dim: int) -> str:
+    """Head tensor [B, h, S, hd] -> [B, S, h*hd]: the projection it was split from when the graph
+    has ``Transpose(Reshape(p, [B, S, h, hd]))`` (the usual split_heads), else Transpose+Reshape."""
+    trans = graph.producer.get(x)
+    if trans is not None and trans.op_type == "Transpose" and _perm(trans) == [0, 2, 1, 3]:
+        split = graph.producer.get(trans.input[0])
+        if split is not None and split.op_type == "Reshape":
+            flat, heads_shape = graph.shapes.get(split.input[0]), graph.shapes.get(split.output[0])
+            if flat and heads_shape and len(flat) == 3 and flat[2] == heads * head_dim \
+                    and heads_shape == [*flat[:2], heads, head_dim]:
+                return split.input[0]
+    (t,) = graph.add("Transpose", [x], perm=[0, 2, 1, 3])
+    return graph.add("Reshape", [t, graph.const([0, 0, heads * head_dim])])[0]
+
+
+def _merged_output(graph: _Graph, out: str, heads: int, head_dim: int) -> str | None:
+    """When the only reader of the attention output [B, h, S, hd] is merge_heads (Transpose +
+    Reshape to [B, S, h*hd]), the fused op's output can take merge_heads' place: its name, with
+    the pair marked dead; else None."""
+    trans = graph.only_consumer(out, "Transpose")
+    if trans is None or _perm(trans) != [0, 2, 1, 3]:
+        return None
+    merge = graph.only_consumer(trans.output[0], "Reshape")
+    if merge is None or (graph.shapes.get(merge.output[0]) or [None])[-1] != heads * head_dim:
+        return None
+    graph.dead.update({id(trans), id(merge)})
+    return merge.output[0]
+
+
+def _attention_bias(graph: _Graph, att: _Attention, cache: dict) -> str:
+    """The additive bias [1, 1, Sq, Sk(+1)] of a masked attention: ``fill`` where masked, else 0
+    (the step's own key, scored last, is never masked); "" when nothing is ever masked (the
+    prefill's all-visible prefix). One bias per mask, shared by the layers."""
+    if att.mask is None:
+        return ""
+    cond, fill = att.mask
+    masked = graph.constant(cond)
+    if masked is not None and not masked.any():
+        return ""
+    key = (cond, fill, att.k_new is not None)
+    if key not in cache:
+        shape = graph.shapes.get(cond)
+        if not shape or len(shape) not in (2, 4) or (len(shape) == 4 and shape[:2] != [1, 1]):
+            raise RuntimeError(f"attention mask {cond} of shape {shape}: not a [Sq, Sk] or [1, 1, Sq, Sk] mask")
+        (bias,) = graph.add("Where", [cond, fill, graph.const(0.0, np.float32)])
+        if len(shape) == 2:
+            (bias,) = graph.add("Reshape", [bias, graph.const([1, 1, *shape])])
+        if att.k_new is not None:
+            if shape[-2] is None:
+                raise RuntimeError(f"attention mask {cond}: unknown query length")
+            own = graph.const(np.zeros((1, 1, shape[-2], 1)), np.float32)
+            (bias,) = graph.add("Concat", [bias, own], axis=-1)
+        cache[key] = bias
+    return cache[key]
+
+
+def fuse_attention(model: onnx.ModelProto) -> int:
+    """Attention over head tensors [B, h, S, hd] -> MultiHeadAttention. Three forms:
+
+    - ``Softmax(q @ k^T * s) @ v`` (the image encoders);
+    - the same with ``masked_fill`` on the scores (the decoder prefill): the mask becomes an
+      additive ``attention_bias`` (0 / -inf), or none when it masks nothing;
+    - the decoder step: softmax over [masked scores against the fixed-slot cache, the token's
+      score against its own key], then ``w_cache @ v_cache + w_own * v_new``. The fused op gets
+      the cache with the token's key/value appended (key/value [B, h, Smax + 1, hd], BNSH, as
+      MultiHeadAttention takes them when 4-D) and the bias of the cache's mask with a 0 appended.
+      The cache write at the end of the step is untouched (the step contract stays).
+
+    q (and the encoder's and prefill's k, v) go in as [B, S, h*hd]: the projection before the
+    head split where the graph has one, else a Transpose + Reshape. Needs the exporter's
+    value_info (head count and size). Returns the number of fused attentions."""
     graph = _Graph(model)
+    biases: dict = {}
     fused = 0
     for softmax in list(model.graph.node):
         if softmax.op_type != "Softmax":
             continue
-        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-        out_mm = graph.only_consumer(softmax.output[0], "MatMul")
-        if axis not in (-1, 3) or out_mm is None or out_mm.input[0] != softmax.output[0]:
-            continue
-        if len(graph.consumers[softmax.input[0]]) != 1:
-            continue
-        dead_before = set(graph.dead)
-        scores, s_scale = _scale_of(graph, softmax.input[0])
-        qk = graph.producer.get(scores)
-        if qk is None or qk.op_type != "MatMul" or len(graph.consumers[scores]) != 1:
+        dead_before, new_before = set(graph.dead), len(graph.new_nodes)
+        att = _match(graph, softmax)
+        shapes = [graph.shapes.get(x) for x in (att.q, att.v, att.out)] if att else []
+        if att is None or any(s is None or len(s) != 4 or s[1] is None or s[3] is None for s in shapes):
             graph.dead = dead_before
-            continue
-        q, q_scale = _scale_of(graph, qk.input[0])
-        kt, k_scale = _scale_of(graph, qk.input[1])
-        v = out_mm.input[1]
-        shapes = [graph.shapes.get(x) for x in (q, v, out_mm.output[0])]
-        if any(s is None or len(s) != 4 or s[1] is None or s[3] is None for s in shapes):
-            graph.dead = dead_before
+            del graph.new_nodes[new_before:]
             continue
         heads, head_dim = shapes[0][1], shapes[0][3]
-        trans = graph.producer.get(kt)
-        if trans is not None and trans.op_type == "Transpose" and _perm(trans) == [0, 1, 3, 2] \
-                and len(graph.consumers[kt]) == 1:
-            k = trans.input[0]
-            graph.dead.add(id(trans))
+        query = _to_bsd(graph, att.q, heads, head_dim)
+        if att.k_new is None:
+            key, value = (_to_bsd(graph, x, heads, head_dim) for x in (att.k, att.v))
         else:
-            (k,) = graph.add("Transpose", [kt], perm=[0, 1, 3, 2])
-        to_bsd = graph.const([0, 0, heads * head_dim])
-
-        def bsd(x):
-            (t,) = graph.add("Transpose", [x], perm=[0, 2, 1, 3])
-            return graph.add("Reshape", [t, to_bsd])[0]
-
-        scale = q_scale * k_scale * s_scale
-        (attn,) = graph.add("MultiHeadAttention", [bsd(q), bsd(k), bsd(v)], domain=MS_DOMAIN,
-                            num_heads=int(heads), scale=float(scale))
-        (split,) = graph.add("Reshape", [attn, graph.const([0, 0, heads, head_dim])])
-        graph.new_nodes.append(helper.make_node("Transpose", [split], [out_mm.output[0]], perm=[0, 2, 1, 3],
-                                                name=graph.name("Transpose")))
-        graph.dead.update({id(softmax), id(qk), id(out_mm)})
+            (key,) = graph.add("Concat", [att.k, att.k_new], axis=2)
+            (value,) = graph.add("Concat", [att.v, att.v_new], axis=2)
+        bias = _attention_bias(graph, att, biases)
+        inputs = [query, key, value] + (["", "", bias] if bias else [])
+        attrs = dict(domain=MS_DOMAIN, num_heads=int(heads), scale=float(att.scale))
+        merged = _merged_output(graph, att.out, heads, head_dim)
+        if merged is not None:
+            graph.new_nodes.append(helper.make_node("MultiHeadAttention", inputs, [merged],
+                                                    name=graph.name("MultiHeadAttention"), **attrs))
+        else:   # split back into heads under the old name
+            (attn,) = graph.add("MultiHeadAttention", inputs, **attrs)
+            (split,) = graph.add("Reshape", [attn, graph.const([0, 0, heads, head_dim])])
+            graph.new_nodes.append(helper.make_node("Transpose", [split], [att.out], perm=[0, 2, 1, 3],
+                                                    name=graph.name("Transpose")))
         fused += 1
     graph.finish()
     return fused
@@ -255,8 +458,7 @@ def fuse_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
 def fuse_model(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
     """All fusions on an fp32 graph (exported by torch.onnx, value_info present); raises if an
     op that `role` should get did not appear (a fusion that stopped matching)."""
-    if role == "image_encoder":
-        fuse_attention(model)
+    fuse_attention(model)
     fuse_skip_layer_norm(model)
     model = fuse_gelu(model)
     _Graph(model).finish()   # the GELU fuser appends its nodes at the end: sort again
