@@ -67,7 +67,7 @@ def test_round_trip(exported):
     ckpt = load_checkpoint(ckpt_path)
     b = Bundle.open(path)
     m = b.manifest
-    assert m["format"] == "novic-bundle" and m["format_version"] == 2 and m["novic_version"]
+    assert m["format"] == "novic-bundle" and m["format_version"] == 3 and m["novic_version"]
     assert b.decoder_config == ckpt.config
     assert b.token_table.to_dict() == ckpt.token_table.to_dict()
     assert b.nouns == NOUNS
@@ -148,9 +148,9 @@ def test_a_version_1_manifest_still_reads(copy):
 
     mpath = copy / MANIFEST
     data = json.loads(mpath.read_text())
-    assert data["format_version"] == 2
+    assert data["format_version"] == 3
     data["format_version"] = 1
-    data["artifacts"] = [a for a in data["artifacts"] if a.get("variant", "plain") == "plain"]
+    data["artifacts"] = [a for a in data["artifacts"] if a.get("variant", "plain") == "plain" and "pixels" not in a]
     assert all("variant" not in a for a in data["artifacts"])
     data.pop("hierarchy", None)
     mpath.write_text(json.dumps(data))
@@ -169,7 +169,7 @@ def test_manifest_problems(copy, tmp_path):
     data = json.loads(text)
     for change, pattern in (
         ({"format": "something-else"}, "not a novic bundle manifest"),
-        ({"format_version": 3}, r"format_version 3 is newer than this novic supports \(2.*upgrade novic"),
+        ({"format_version": 4}, r"format_version 4 is newer than this novic supports \(3.*upgrade novic"),
         ({"format_version": "1"}, "format_version must be an integer"),
     ):
         mpath.write_text(json.dumps({**data, **change}))
