@@ -91,7 +91,11 @@ def test_round_trip(exported):
     # WordNet is installed, the noun hierarchy
     checked = b.verify()
     wordnet = b.has_hierarchy
-    assert len(checked) == 13 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert len(checked) == 15 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    # the uint8-input twins of the encoders ort-cuda loads (the fused ones), fp32 and fp16
+    assert {(a.precision, a.variant) for a in b.artifacts if a.pixels == rb.U8_PIXELS} == {("fp32", "fused"),
+                                                                                          ("fp16", "fused")}
+    assert set(m["export"]["u8_gates"].values()) == {"pass"}
     assert ("hierarchy.json" in checked) == wordnet == (Path("/usr/share/wordnet/data.noun").is_file())
     assert b.tokenizer_file.name == "bpe_simple_vocab_16e6.txt.gz" and b.tokenizer_kind == "clip_bpe"
     assert b.artifact_path("decoder_step", "fp16") == path / "decoder_step.fp16.onnx"

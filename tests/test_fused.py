@@ -240,7 +240,9 @@ def test_fused_follows_the_loaded_precision(runtime_bundle, monkeypatch):   # no
         monkeypatch.setattr(ort, cls, lambda *a, _real=real, **kw: _real(*a, **{**kw, "provider": "cpu"}))
     with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, jpeg_decoder="pillow") as clf:
         assert (clf.precision, clf.variant) == ("fp32", "fused")
-        assert clf.backend_reason == "ort-cuda: stand-in; fused fp32 graphs"
+        # ort-cuda also takes the fused encoder's uint8-input twin (novic.export.u8)
+        assert clf.backend_reason == "ort-cuda: stand-in; fused fp32 graphs; uint8 pixels into the encoder"
+        assert clf.encoder.takes_uint8 and clf.classify_one(np.zeros((40, 50, 3), np.uint8)).ok
     with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, fused=False, jpeg_decoder="pillow") as clf:
         assert clf.variant == "plain" and clf.backend_reason == "ort-cuda: stand-in"
     with pytest.raises(ClassifierError, match=r"^fused=True: there are no fused int8 graphs"):

@@ -26,10 +26,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from novic.export.decoder_onnx import io_signature
+from novic.runtime.bundle import U8_PIXELS  # noqa: F401  (the manifest's "pixels" of these graphs)
 
 U8_INPUT = "pixels_u8"
-# The manifest's "pixels" of an artifact that takes u8[B,H,W,3] (absent: f32[B,3,H,W]).
-U8_PIXELS = "uint8-nhwc"
 GATE_COS = 0.99999
 GATE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
