@@ -3,7 +3,7 @@ to float32 [B,3,H,W] on the host) against the uint8 path (resize + crop to uint8
 normalisation inside the encoder graph, novic.export.u8). Same bundle, same process, interleaved
 call by call so that the machine's load hits both alike. Prints medians and ratios float / uint8.
 
-    python bench/cpu_u8_preprocess.py --config paper --reps 9 --batches 1,32,256 --e2e-batches 1,8 --threads 2
+    python bench/cpu_u8_preprocess.py --config paper --reps 15 --batches 1,32,256 --e2e-batches 1,8 --e2e-reps 9 --threads 2
 
 Inputs: scikit-image's photos (astronaut, chelsea, coffee, rocket, 300x451 to 512x512), decoded
 once, cycled to the batch size: the host work timed is `Preprocessor.load_batch` (its thread pool,
@@ -47,14 +47,17 @@ def main():
           f"{a.threads} preprocessing threads, onnxruntime threads {a.threads}, load {os.getloadavg()[0]:.2f}")
 
     print("\nHost preprocessing (Preprocessor.load_batch, decoded photos):\n")
-    print("| batch | float path (median) | uint8 path (median) | float / uint8 | bytes to the encoder: float / uint8 |")
-    print("|---|---|---|---|---|")
+    print("| batch | float path (median) | uint8 path (median) | float / uint8 | the normalisation alone "
+          "(median) | bytes to the encoder: float / uint8 |")
+    print("|---|---|---|---|---|---|")
     for b in (int(x) for x in a.batches.split(",")):
         images = [photos[i % len(photos)] for i in range(b)]
-        t = interleaved({k: (lambda p=p: p.load_batch(images)) for k, p in pre.items()}, a.reps)
+        crops = pre["uint8"].load_batch(images)[0]
+        t = interleaved({**{k: (lambda p=p: p.load_batch(images)) for k, p in pre.items()},
+                         "normalise": lambda: pre["uint8"].normalize_batch(crops)}, a.reps)
         nbytes = {k: p.load_batch(images)[0].nbytes for k, p in pre.items()}
         print(f"| {b} | {t['float']:.2f} ms | {t['uint8']:.2f} ms | {t['float'] / t['uint8']:.2f}x | "
-              f"{nbytes['float'] / 2**20:.1f} MiB / {nbytes['uint8'] / 2**20:.1f} MiB |")
+              f"{t['normalise']:.2f} ms | {nbytes['float'] / 2**20:.1f} MiB / {nbytes['uint8'] / 2**20:.1f} MiB |")
 
     with tempfile.TemporaryDirectory(prefix="novic-u8-bench-") as scratch:
         plain = bundle.artifact_path("image_encoder", "fp32")
@@ -77,7 +80,7 @@ def main():
         for name, (float_path, u8_path, cos) in pairs.items():
             enc = {"float": OrtImageEncoder(float_path, threads=a.threads),
                    "uint8": OrtImageEncoder(u8_path, threads=a.threads)}
-            for b in (int(x) for x in a.e2e_batches.split(",")):
+            for b in (int(x) for x in a.e2e_batches.split(",") if x):
                 images = [photos[i % len(photos)] for i in range(b)]
                 t = interleaved({k: (lambda k=k: enc[k](pre[k].load_batch(images)[0])) for k in enc}, a.e2e_reps)
                 print(f"| {name} (cos {cos:.7f}) | {b} | {t['float']:.1f} ms | {t['uint8']:.1f} ms | "
