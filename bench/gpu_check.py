@@ -116,6 +116,42 @@ def encoder_graphs_ab(bundle_dir: str, backend: str, precisions, batches=(1, 8, 
     return out
 
 
+def u8_encoder_ab(bundle_dir: str, backend: str, precisions, batches=(1, 8, 32, 256), reps: int = 10) -> dict:
+    """Host preprocessing + image encoder, the float path (normalised to f32 [B,3,H,W] on the host)
+    vs the uint8 path (u8 [B,H,W,3], normalised in the graph: novic.export.u8), for the encoder
+    `backend` loads (fused where the bundle has it), interleaved run by run in one process: median
+    ms per batch of decoded photos, and the largest difference of the embeddings."""
+    from novic.bench.measure import sample_images
+    from novic.bench.timing import interleaved
+    from novic.runtime.backends.ort import OrtImageEncoder
+    from novic.runtime.bundle import U8_PIXELS, Bundle
+    from novic.runtime.preprocess import Preprocessor
+
+    provider = "cuda" if backend == "ort-cuda" else "cpu"
+    bundle = Bundle.open(bundle_dir)
+    pre = {"float": Preprocessor(bundle.preprocess_config), "uint8": Preprocessor(bundle.preprocess_config, uint8=True)}
+    photos = sample_images(max(batches))
+    out = {}
+    for precision in precisions:
+        variant = "fused" if bundle.has_u8(precision, "fused") else "plain"
+        if not bundle.has_u8(precision, variant):
+            out[precision] = {"error": f"no {precision} uint8 encoder in the bundle"}
+            continue
+        enc = {"float": OrtImageEncoder(bundle.artifact_path("image_encoder", precision, variant), provider=provider),
+               "uint8": OrtImageEncoder(bundle.artifact_path("image_encoder", precision, variant, U8_PIXELS),
+                                        provider=provider)}
+        rows = {"variant": variant}
+        for b in batches:
+            run = {k: (lambda k=k: enc[k](pre[k].load_batch(photos[:b])[0])) for k in enc}
+            diff = float(np.abs(run["float"]() - run["uint8"]()).max())
+            t = interleaved(run, reps)
+            rows[b] = {"float_ms": t["float"], "uint8_ms": t["uint8"], "max_abs_diff": diff}
+            log(f"preprocess + encoder {precision} {variant} batch {b}: float {t['float']:.2f} ms, uint8 "
+                f"{t['uint8']:.2f} ms ({t['float'] / t['uint8']:.2f}x), max |diff| {diff:.1e}")
+        out[precision] = rows
+    return out
+
+
 def decoder_rows_ab(bundle_dir: str, backend: str, precision: str, batches=(1, 32, 256), reps: int = 10) -> dict:
     """Guided beam-10 decoding alone: CUDA-graph replay, which is given every row (finished beams
     too), against plain runs that step only the unfinished beams (search.beam_search drops
@@ -188,7 +224,7 @@ def _how(session) -> str:
             f"{'unfinished rows only' if session.drops_finished_rows else 'every row'}")
 
 
-SECTIONS = ("tokens", "encoder_graphs", "decoder_rows", "jpeg", "bench", "peer", "serving")
+SECTIONS = ("tokens", "encoder_graphs", "u8_encoder", "decoder_rows", "jpeg", "bench", "peer", "serving")
 SMOKE = dict(config="tiny", backend="ort-cpu", device="cpu", batches="1,2", peer_batches="1,2", reps=2, n=6,
              precisions="fp32", peer_compile="none", serving="4,2,1")
 
@@ -298,6 +334,13 @@ def summary(results: dict) -> str:
         lines.append(f"| peer: compiled calls without CUDA graphs | | {peer['cudagraph_skips']} (see the log) | | | |")
     if peer and peer.get("compile_error"):
         lines.append(f"| peer compile error | | {peer['compile_error'].splitlines()[-1][:200]} | | | |")
+    for p, rows in (results.get("u8_encoder") or {}).items():
+        if "error" in rows:
+            lines.append(f"| preprocess + encoder, uint8 vs float input, {p} | {rows['error']} | | | | |")
+            continue
+        cells = ", ".join(f"{b}: {r['float_ms']:.1f} / {r['uint8_ms']:.1f} ms ({r['float_ms'] / r['uint8_ms']:.2f}x)"
+                          for b, r in rows.items() if b != "variant")
+        lines.append(f"| preprocess + encoder {p} {rows['variant']}, float / uint8 input, by batch | {cells} | | | | |")
     failed = sorted(k[:-len("_error")] for k in results if k.endswith("_error"))
     if failed:
         lines.append(f"\nSections that failed (traceback in gpu_check.json): {', '.join(failed)}")
@@ -376,6 +419,8 @@ def main(argv=None) -> int:
                                                  max(batches), reps=max(3, args.reps // 4)))
         section("encoder_graphs", lambda: encoder_graphs_ab(paths["bundle"], args.backend, precisions,
                                                             [b for b in batches if b <= 32], reps=args.reps))
+        section("u8_encoder", lambda: u8_encoder_ab(paths["bundle"], args.backend, precisions, batches,
+                                                    reps=max(3, args.reps // 2)))
         section("decoder_rows", lambda: decoder_rows_ab(paths["bundle"], args.backend, precisions[0],
                                                         [b for b in batches if b in (1, 32, 256)] or batches,
                                                         reps=max(3, args.reps // 2)))

@@ -67,7 +67,7 @@ def test_round_trip(exported):
     ckpt = load_checkpoint(ckpt_path)
     b = Bundle.open(path)
     m = b.manifest
-    assert m["format"] == "novic-bundle" and m["format_version"] == 2 and m["novic_version"]
+    assert m["format"] == "novic-bundle" and m["format_version"] == 3 and m["novic_version"]
     assert b.decoder_config == ckpt.config
     assert b.token_table.to_dict() == ckpt.token_table.to_dict()
     assert b.nouns == NOUNS
@@ -91,7 +91,11 @@ def test_round_trip(exported):
     # WordNet is installed, the noun hierarchy
     checked = b.verify()
     wordnet = b.has_hierarchy
-    assert len(checked) == 13 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert len(checked) == 15 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    # the uint8-input twins of the encoders ort-cuda loads (the fused ones), fp32 and fp16
+    assert {(a.precision, a.variant) for a in b.artifacts if a.pixels == rb.U8_PIXELS} == {("fp32", "fused"),
+                                                                                          ("fp16", "fused")}
+    assert set(m["export"]["u8_gates"].values()) == {"pass"}
     assert ("hierarchy.json" in checked) == wordnet == (Path("/usr/share/wordnet/data.noun").is_file())
     assert b.tokenizer_file.name == "bpe_simple_vocab_16e6.txt.gz" and b.tokenizer_kind == "clip_bpe"
     assert b.artifact_path("decoder_step", "fp16") == path / "decoder_step.fp16.onnx"
@@ -148,9 +152,9 @@ def test_a_version_1_manifest_still_reads(copy):
 
     mpath = copy / MANIFEST
     data = json.loads(mpath.read_text())
-    assert data["format_version"] == 2
+    assert data["format_version"] == 3
     data["format_version"] = 1
-    data["artifacts"] = [a for a in data["artifacts"] if a.get("variant", "plain") == "plain"]
+    data["artifacts"] = [a for a in data["artifacts"] if a.get("variant", "plain") == "plain" and "pixels" not in a]
     assert all("variant" not in a for a in data["artifacts"])
     data.pop("hierarchy", None)
     mpath.write_text(json.dumps(data))
@@ -169,7 +173,7 @@ def test_manifest_problems(copy, tmp_path):
     data = json.loads(text)
     for change, pattern in (
         ({"format": "something-else"}, "not a novic bundle manifest"),
-        ({"format_version": 3}, r"format_version 3 is newer than this novic supports \(2.*upgrade novic"),
+        ({"format_version": 4}, r"format_version 4 is newer than this novic supports \(3.*upgrade novic"),
         ({"format_version": "1"}, "format_version must be an integer"),
     ):
         mpath.write_text(json.dumps({**data, **change}))

@@ -247,7 +247,7 @@ def test_bundle_runtime_and_selection(runtime_bundle, tmp_path):   # noqa: F811
     from novic.runtime.classifier import Classifier, ClassifierError
 
     b = Bundle.open(runtime_bundle.bundle, verify="eager")   # every hash, the fused graphs' too
-    fused = [a for a in b.artifacts if a.variant == "fused"]
+    fused = [a for a in b.artifacts if a.variant == "fused" and a.pixels == "float32-nchw"]
     assert {(a.role, a.precision) for a in fused} == {(r, "fp32") for r in ("image_encoder", "decoder_prefill",
                                                                              "decoder_step")}
     assert all(a.extra["gate"] and a.file.endswith(".fused.onnx") for a in fused)
@@ -302,7 +302,9 @@ def test_fused_follows_the_loaded_precision(runtime_bundle, monkeypatch):   # no
         monkeypatch.setattr(ort, cls, lambda *a, _real=real, **kw: _real(*a, **{**kw, "provider": "cpu"}))
     with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, jpeg_decoder="pillow") as clf:
         assert (clf.precision, clf.variant) == ("fp32", "fused")
-        assert clf.backend_reason == "ort-cuda: stand-in; fused fp32 graphs"
+        # ort-cuda also takes the fused encoder's uint8-input twin (novic.export.u8)
+        assert clf.backend_reason == "ort-cuda: stand-in; fused fp32 graphs; uint8 pixels into the encoder"
+        assert clf.encoder.takes_uint8 and clf.classify_one(np.zeros((40, 50, 3), np.uint8)).ok
     with Classifier.load(b, "ort-cuda", precision="fp32", threads=1, fused=False, jpeg_decoder="pillow") as clf:
         assert clf.variant == "plain" and clf.backend_reason == "ort-cuda: stand-in"
     with pytest.raises(ClassifierError, match=r"^fused=True: there are no fused int8 graphs"):

@@ -27,7 +27,10 @@ def test_cpu_smoke_runs_every_section_and_prints_one_table(gpu_check, tmp_path, 
     assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
     assert [k for k in results if k.endswith("_error")] == []
-    assert {"tokens", "encoder_graphs", "decoder_rows", "jpeg", "bench_fp32", "peer", "serving"} <= set(results)
+    assert {"tokens", "encoder_graphs", "u8_encoder", "decoder_rows", "jpeg", "bench_fp32", "peer",
+            "serving"} <= set(results)
+    u8 = results["u8_encoder"]["fp32"]   # the tiny bundle's fused fp32 encoder and its uint8 twin
+    assert u8["variant"] == "fused" and all(u8[b]["max_abs_diff"] < 1e-5 for b in ("1", "2"))
     tokens = results["tokens"]
     assert tokens["fp32"]["beam_all_equal"] == tokens["fp32"]["n"] == 6
     assert tokens["cpu_vs_oracle_equal"] == tokens["oracle_n"]
@@ -36,7 +39,7 @@ def test_cpu_smoke_runs_every_section_and_prints_one_table(gpu_check, tmp_path, 
     assert peer["labels"] == ours["labels"][:len(peer["labels"])]   # the peer names the photos as novic does
     assert ours["host_per_call"]["calls"] >= 2
     table = (out / "summary.md").read_text()
-    for row in ("tokens vs ort-cpu fp32, fp32", "one image by phase", "host work per decoder call",
+    for row in ("tokens vs ort-cpu fp32, fp32", "preprocess + encoder fp32 fused, float / uint8 input", "one image by phase", "host work per decoder call",
                 "throughput 2, from pixels", "throughput 2, from JPEG bytes", "GPU memory", "novic vs peer"):
         assert row in table, row
     assert "Sections that failed" not in table

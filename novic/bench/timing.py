@@ -27,6 +27,20 @@ def measure(fn, *, warmup: int = 2, reps: int = 10, budget_s: float = 60.0, sync
     return summarize(times)
 
 
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median ms of each function of `fns`, called in turn `reps` times after one warm-up call
+    each: an A/B in one process, so that the machine's load hits every side alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # A run more than this many times the median was disturbed (another process, a page-fault storm, a
 # first-touch allocation), not the code being measured: it is counted, and flagged in reports.
 OUTLIER_FACTOR = 2.0

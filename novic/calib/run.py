@@ -64,7 +64,7 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     manifest = read_manifest(root)
     arts = manifest["artifacts"]
     base = next((a for a in arts if a.get("role") == role and a.get("precision") == "fp32"
-                 and a.get("variant", "plain") == "plain"), None)
+                 and a.get("variant", "plain") == "plain" and "pixels" not in a), None)
     if base is None:
         raise CalibError(f"{root / MANIFEST}: no fp32 {role} to derive an {precision} variant from; re-export")
     old = [a for a in arts if a.get("role") == role and a.get("precision") == precision]

@@ -1,6 +1,6 @@
 """`novic-export`: Export a checkpoint to an ONNX/TensorRT bundle.
 
-    novic-export onnx --checkpoint CKPT [--clip NAME] [--pretrained TAG|PATH] [--tokenizer FILE] --out DIR [--no-fp16] [--no-fused] [--topk 10] [--force]
+    novic-export onnx --checkpoint CKPT [--clip NAME] [--pretrained TAG|PATH] [--tokenizer FILE] --out DIR [--no-fp16] [--no-fused] [--no-u8] [--topk 10] [--force]
     novic-export trt DIR [--buckets 1,8,32,256]
     novic-export check DIR [--n 200]
     novic-export calib DIR [--images DIR] [--n 64] [--method dynamic|static]
@@ -47,6 +47,9 @@ def onnx_command(
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write fp16 graphs (for GPU backends and TensorRT)."),
     fused: bool = typer.Option(True, "--fused/--no-fused",
                                help="Also write onnxruntime's fused graphs (com.microsoft ops), each gated against fp32."),
+    u8: bool = typer.Option(True, "--u8/--no-u8",
+                            help="Also write image encoders taking uint8 pixels (normalised in the graph; ort-cuda's), "
+                                 "each gated against its float graph."),
     topk: int = typer.Option(10, "--topk", min=1, help="Candidates per row returned by the decoder graphs (>= beam width)."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Default beam width recorded in the bundle."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (the whole directory, with anything else in it)."),
@@ -57,7 +60,7 @@ def onnx_command(
     from novic.export.bundle import export_bundle
 
     result = export_bundle(checkpoint, out, clip=clip, pretrained=pretrained, tokenizer=tokenizer, fp16=fp16,
-                           fused=fused, topk=topk, beam_width=beam_width, overwrite=force, console=err)
+                           fused=fused, u8=u8, topk=topk, beam_width=beam_width, overwrite=force, console=err)
     table = Table(title=f"bundle {result['path']}")
     table.add_column("file")
     table.add_column("size", justify="right")

@@ -165,13 +165,17 @@ def file_entry(root: Path, path) -> dict:
     return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def artifact_entry(root: Path, export: dict, role: str, precision: str, variant: str = "plain") -> dict:
+def artifact_entry(root: Path, export: dict, role: str, precision: str, variant: str = "plain",
+                   pixels: str | None = None) -> dict:
     """Manifest entry of an exported graph (``export``: the exporters' result dict). A fused
-    variant (novic.export.fused) carries ``"variant": "fused"`` and its gate numbers."""
+    variant (novic.export.fused) carries ``"variant": "fused"`` and its gate numbers; an encoder
+    that takes uint8 pixels (novic.export.u8) ``"pixels": "uint8-nhwc"``."""
     graph = Path(export["path"])
     entry = {**file_entry(root, graph), "role": role, "precision": precision}
     if variant != "plain":
         entry["variant"] = variant
+    if pixels is not None:
+        entry["pixels"] = pixels
     entry["inputs"] = export["io"]["inputs"]
     entry["outputs"] = export["io"]["outputs"]
     extra = [Path(f) for f in export.get("files", []) if Path(f).resolve() != graph.resolve()]
@@ -282,7 +286,8 @@ def _novic_version() -> str:
 
 # --- the orchestrator ---------------------------------------------------------------------------
 def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrained: str | None = None,
-                  tokenizer: str | Path | None = None, fp16: bool = True, fused: bool = True, topk: int = 10,
+                  tokenizer: str | Path | None = None, fp16: bool = True, fused: bool = True, u8: bool = True,
+                  topk: int = 10,
                   beam_width: int = DEFAULT_BEAM_WIDTH, overwrite: bool = False, console=None,
                   fail_after: str | None = None, wordnet_dir=None) -> dict:
     """Export `checkpoint_path` (+ its CLIP model, or `clip`/`pretrained` instead) to a bundle.
@@ -291,6 +296,8 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
 
     fused: also write onnxruntime's fused variants (novic.export.fused), each kept only if it
     passes its gate against the fp32 graphs.
+    u8: also write uint8-input twins of the encoder graphs ort-cuda loads (novic.export.u8: the
+    fused one of each precision, else the plain one), each kept only if it passes its gate.
     Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
     `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
     `wordnet_dir`: the WordNet database for the noun hierarchy (default /usr/share/wordnet)."""
@@ -311,7 +318,7 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         raise ExportError(f"beam width {beam_width} must be in [1, topk={topk}] (free beam search reads "
                           f"the graph's top-k); raise --topk")
     steps = ["checkpoint", "CLIP model", "image encoder", "decoder"] + (["fp16 encoder", "fp16 decoder"] if fp16 else []) \
-        + (["fused graphs"] if fused else []) + ["noun hierarchy", "manifest"]
+        + (["fused graphs"] if fused else []) + (["u8 encoders"] if u8 else []) + ["noun hierarchy", "manifest"]
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress, \
@@ -369,6 +376,16 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
             kept, fused_gates = run("fused graphs", lambda: export_fused(
                 enc, dec, cfg, fp16=fp16, noun_tokens=nouns or None, width=beam_width, say=say))
             exports += [(e, role, prec, "fused") for e, role, prec in kept]
+        u8_gates = None
+        if u8:
+            from novic.export.u8 import U8_PIXELS, export_u8
+            say = lambda line: progress.console.print(f"  {line}", highlight=False)  # noqa: E731
+            encoders = {}   # precision -> the encoder ort-cuda loads: fused where it was kept, else plain
+            for e, role, prec, variant in exports:
+                if role == "image_encoder" and (prec not in encoders or variant == "fused"):
+                    encoders[prec] = (e, prec, variant)
+            kept, u8_gates = run("u8 encoders", lambda: export_u8(list(encoders.values()), embedder.preprocess, say))
+            exports += [(e, "image_encoder", prec, variant, U8_PIXELS) for e, prec, variant in kept]
 
         noun_texts = [n for n in ckpt.nouns if n] if ckpt.nouns is not None and ckpt.noun_tokens is not None else None
         hierarchy = run("noun hierarchy", lambda: _hierarchy_entry(root, noun_texts, wordnet_dir, progress.console))
@@ -401,13 +418,14 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
                 "nouns": nouns,
                 "tokenizer": tok_entry,
                 "hierarchy": hierarchy,
-                "artifacts": [artifact_entry(root, e, role, prec, variant) for e, role, prec, variant in exports],
+                "artifacts": [artifact_entry(root, *entry) for entry in exports],
                 "engines": [],
                 "export": {"checkpoint": str(Path(checkpoint_path).absolute()),
                            "checkpoint_sha256": sha256_file(checkpoint_path),
                            "opset": dec.get("opset"), "torch": torch.__version__, "onnx": onnx.__version__,
                            "tokenizer_note": tok_warning, "timings": timings,
-                           **({"fused_gates": fused_gates} if fused_gates is not None else {})},
+                           **({"fused_gates": fused_gates} if fused_gates is not None else {}),
+                           **({"u8_gates": u8_gates} if u8_gates is not None else {})},
             }
 
         data = run("manifest", manifest)

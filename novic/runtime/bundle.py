@@ -8,6 +8,9 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
     decoder_prefill.onnx, decoder_step.onnx      (+ *.fp16.onnx variants)
     *.fused.onnx, *.fused.fp16.onnx  onnxruntime-only variants with com.microsoft fused ops
                                      (``"variant": "fused"`` in the manifest; optional, gated)
+    image_encoder[.fused][.fp16].u8.onnx   the encoders ort-cuda loads, taking uint8 pixels
+                                     u8[B,H,W,3] and normalising in the graph (novic.export.u8;
+                                     ``"pixels": "uint8-nhwc"`` in the manifest; optional, gated)
     image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
     hierarchy.json                   the nouns' WordNet hypernyms (optional; novic.runtime.hierarchy)
@@ -45,7 +48,9 @@ from novic.errors import NovicError
 FORMAT_NAME = "novic-bundle"
 # 2: artifacts may carry "variant" (fused graphs) and the manifest a "hierarchy"; both optional, so
 # version-1 bundles read unchanged, and a novic that reads only 1 says "upgrade" on a 2.
-FORMAT_VERSION = 2
+# 3: image encoder artifacts may carry "pixels": "uint8-nhwc" (novic.export.u8), optional; a
+# novic that reads only 2 would see two encoders for one precision, so it is told to upgrade.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 VERIFY_CACHE = ".novic-verified.json"
 
@@ -55,6 +60,10 @@ QUANTIZED = ("int8", "fp8")   # image encoder only (novic-export calib); the dec
 # "plain": standard ONNX ops (every backend); "fused": onnxruntime's contrib ops (novic.export.fused).
 # An entry without "variant" is plain (every format_version 1 entry).
 VARIANTS = ("plain", "fused")
+# What an image encoder takes: f32[B,3,H,W] normalised on the host (every entry without "pixels"),
+# or the resized uint8 pixels u8[B,H,W,3], normalised in the graph.
+FLOAT_PIXELS, U8_PIXELS = "float32-nchw", "uint8-nhwc"
+PIXELS = (FLOAT_PIXELS, U8_PIXELS)
 REEXPORT = "re-export with novic-export onnx"
 _CHUNK = 1 << 20
 
@@ -115,6 +124,7 @@ class Artifact:
     external_data: tuple[FileRef, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
     variant: str = "plain"
+    pixels: str = FLOAT_PIXELS
 
     def files(self) -> list[FileRef]:
         return [FileRef(self.file, self.sha256, self.size), *self.external_data]
@@ -213,21 +223,26 @@ def parse_manifest(data: dict, mpath: Path) -> tuple[list[Artifact], list[Engine
         where = f"artifacts[{i}]"
         ref = _file_ref(a, mpath, where)
         role, precision, variant = a.get("role"), a.get("precision"), a.get("variant", "plain")
+        pixels = a.get("pixels", FLOAT_PIXELS)
         _require(role in ROLES, mpath, f"{where}: role {role!r} is not one of {ROLES}")
         _require(precision in PRECISIONS, mpath, f"{where}: precision {precision!r} is not one of {PRECISIONS}")
         _require(variant in VARIANTS, mpath, f"{where}: variant {variant!r} is not one of {VARIANTS}")
-        _require((role, precision, variant) not in seen, mpath,
-                 f"{where}: two artifacts for {role}/{precision}" + (f" ({variant})" if variant != "plain" else ""))
-        seen.add((role, precision, variant))
+        _require(pixels in PIXELS and (pixels == FLOAT_PIXELS or role == "image_encoder"), mpath,
+                 f"{where}: pixels {pixels!r} is not one of {PIXELS} (and only an image encoder takes pixels)")
+        _require((role, precision, variant, pixels) not in seen, mpath,
+                 f"{where}: two artifacts for {role}/{precision}" + (f" ({variant})" if variant != "plain" else "")
+                 + (f" ({pixels})" if pixels != FLOAT_PIXELS else ""))
+        seen.add((role, precision, variant, pixels))
         try:
             inputs = tuple(TensorSpec.from_dict(t) for t in a.get("inputs", []))
             outputs = tuple(TensorSpec.from_dict(t) for t in a.get("outputs", []))
         except (KeyError, TypeError) as exc:
             raise _fail(mpath, f"invalid manifest: {where}: bad input/output entry ({exc})") from None
         ext = tuple(_file_ref(e, mpath, f"{where}.external_data") for e in a.get("external_data", []))
-        known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data", "variant"}
+        known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data", "variant",
+                 "pixels"}
         artifacts.append(Artifact(ref.file, role, precision, ref.sha256, ref.size, inputs, outputs, ext,
-                                  {k: v for k, v in a.items() if k not in known}, variant))
+                                  {k: v for k, v in a.items() if k not in known}, variant, pixels))
 
     engines = []
     for i, e in enumerate(data.get("engines", []) or []):
@@ -488,8 +503,12 @@ class Bundle:
         except HierarchyError as exc:
             raise BundleError(str(exc)) from None
 
-    def precisions(self, role: str, variant: str = "plain") -> list[str]:
-        return [a.precision for a in self.artifacts if a.role == role and a.variant == variant]
+    def precisions(self, role: str, variant: str = "plain", pixels: str = FLOAT_PIXELS) -> list[str]:
+        return [a.precision for a in self.artifacts if a.role == role and a.variant == variant and a.pixels == pixels]
+
+    def has_u8(self, precision: str, variant: str = "plain") -> bool:
+        """Whether the image encoder `precision`/`variant` has a uint8-input twin (novic.export.u8)."""
+        return precision in self.precisions("image_encoder", variant, U8_PIXELS)
 
     def has_fused(self, precision: str, roles=ROLES) -> bool:
         """Whether every role in `roles` has a fused `precision` graph (one that passed its gate)."""
@@ -499,12 +518,17 @@ class Bundle:
         """Precisions with at least one fused graph (the encoder and the decoder are gated apart)."""
         return sorted({a.precision for a in self.artifacts if a.variant == "fused"})
 
-    def artifact(self, role: str, precision: str = "fp32", variant: str = "plain") -> Artifact:
+    def artifact(self, role: str, precision: str = "fp32", variant: str = "plain",
+                 pixels: str = FLOAT_PIXELS) -> Artifact:
         for a in self.artifacts:
-            if a.role == role and a.precision == precision and a.variant == variant:
+            if a.role == role and a.precision == precision and a.variant == variant and a.pixels == pixels:
                 return a
         have = ", ".join(f"{a.role}/{a.precision}" + (f" ({a.variant})" if a.variant != "plain" else "")
-                         for a in self.artifacts) or "none"
+                         + (" (u8)" if a.pixels != FLOAT_PIXELS else "") for a in self.artifacts) or "none"
+        if pixels != FLOAT_PIXELS:
+            raise BundleError(f"{self.path / MANIFEST}: no {variant} {role} graph in {precision} taking {pixels} "
+                              f"pixels (bundle has: {have}); re-export with novic-export onnx to get it, or load "
+                              f"without u8=True")
         if variant != "plain":
             raise BundleError(f"{self.path / MANIFEST}: no {variant} {role} graph in {precision} (bundle has: "
                               f"{have}); re-export with novic-export onnx (fused variants are on by default)")
@@ -513,9 +537,11 @@ class Bundle:
                else REEXPORT)
         raise BundleError(f"{self.path / MANIFEST}: no {role} graph in {precision} (bundle has: {have}); {fix}")
 
-    def artifact_path(self, role: str, precision: str = "fp32", variant: str = "plain") -> Path:
-        """Path of the ONNX graph for `role`/`precision`/`variant`, hash-verified (with its external data)."""
-        a = self.artifact(role, precision, variant)
+    def artifact_path(self, role: str, precision: str = "fp32", variant: str = "plain",
+                      pixels: str = FLOAT_PIXELS) -> Path:
+        """Path of the ONNX graph for `role`/`precision`/`variant`/`pixels`, hash-verified (with its
+        external data)."""
+        a = self.artifact(role, precision, variant, pixels)
         for ref in a.external_data:
             self._verify_ref(ref)
         return self._verify_ref(FileRef(a.file, a.sha256, a.size))
@@ -532,7 +558,7 @@ class Bundle:
 
     def __repr__(self) -> str:
         roles = ", ".join(f"{a.role}/{a.precision}" + (f"/{a.variant}" if a.variant != "plain" else "")
-                          for a in self.artifacts)
+                          + ("/u8" if a.pixels != FLOAT_PIXELS else "") for a in self.artifacts)
         return f"Bundle({str(self.path)!r}, {roles}, engines={len(self.engines)})"
 
 

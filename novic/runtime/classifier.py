@@ -170,8 +170,9 @@ class Classifier:
         self.precision = precision
         self.variant = variant                  # "fused" / "fused encoder" / "fused decoder" / "plain"
         self.load_seconds = load_seconds
+        # An encoder that normalises in its graph (novic.export.u8) gets the uint8 crops as they are.
         self.preprocessor = Preprocessor(bundle.preprocess_config, threads=threads, fast_decode=fast_decode,
-                                         jpeg_decoder=jpeg_decoder)
+                                         jpeg_decoder=jpeg_decoder, uint8=getattr(encoder, "takes_uint8", False))
         self.config = bundle.decoder_config
         self.token_table = bundle.token_table
         self._encode_lock = threading.Lock()
@@ -187,7 +188,7 @@ class Classifier:
     def load(cls, bundle, backend: str = "auto", precision: str | None = None, *,
              verify: bool | str = True, threads: int | None = None, device_id: int = 0,
              fast_decode: bool = False, jpeg_decoder: str = "auto", verbose: bool = False,
-             fused: bool | None = None) -> "Classifier":
+             fused: bool | None = None, u8: bool | None = None) -> "Classifier":
         """Open `bundle` (a directory or a `Bundle`) on `backend` ('auto', 'ort-cpu', 'ort-cuda',
         'trt'). `precision` ('fp32'/'fp16'/'int8'/'fp8') overrides the backend's choice of graphs (ORT
         backends; TensorRT uses the precision its engines were built with). `threads`: intra-op
@@ -199,7 +200,10 @@ class Classifier:
         else Pillow; a decoder that does not open is logged once with the reason). The choice
         and its reason are in `.backend` / `.backend_reason` (printed to stderr with verbose=True).
         `fused` (ORT backends): None = the backend's choice (ort-cuda takes the bundle's fused graphs
-        when it has them), True = the fused graphs (an error if the bundle has none), False = plain."""
+        when it has them), True = the fused graphs (an error if the bundle has none), False = plain.
+        `u8` (ORT backends): None = the backend's choice (ort-cuda takes the encoder that takes uint8
+        pixels and normalises in its graph, when the bundle has one for the encoder it loads), True
+        = that encoder (an error if the bundle has none), False = the float encoder."""
         from novic.runtime.backends.select import select_for_bundle
         from novic.runtime.bundle import Bundle
         from novic.runtime.nvjpeg import JpegDecoderError
@@ -219,6 +223,9 @@ class Classifier:
         if fused and choice.backend == "trt":
             raise ClassifierError("fused=True: fused graphs are onnxruntime's (ort-cpu, ort-cuda); TensorRT "
                                   "fuses its engines itself: drop fused=True or pick an ort backend")
+        if u8 and choice.backend == "trt":
+            raise ClassifierError("u8=True: uint8-input encoders are onnxruntime graphs (ort-cpu, ort-cuda); "
+                                  "drop u8=True or pick an ort backend")
         # What is open when a later step fails is closed before its error goes up: a caller that
         # retries (a server, a notebook) must not pile up GPU memory of half-loaded classifiers.
         with ExitStack() as opened:
@@ -232,8 +239,9 @@ class Classifier:
                 encoder, decoder, used = _open_trt(bundle, choice, device_id, opened)
             else:
                 encoder, decoder, used, variant = _open_ort(bundle, choice, precision, threads, device_id, fused,
-                                                            opened)
+                                                            u8, opened)
                 reason += f"; {variant} {used} graphs" if variant != "plain" else ""
+                reason += "; uint8 pixels into the encoder" if getattr(encoder, "takes_uint8", False) else ""
             bundle.check_encoder(encoder.image_size, encoder.embed_dim)   # the decoder checks its own graphs
             clf = cls(bundle, encoder, decoder, backend=choice.backend, reason=reason,
                       precision=used, threads=threads, load_seconds=time.perf_counter() - t0,
@@ -440,7 +448,8 @@ class Classifier:
     def classify_pixels(self, pixels: np.ndarray, names: Sequence[str], topk: int = 5, guided: bool = True,
                         vocab: Any = None, beam_width: int = 10, temperature: float = 1.0,
                         alpha: float = 0.0) -> list[Result]:
-        """Images already preprocessed by `self.preprocessor`: float32 [N, 3, H, W], one name per
+        """Images already preprocessed: uint8 [N, H, W, 3] (resized and cropped) or, for a float
+        encoder, float32 [N, 3, H, W] (`self.preprocessor` makes the one this encoder takes), one name per
         row -> one `Result` per row (for callers that load images themselves, e.g. `Batcher`).
         With N = 0 it only checks the arguments."""
         if len(names) != len(pixels):
@@ -449,7 +458,7 @@ class Classifier:
                                                                               temperature, alpha)
         if not len(pixels):
             return []
-        return self._run_batch(np.asarray(pixels, dtype=np.float32), [None] * len(pixels), [str(n) for n in names],
+        return self._run_batch(self._encoder_pixels(pixels), [None] * len(pixels), [str(n) for n in names],
                                vocabulary, topk, beam_width, temperature, alpha)
 
     def check_options(self, topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
@@ -523,8 +532,23 @@ class Classifier:
                 raise ClassifierError(CLOSED) from None
             raise
 
+    def _encoder_pixels(self, pixels) -> np.ndarray:
+        """Preprocessed pixels in the form this encoder takes: a uint8 batch [N,H,W,3] is normalised
+        here for a float encoder; a float batch cannot be given to a uint8 encoder (one line why)."""
+        pixels = np.asarray(pixels)
+        takes_uint8 = getattr(self.encoder, "takes_uint8", False)
+        if pixels.dtype == np.uint8 and pixels.ndim == 4 and pixels.shape[-1] == 3:
+            return pixels if takes_uint8 else self.preprocessor.normalize_batch(pixels)
+        if takes_uint8:
+            raise ClassifierError(f"this Classifier's image encoder takes uint8 pixels [N, H, W, 3] (resized and "
+                                  f"cropped, normalised in the graph), got {pixels.dtype} {list(pixels.shape)}: pass "
+                                  f"the batch of clf.preprocessor, or load with u8=False")
+        return np.asarray(pixels, dtype=np.float32)
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels [B,3,H,W] -> unit embeddings [B,F] (serialised on the encoder lock)."""
+        """Preprocessed pixels (see `classify_pixels`) -> unit embeddings [B,F] (serialised on the
+        encoder lock)."""
+        pixels = self._encoder_pixels(pixels)
         with self._encode_lock:
             return np.asarray(self.encoder(pixels), dtype=np.float32)
 
@@ -657,7 +681,25 @@ def _ort_variants(bundle, precision: str, backend: str, fused: bool | None) -> t
     return tuple("fused" if take and have[part] else "plain" for part in ("encoder", "decoder"))
 
 
-def _open_ort(bundle, choice, precision, threads, device_id, fused, opened: ExitStack):
+def _encoder_pixels(bundle, precision: str, variant: str, backend: str, u8: bool | None) -> str:
+    """Which image encoder input to load for the encoder `precision`/`variant` (see Classifier.load's
+    `u8`): the uint8 one where asked for or preferred (`prefers_u8`) and present, else the float one."""
+    from novic.runtime.backends.select import prefers_u8
+    from novic.runtime.bundle import FLOAT_PIXELS, U8_PIXELS
+
+    have = bundle.has_u8(precision, variant)
+    if u8 and not have:
+        other = "plain" if variant == "fused" else "fused"
+        fix = (f"load with fused={other == 'fused'} (the {other} encoder has one)" if bundle.has_u8(precision, other)
+               else "re-export")
+        raise ClassifierError(f"{bundle.path}: no {precision} {variant} image encoder taking uint8 pixels in this "
+                              f"bundle (written by novic-export onnx for the encoder ort-cuda loads, left out when "
+                              f"it fails its gate); {fix}, or load without u8=True")
+    take = prefers_u8(backend) if u8 is None else u8
+    return U8_PIXELS if take and have else FLOAT_PIXELS
+
+
+def _open_ort(bundle, choice, precision, threads, device_id, fused, u8, opened: ExitStack):
     """The onnxruntime encoder and decoder -> (encoder, decoder, precision, variant); each one is
     registered with `opened` as soon as it is open (closed there if a later step fails)."""
     from novic.runtime.backends.ort import OrtDecoderSession, OrtImageEncoder
@@ -666,9 +708,10 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused, opened: Exit
     want = precision or choice.precision
     have = bundle.precisions("decoder_step")
     if want in QUANTIZED:  # int8/fp8 = the calibrated image encoder (novic-export calib) + the fp32 decoder
-        if fused:
-            raise ClassifierError(f"fused=True: there are no fused {want} graphs (fused graphs are fp32/fp16); "
-                                  f"drop fused=True or load precision 'fp32' or 'fp16'")
+        if fused or u8:
+            what = "fused" if fused else "u8"
+            raise ClassifierError(f"{what}=True: there are no {what} {want} graphs (they are fp32/fp16); "
+                                  f"drop {what}=True or load precision 'fp32' or 'fp16'")
         if want not in bundle.precisions("image_encoder"):
             method = "modelopt-fp8" if want == "fp8" else "dynamic"
             raise ClassifierError(f"{bundle.path}: no {want} image encoder in this bundle; create one with "
@@ -689,8 +732,9 @@ def _open_ort(bundle, choice, precision, threads, device_id, fused, opened: Exit
     enc_variant, dec_variant = _ort_variants(bundle, want, choice.backend, fused)
     enc_have = bundle.precisions("image_encoder", enc_variant)
     enc_prec = want if want in enc_have else ("fp32" if "fp32" in enc_have else enc_have[0])
-    encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant), provider=provider,
-                              threads=threads, device_id=device_id)
+    pixels = _encoder_pixels(bundle, enc_prec, enc_variant, choice.backend, u8)
+    encoder = OrtImageEncoder(bundle.artifact_path("image_encoder", enc_prec, enc_variant, pixels),
+                              provider=provider, threads=threads, device_id=device_id)
     opened.callback(_close_quietly, encoder)
     decoder = OrtDecoderSession(bundle.artifact_path("decoder_prefill", want, dec_variant),
                                 bundle.artifact_path("decoder_step", want, dec_variant), bundle.decoder_config,

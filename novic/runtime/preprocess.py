@@ -24,6 +24,11 @@ Two documented differences, both outside what parity tests cover:
 
 Batches: `Preprocessor.load_batch` loads, converts and transforms in a bounded thread pool
 (`concurrent.futures.ThreadPoolExecutor`; Pillow releases the GIL while decoding and resizing).
+
+uint8 output (`Preprocessor(..., uint8=True)`): the host stops after the resize and crop and
+hands over u8[N, H, W, 3], for an image encoder that does the scaling, the mean/std
+normalisation and the channel transpose in its graph (novic.export.u8): a quarter of the bytes
+to move and no float work on the host. `normalize_batch` turns such a batch into the float one.
 """
 from __future__ import annotations
 
@@ -159,7 +164,8 @@ class PreprocessorClosed(RuntimeError):
 
 
 class Preprocessor:
-    """Callable: RGB PIL image (or any `load_image` input) -> float32 [3, H, W].
+    """Callable: RGB PIL image (or any `load_image` input) -> float32 [3, H, W] (uint8=True:
+    the resized, cropped uint8 [H, W, 3], for an encoder that normalises in its graph).
 
     fast_decode: JPEG files/bytes are decoded at a reduced scale (`load_image(draft=...)`) that
     stays at least DRAFT_OVERSAMPLE x the target size on both sides: several times faster for
@@ -171,8 +177,9 @@ class Preprocessor:
     Thread-safe: the transform is a pure function; the pool is created once, lazily."""
 
     def __init__(self, config: PreprocessConfig | Mapping[str, Any], *, threads: int | None = None,
-                 fast_decode: bool = False, jpeg_decoder=None):
+                 fast_decode: bool = False, jpeg_decoder=None, uint8: bool = False):
         self.config = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
+        self.uint8 = bool(uint8)
         self.jpeg_decoder = jpeg_decoder   # novic.runtime.nvjpeg decoder for JPEG batches, or None (Pillow)
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
         side = DRAFT_OVERSAMPLE * max(self.config.size)   # square: EXIF rotation may swap the sides
@@ -214,9 +221,18 @@ class Preprocessor:
         out /= self._std
         return out
 
+    def normalize_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (a uint8 batch) -> float32 [N, 3, H, W], as the float path makes it."""
+        out = np.empty((len(pixels), 3, *pixels.shape[1:3]), dtype=np.float32)
+        for i, image in enumerate(pixels):
+            self.normalize(image, out=out[i])
+        return out
+
     def __call__(self, image: Any) -> np.ndarray:
-        """Any `load_image` input (EXIF orientation applied, converted to RGB) -> float32 [3, H, W]."""
-        return self.normalize(self.pixels(load_image(image, draft=self.draft)))
+        """Any `load_image` input (EXIF orientation applied, converted to RGB) -> float32 [3, H, W]
+        (uint8 [H, W, 3] with uint8=True)."""
+        pixels = self.pixels(load_image(image, draft=self.draft))
+        return pixels if self.uint8 else self.normalize(pixels)
 
     # ---- batches ----
     def _executor(self) -> ThreadPoolExecutor:
@@ -231,7 +247,10 @@ class Preprocessor:
         """Preprocess one input into out[index]; `decoded`: its RGB pixels if already decoded."""
         try:
             image = Image.fromarray(decoded) if decoded is not None else load_image(source, draft=self.draft)
-            self.normalize(self.pixels(image), out=out[index])
+            if self.uint8:
+                out[index] = self.pixels(image)
+            else:
+                self.normalize(self.pixels(image), out=out[index])
             return None
         except ImageError as exc:
             return exc
@@ -242,13 +261,15 @@ class Preprocessor:
                               "re-export the image as JPEG or PNG")
 
     def load_batch(self, sources: Sequence[Any]) -> tuple[np.ndarray, list[ImageError | None]]:
-        """Load + preprocess every input in the pool: (float32 [N, 3, H, W], per-input error or None).
+        """Load + preprocess every input in the pool: (float32 [N, 3, H, W] or, with uint8=True,
+        uint8 [N, H, W, 3]; per-input error or None).
 
         Rows of failed inputs are left zero; a bad input never stops the others."""
         if self._closed:
             raise PreprocessorClosed("this Preprocessor was closed")
         th, tw = self.config.size
-        out = np.zeros((len(sources), 3, th, tw), dtype=np.float32)
+        shape, dtype = ((th, tw, 3), np.uint8) if self.uint8 else ((3, th, tw), np.float32)
+        out = np.zeros((len(sources), *shape), dtype=dtype)
         decoded = self._decode_jpegs(sources)
         if len(sources) <= 1 or self.threads == 1:
             errors = [self._one(s, out, i, d) for i, (s, d) in enumerate(zip(sources, decoded))]

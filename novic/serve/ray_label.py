@@ -214,14 +214,17 @@ def _open_source(path: str) -> Any:
 
 
 def decode_batch(batch: dict, preprocess_config: Any, fast_decode: bool) -> dict:
-    """CPU task: a batch of paths -> preprocessed pixels + one error text per row ('' = fine)."""
+    """CPU task: a batch of paths -> resized, cropped uint8 pixels (a quarter of the bytes through
+    Ray's object store; Classifier.classify_pixels normalises them for a float encoder) + one error
+    text per row ('' = fine)."""
     import numpy as np
 
     from novic.runtime.preprocess import Preprocessor
 
     paths = [str(p) for p in batch["path"]]
     sources = [_open_source(p) for p in paths]
-    pixels, errors = Preprocessor(preprocess_config, threads=1, fast_decode=fast_decode).load_batch(sources)
+    pixels, errors = Preprocessor(preprocess_config, threads=1, fast_decode=fast_decode,
+                                   uint8=True).load_batch(sources)
     texts = []
     for source, error in zip(sources, errors):
         why = getattr(source, "read_error", None)

@@ -6,7 +6,8 @@
   cache never leaves the GPU: it is an OrtValue bound with IOBinding, the step writes into the
   other of two preallocated buffers (ping-pong, as the graphs are built for), and only the
   scores (O(rows x k) numbers) are copied to the host.
-- ``OrtImageEncoder``: pixels f32[B,3,H,W] -> unit embeddings f32[B,F].
+- ``OrtImageEncoder``: pixels f32[B,3,H,W] -> unit embeddings f32[B,F]; or, for a graph that
+  normalises in itself (novic.export.u8), the resized pixels u8[B,H,W,3].
 
 Provider names: "cpu" or "cuda". onnxruntime is imported lazily so that importing this module
 never fails; using it without onnxruntime raises a one-line error with the install command.
@@ -29,7 +30,7 @@ PREFILL_INPUTS = ("embedding", "temperature", "cand_ids")
 STEP_INPUTS = ("tokens", "position", "beam_idx", "kv_cache", "temperature", "cand_ids")
 SCORE_OUTPUTS = ("topk_logprobs", "topk_ids", "cand_logprobs")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(int64)": np.int64}
+              "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
 
 
 class OrtError(NovicError):
@@ -68,7 +69,7 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     """An onnxruntime InferenceSession for `path` on `provider` ("cpu" or "cuda").
 
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
-    optimize: graph optimisations; None = on, except for fp16 graphs (``*.fp16.onnx``) on the
+    optimize: graph optimisations; None = on, except for fp16 graphs (``*.fp16[.u8].onnx``) on the
     CPU, where the default fusions crashed onnxruntime on an fp16 ViT (and CPU fp16 is only
     used for checking: most fp16 ops run through inserted casts there anyway).
     tf32 (CUDA): onnxruntime's CUDA provider may use TF32 for fp32 MatMul/Conv; off by default so
@@ -96,7 +97,7 @@ def make_session(path, provider: str = "cpu", *, threads: int | None = None, dev
     if not spinning:   # threads still spin within a run; they stop as soon as it returns
         options.add_session_config_entry("session.force_spinning_stop", "1")
     if optimize is None:
-        optimize = not (provider == "cpu" and path.name.endswith(".fp16.onnx"))
+        optimize = not (provider == "cpu" and ".fp16." in path.name)   # *.fp16.onnx, *.fp16.u8.onnx
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [PROVIDERS[provider]]
@@ -438,7 +439,8 @@ class _DecoderGraphs:
 
 
 class OrtImageEncoder(_GraphsOrPlain):
-    """pixels f32[B,3,H,W] (preprocessed) -> unit embeddings f32[B,F].
+    """pixels f32[B,3,H,W] (preprocessed) -> unit embeddings f32[B,F]; a graph with a uint8 input
+    (`takes_uint8`) takes the resized, cropped pixels u8[B,H,W,3] instead.
 
     cuda_graph (CUDA only): batches of up to GRAPH_BUCKETS[-1] images are padded to the next
     bucket and replayed as CUDA graphs (`_EncoderGraphs`, its own session: the weights are held
@@ -459,17 +461,23 @@ class OrtImageEncoder(_GraphsOrPlain):
         self._input, self._output, self._output_type = inp.name, out.name, out.type
         self.device_output = (provider == "cuda") if device_output is None else bool(device_output)
         self._device, self._device_id = ("cuda" if provider == "cuda" else "cpu"), device_id
-        self.image_size = tuple(inp.shape[2:4])   # (H, W)
+        self.takes_uint8 = inp.type == "tensor(uint8)"
+        self._dtype = np.uint8 if self.takes_uint8 else np.float32
+        self.image_size = tuple(inp.shape[1:3] if self.takes_uint8 else inp.shape[2:4])   # (H, W)
         self.embed_dim = out.shape[1]
         if provider == "cuda" and cuda_graph:
             self._start_graphs(lambda: _EncoderGraphs(make_session(path, provider, cuda_graph=True, **kw),
                                                       import_ort(provider), device_id))
 
     def _checked(self, pixels) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != self.image_size:
-            raise ValueError(f"pixels must have shape [B, 3, {self.image_size[0]}, "
-                             f"{self.image_size[1]}], got {pixels.shape}")
+        h, w = self.image_size
+        want = (h, w, 3) if self.takes_uint8 else (3, h, w)
+        if self.takes_uint8 and np.asarray(pixels).dtype != np.uint8:
+            raise ValueError(f"this image encoder takes uint8 pixels [B, {h}, {w}, 3] (normalised in the graph), "
+                             f"got {np.asarray(pixels).dtype}")
+        pixels = np.ascontiguousarray(pixels, dtype=self._dtype)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise ValueError(f"pixels must have shape [B, {', '.join(map(str, want))}], got {pixels.shape}")
         return pixels
 
     def embed_on_device(self, pixels) -> DeviceEmbeddings | None:

@@ -23,6 +23,11 @@ ENGINE_PREFERENCE = {"fp8": 0, "int8": 1, "fp16": 2, "fp32": 3}
 # (docs/benchmarks.md, "Fused graphs on the CPU"), so ort-cpu keeps the plain graphs by default;
 # on the GPU they are what ort-cuda takes. The Classifier decides once the precision is final.
 CPU_PREFERS_FUSED = False
+# Encoders that take uint8 pixels and normalise in the graph (novic.export.u8): on the GPU they
+# move a quarter of the bytes over PCIe and take the float work off the host, so ort-cuda loads
+# them. On the CPU the graph does the same arithmetic the host would, on the same cores, and
+# measured no faster end to end (docs/benchmarks.md, "uint8 encoder input"): ort-cpu stays float.
+CPU_PREFERS_U8 = False
 INSTALL = {"trt": "pip install 'novic[trt]'", "ort-cuda": "pip install 'novic[gpu]' (onnxruntime-gpu)",
            "ort-cpu": "pip install 'novic[cpu]' (onnxruntime)"}
 
@@ -132,6 +137,11 @@ def ort_cpu_fit(probe: Probe) -> tuple[bool, str]:
 def prefers_fused(backend: str) -> bool:
     """Whether `backend` takes a bundle's fused graphs (of the precision it loads) by default."""
     return backend == "ort-cuda" or (backend == "ort-cpu" and CPU_PREFERS_FUSED)
+
+
+def prefers_u8(backend: str) -> bool:
+    """Whether `backend` takes a bundle's uint8-input encoder (where it has one) by default."""
+    return backend == "ort-cuda" or (backend == "ort-cpu" and CPU_PREFERS_U8)
 
 
 def select_backend(engines=(), precisions=("fp32",), requested: str = AUTO, facts: Probe | None = None) -> Choice:
