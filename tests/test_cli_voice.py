@@ -59,6 +59,24 @@ def test_api_and_cli_messages_name_their_own_options(classifier, runtime_bundle,
     assert out.exit_code == 2 and out.stderr.rstrip().endswith("or --free") and "guided=False" not in out.stderr
 
 
+@pytest.mark.parametrize("module", ["eval", "label"])
+def test_eval_and_label_name_their_flags_and_refuse_bad_options_with_exit_2(module, runtime_bundle, image, tmp_path):  # noqa: F811
+    """Refused before any image is read: novic-label never starts Ray for them."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(image.read_bytes())
+    app = importlib.import_module(f"novic.cli.{module}").app
+    where = [data, "--out", tmp_path / "out"]
+
+    out = CliRunner().invoke(app, [str(a) for a in [*where, "--bundle", runtime_bundle.bundle, "--free",
+                                                     "--beam-width", 50]])
+    assert out.exit_code == 2 and "use --beam-width <= 10" in out.stderr and "beam_width" not in out.stderr, out.output
+    if module == "label":   # novic-eval has no --topk (top-1 and top-5 are its scores)
+        out = CliRunner().invoke(app, [str(a) for a in [*where, "--bundle", runtime_bundle.bundle, "--topk", 12]])
+        assert out.exit_code == 2 and "--topk 12 exceeds --beam-width 10" in out.stderr, out.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_wordnet_dir_is_named_as_the_caller_passes_it(tmp_path):
     from novic.cli.train import app
     from novic.train.nouns import read_wordnet_nouns

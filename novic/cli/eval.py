@@ -15,11 +15,15 @@ from typing import Optional
 import typer
 
 from novic.cli._common import Backend, Precision, choice, err, fail, one_line_errors, run_app
+from novic.errors import cli_voice
+
+TOP_K = 5   # top-1 and top-5 are reported
 
 app = typer.Typer(help="Measure a bundle on a labelled image set.", add_completion=False, no_args_is_help=True)
 
 
 @app.command()
+@cli_voice
 def main_command(
     data: Path = typer.Argument(..., help="Folder of class folders (ImageFolder) or a CSV of path,label."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
@@ -64,14 +68,18 @@ def _run(data, bundle, backend, precision, level, guided, vocab, beam_width, bat
     import logging
 
     from novic.evaluation import evaluate, write_report
-    from novic.runtime.classifier import Classifier
+    from novic.runtime.classifier import Classifier, ClassifierError
 
     logging.getLogger("novic").addHandler(logging.NullHandler())
     with Classifier.load(bundle, backend=backend, precision=precision, threads=threads, verify="cached") as clf:
+        try:   # options the bundle cannot use are a usage error, refused before any image is read
+            clf.check_options(topk=min(TOP_K, beam_width), guided=guided, vocab=vocab, beam_width=beam_width)
+        except ClassifierError as exc:
+            fail(str(exc), code=2)
         err.print(f"novic-eval: {len(samples)} image(s) in {len(set(s.label for s in samples))} class(es); "
                   f"{clf.describe()}", highlight=False, soft_wrap=True)
         report = evaluate(clf, samples, granularity=level, guided=guided, vocab=vocab, beam_width=beam_width,
-                          batch_size=batch_size)
+                          batch_size=batch_size, k=TOP_K)
     paths, skipped = write_report(report, out, str(data))
     _print_summary(report)
     if skipped:
