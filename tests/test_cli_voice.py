@@ -104,6 +104,37 @@ def test_vocab_takes_files_and_inline_nouns_and_unites_repeats(runtime_bundle, i
         f"or nouns separated by commas (--vocab 'cat,dog')")
 
 
+def test_eval_and_label_take_vocab_as_novic_run_does(runtime_bundle, image, tmp_path, monkeypatch):
+    from novic.cli.eval import app as eval_app
+    from novic.cli.label import app as label_app
+    from novic.serve import ray_label
+
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_text("cat\ndog\n")
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(image.read_bytes())
+    out = CliRunner().invoke(eval_app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "ev"),
+                                        "--vocab", "rocket, sky"])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["per_class"][0]["most_predicted"] in ("rocket", "sky")
+
+    seen = {}   # what novic-label hands to the Ray job (the job itself: tests/test_ray_label.py)
+    monkeypatch.setattr(ray_label, "label", lambda inputs, out, **options: seen.update(options) or
+                        ray_label.LabelSummary(1, 0, 1, 0, 0.1, []))
+    out = CliRunner().invoke(label_app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "lb"),
+                                         "--vocab", str(nouns), "--vocab", "rocket, sky"])
+    assert out.exit_code == 0 and seen["vocab"] == ["cat", "dog", "rocket", "sky"], out.output
+
+    for app in (eval_app, label_app):
+        out = CliRunner().invoke(app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "x"),
+                                       "--vocab", str(tmp_path / "missing.txt")])
+        assert out.exit_code == 2 and out.stderr.strip() == (
+            f"error: --vocab {tmp_path / 'missing.txt'}: no such file; give a text file with one noun per line, "
+            f"or nouns separated by commas (--vocab 'cat,dog')"), out.output
+
+
 def test_beam_width_1_alone_is_greedy_with_one_label(runtime_bundle, image):
     out = _run("--bundle", runtime_bundle.bundle, "--json", "--beam-width", 1, image)
     assert out.exit_code == 0, out.output
@@ -152,6 +183,8 @@ def test_triton_choices_are_the_repository_writer_s():
     ("train", ["nouns", "n.json", "--max-nouns", "0"], "'--max-nouns'"),
     ("eval", ["D", "--bundle", "B", "--backend", "bogus"], "'--backend'"),
     ("eval", ["D", "--bundle", "B", "--precision", "bf16"], "'--precision'"),
+    ("eval", ["D", "--bundle", "B", "--free", "--vocab", "a,b"], "--vocab"),
+    ("label", ["I", "--bundle", "B", "--out", "O", "--free", "--vocab", "a,b"], "--vocab"),
     ("label", ["I", "--bundle", "B", "--out", "O", "--format", "xml"], "'--format'"),
     ("label", ["I", "--bundle", "B", "--out", "O", "--backend", "bogus"], "'--backend'"),
     ("export", ["triton", "B", "--out", "R", "--target", "tpu"], "'--target'"),
