@@ -18,8 +18,6 @@ import time
 
 _T0 = time.perf_counter()  # startup = from here (module import) to a loaded classifier
 
-import glob
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,68 +29,11 @@ from rich.markup import escape
 from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, parse_vocab, printable, run_app,
                                vocab_flag)
 from novic.errors import cli_voice
+from novic.inputs import expand_inputs
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-                  ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
-GLOB_CHARS = set("*?[")
 DEFAULT_TOPK = 5
 
 app = typer.Typer(help="Classify images with a bundle.", add_completion=False, no_args_is_help=False)
-
-
-def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[str]]:
-    """Files, directories and globs -> (inputs in order, one error line per argument that matched
-    nothing). Missing files are kept as inputs: they fail per file with a clear line."""
-    inputs, problems, seen = [], [], set()
-
-    def add(item):
-        key = os.path.abspath(item) if isinstance(item, str) else id(item)
-        if key not in seen:
-            seen.add(key)
-            inputs.append(item)
-
-    def add_dir(d: Path):
-        walker = d.rglob("*") if recursive else d.iterdir()
-        found = sorted(str(p) for p in walker if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            subdirs = not recursive and any(p.is_dir() for p in d.iterdir())
-            problems.append(f"{d}: directory has no image files" + (" (use --recursive for its subdirectories)"
-                                                                     if subdirs else ""))
-        for f in found:
-            add(f)
-
-    stdin = None
-    for arg in args:
-        if arg == "-":   # standard input holds one image: a second '-' would read nothing
-            if stdin is None:
-                stdin = _Stdin()
-                add(stdin)
-            continue
-        p = Path(arg)
-        if p.is_dir():
-            add_dir(p)
-        elif p.exists() or not (GLOB_CHARS & set(arg)):
-            add(arg)
-        else:
-            matches = sorted(glob.glob(arg, recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            for m in matches:
-                if os.path.isdir(m):
-                    add_dir(Path(m))
-            if not matches:
-                problems.append(f"{arg}: no files match this pattern")
-            for f in files:
-                add(f)
-    return inputs, problems
-
-
-class _Stdin:
-    """'-': the image bytes on standard input (read when the batch is loaded)."""
-
-    name = "<stdin>"
-
-    def read(self, *args):
-        return sys.stdin.buffer.read(*args)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from novic.errors import NovicError, printable
+from novic.inputs import expand_inputs
 
 FORMATS = ("jsonl", "parquet")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -65,8 +66,6 @@ def _is_uri(text: str) -> bool:
 def expand(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """INPUT arguments -> (distinct image paths/URIs in order, one line per argument that named
     nothing). Local paths are made absolute, so that a rerun from another directory resumes."""
-    from novic.cli.run import expand_inputs
-
     paths, problems, seen = [], [], set()
 
     def add(item: str):
