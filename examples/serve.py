@@ -5,10 +5,12 @@
     curl http://127.0.0.1:8080/healthz           # /health too
 
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
-(`Result.to_dict()`); `?topk=N` sets how many. Each request is served in its own thread and the
+(`Result.to_dict()`). Query options, as novic-serve takes them (novic.serve.http_options): topk
+(labels per image), beam_width, guided, temperature, alpha, vocab ('dog,cat'); any other is a 400
+that names the known ones. Each request is served in its own thread and the
 requests are classified in batches (`novic.Batcher`), which is what makes a GPU worth it.
 Statuses: 200 labels; 400 a bad query or Content-Length; 408 a request that did not arrive in
-time; 413 a body over MAX_BYTES; 422 an image that cannot be read; 503 the service cannot classify
+time; 413 a body over MAX_BYTES (novic-serve's default); 422 an image that cannot be read; 503 the service cannot classify
 (closed, a backend error, or MAX_CONNECTIONS already open). The body says why in one line.
 
 Bounds, so that slow or hostile clients cannot exhaust the machine: every read waits at most
@@ -37,8 +39,8 @@ from urllib.parse import parse_qs, urlparse
 from novic import Batcher, Classifier
 from novic.errors import NovicError
 from novic.runtime.classifier import ClassifierError
+from novic.serve.http_options import MAX_BYTES, content_length, request_options, too_large
 
-MAX_BYTES = 64 << 20          # 64 MiB: larger bodies are refused before they are read
 READ_TIMEOUT = 10.0           # seconds one read of the socket may wait (headers, body, idle)
 BODY_SECONDS = 60.0           # seconds the whole body may take
 DRAIN_SECONDS = 2.0           # after a 413: how long the unread body is discarded before closing
@@ -79,14 +81,6 @@ def image_pixels(data: bytes) -> int:
             return image.width * image.height
     except Exception:  # noqa: BLE001 - an unreadable image is answered 422 by the classifier
         return 0
-
-
-def _query_int(query: dict, name: str, default: int) -> int:
-    text = query.get(name, [str(default)])[0]
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {text!r}") from None
 
 
 class _Refused(Exception):
@@ -158,7 +152,7 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             if url.path != "/classify":
                 return self._reply(404, {"error": "use POST /classify or GET /healthz"})
             try:
-                topk, body = self._read_request(url)
+                options, body = self._read_request(url)
             except _Refused as refused:
                 self.close_connection = True   # the body stays unread
                 status, reason = refused.args
@@ -168,29 +162,24 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
                 return
             try:
                 with budget.hold(image_pixels(body)):
-                    result = batcher.classify_one(body, topk=topk)
+                    result = batcher.classify_one(body, **options)
             except Exception as exc:  # noqa: BLE001 - closed, or a backend failure: not the client's
                 return self._reply(503, {"error": " ".join(str(exc).split()) or type(exc).__name__})
             self._reply(200 if result.ok else 422, result.to_dict())
 
-        def _read_request(self, url) -> tuple[int, bytes]:
-            """-> (topk, body), or _Refused(status, reason) for the client's mistakes."""
-            length = self.headers.get("Content-Length") or "0"
+        def _read_request(self, url) -> tuple[dict, bytes]:
+            """-> (options of Batcher.classify_one, body), or _Refused(status, reason) for the
+            client's mistakes."""
             try:
-                size = int(length)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                raise _Refused(400, f"Content-Length must be a number of bytes, got {length!r}") from None
-            try:
-                topk = _query_int(parse_qs(url.query), "topk", 5)
+                size = content_length(self.headers.get("Content-Length")) or 0
+                options = request_options(parse_qs(url.query, keep_blank_values=True), {}, from_query=True)
                 if not batcher.classifier.closed:   # closed is the service's fault (503, below)
-                    batcher.classifier.check_options(topk=topk)
-            except (ValueError, ClassifierError) as exc:
+                    batcher.classifier.check_options(**options)
+            except ClassifierError as exc:   # RequestError included
                 raise _Refused(400, str(exc)) from None
             if size > MAX_BYTES:
-                raise _Refused(413, f"body of {size} bytes exceeds the limit of {MAX_BYTES} bytes")
-            return topk, self._read_body(size)
+                raise _Refused(413, too_large(MAX_BYTES, size))
+            return options, self._read_body(size)
 
         def _read_body(self, size: int) -> bytes:
             chunks, got, deadline = [], 0, time.monotonic() + BODY_SECONDS

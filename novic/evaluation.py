@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from novic.errors import NovicError
+from novic.inputs import image_files
 from novic.runtime.hierarchy import Place, normalize
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-                  ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
 RELATIONS = ("correct", "close", "incorrect")
 
 
@@ -58,8 +57,7 @@ def _read_folders(root: Path) -> list[Sample]:
     samples = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = folder.name.replace("_", " ").strip()
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        samples += [Sample(str(f), label) for f in files]
+        samples += [Sample(f, label) for f in image_files(folder)]
     if not samples:
         raise EvalError(f"{root}: no images in class folders (expected {root}/CLASS_NAME/IMAGE.jpg); put "
                         f"each class's images in a folder named after the class, or pass a CSV of path,label")

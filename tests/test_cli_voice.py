@@ -59,6 +59,24 @@ def test_api_and_cli_messages_name_their_own_options(classifier, runtime_bundle,
     assert out.exit_code == 2 and out.stderr.rstrip().endswith("or --free") and "guided=False" not in out.stderr
 
 
+@pytest.mark.parametrize("module", ["eval", "label"])
+def test_eval_and_label_name_their_flags_and_refuse_bad_options_with_exit_2(module, runtime_bundle, image, tmp_path):  # noqa: F811
+    """Refused before any image is read: novic-label never starts Ray for them."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(image.read_bytes())
+    app = importlib.import_module(f"novic.cli.{module}").app
+    where = [data, "--out", tmp_path / "out"]
+
+    out = CliRunner().invoke(app, [str(a) for a in [*where, "--bundle", runtime_bundle.bundle, "--free",
+                                                     "--beam-width", 50]])
+    assert out.exit_code == 2 and "use --beam-width <= 10" in out.stderr and "beam_width" not in out.stderr, out.output
+    if module == "label":   # novic-eval has no --topk (top-1 and top-5 are its scores)
+        out = CliRunner().invoke(app, [str(a) for a in [*where, "--bundle", runtime_bundle.bundle, "--topk", 12]])
+        assert out.exit_code == 2 and "--topk 12 exceeds --beam-width 10" in out.stderr, out.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_wordnet_dir_is_named_as_the_caller_passes_it(tmp_path):
     from novic.cli.train import app
     from novic.train.nouns import read_wordnet_nouns
@@ -84,6 +102,37 @@ def test_vocab_takes_files_and_inline_nouns_and_unites_repeats(runtime_bundle, i
     assert out.exit_code == 2 and out.stderr.strip() == (
         f"error: --vocab {tmp_path / 'missing.txt'}: no such file; give a text file with one noun per line, "
         f"or nouns separated by commas (--vocab 'cat,dog')")
+
+
+def test_eval_and_label_take_vocab_as_novic_run_does(runtime_bundle, image, tmp_path, monkeypatch):
+    from novic.cli.eval import app as eval_app
+    from novic.cli.label import app as label_app
+    from novic.serve import ray_label
+
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_text("cat\ndog\n")
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(image.read_bytes())
+    out = CliRunner().invoke(eval_app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "ev"),
+                                        "--vocab", "rocket, sky"])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["per_class"][0]["most_predicted"] in ("rocket", "sky")
+
+    seen = {}   # what novic-label hands to the Ray job (the job itself: tests/test_ray_label.py)
+    monkeypatch.setattr(ray_label, "label", lambda inputs, out, **options: seen.update(options) or
+                        ray_label.LabelSummary(1, 0, 1, 0, 0.1, []))
+    out = CliRunner().invoke(label_app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "lb"),
+                                         "--vocab", str(nouns), "--vocab", "rocket, sky"])
+    assert out.exit_code == 0 and seen["vocab"] == ["cat", "dog", "rocket", "sky"], out.output
+
+    for app in (eval_app, label_app):
+        out = CliRunner().invoke(app, [str(data), "--bundle", str(runtime_bundle.bundle), "--out", str(tmp_path / "x"),
+                                       "--vocab", str(tmp_path / "missing.txt")])
+        assert out.exit_code == 2 and out.stderr.strip() == (
+            f"error: --vocab {tmp_path / 'missing.txt'}: no such file; give a text file with one noun per line, "
+            f"or nouns separated by commas (--vocab 'cat,dog')"), out.output
 
 
 def test_beam_width_1_alone_is_greedy_with_one_label(runtime_bundle, image):
@@ -134,6 +183,8 @@ def test_triton_choices_are_the_repository_writer_s():
     ("train", ["nouns", "n.json", "--max-nouns", "0"], "'--max-nouns'"),
     ("eval", ["D", "--bundle", "B", "--backend", "bogus"], "'--backend'"),
     ("eval", ["D", "--bundle", "B", "--precision", "bf16"], "'--precision'"),
+    ("eval", ["D", "--bundle", "B", "--free", "--vocab", "a,b"], "--vocab"),
+    ("label", ["I", "--bundle", "B", "--out", "O", "--free", "--vocab", "a,b"], "--vocab"),
     ("label", ["I", "--bundle", "B", "--out", "O", "--format", "xml"], "'--format'"),
     ("label", ["I", "--bundle", "B", "--out", "O", "--backend", "bogus"], "'--backend'"),
     ("export", ["triton", "B", "--out", "R", "--target", "tpu"], "'--target'"),

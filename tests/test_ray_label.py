@@ -142,10 +142,11 @@ def test_cli_parquet_and_one_line_errors(ray_cluster, runtime_bundle, classifier
 
     code, said = run_cli(common + ["--format", "parquet"], capsys, monkeypatch)    # nothing left to do
     assert code == 0 and "0 labelled" in said and "8 already in" in said, said
-    for args, message in [(["--format", "jsonl"], "holds parquet parts"),
-                          (["--topk", "11"], "topk 11 exceeds beam_width 10")]:
+    for args, message, exit_code in [(["--format", "jsonl"], "holds parquet parts", 1),
+                                     (["--topk", "11"], "--topk 11 exceeds --beam-width 10", 2)]:   # usage error
         code, said = run_cli(common + args, capsys, monkeypatch)
-        assert code == 1 and message in said and "Traceback" not in said and len(said.strip().splitlines()) == 1, said
+        assert code == exit_code and message in said and "Traceback" not in said, said
+        assert len(said.strip().splitlines()) == 1, said
     code, said = run_cli(common + ["--format", "csv"], capsys, monkeypatch)   # a usage error, as in every CLI
     assert code == 2 and "'csv'" in said and "Traceback" not in said, said
 

@@ -23,7 +23,7 @@ from fixtures_runtime import classifier, runtime_bundle  # noqa: F401  (fixtures
 pytestmark = pytest.mark.ray
 pytest.importorskip("ray.serve")
 
-from novic.serve.ray_serve import RequestError, request_options  # noqa: E402
+from novic.serve.http_options import RequestError, request_options  # noqa: E402
 
 REQUESTS, CLIENTS = 300, 16
 MAX_BYTES = 1 << 20

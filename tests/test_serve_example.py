@@ -6,6 +6,9 @@ import io
 import json
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -21,9 +24,11 @@ from novic.runtime.batching import Batcher
 skdata = pytest.importorskip("skimage.data")
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
+
+
 def load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
-    spec = importlib.util.spec_from_file_location("novic_serve_example", path)
+    spec = importlib.util.spec_from_file_location("novic_serve_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,7 +60,12 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
             status, body = call(f"{base}/classify", b"not an image")
             assert status == 422 and "not an image file" in body["error"]
             status, body = call(f"{base}/classify?topk=zero", jpeg)
-            assert (status, body) == (400, {"error": "topk must be a whole number, got 'zero'"})
+            assert (status, body) == (400, {"error": "topk: 'zero' is not an integer"})
+            status, body = call(f"{base}/classify?tokp=3", jpeg)   # a typo is refused, not ignored
+            assert (status, body) == (400, {"error": "unknown option 'tokp'; use topk, beam_width, guided, "
+                                                     "temperature, alpha, vocab"})
+            status, body = call(f"{base}/classify?vocab=rocket,sky&beam_width=4&topk=2", jpeg)   # as novic-serve
+            assert status == 200 and sorted(l["text"] for l in body["labels"]) == ["rocket", "sky"], body
             status, body = call(f"{base}/classify?topk=0", jpeg)
             assert status == 400 and "topk" in body["error"]
             monkeypatch.setattr(serve, "MAX_BYTES", 100)
@@ -74,6 +84,25 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_the_example_shares_novic_serve_s_request_rules_without_importing_ray():
+    from novic.serve import http_options
+
+    assert load_example().MAX_BYTES == http_options.MAX_BYTES
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
+        sys.meta_path.insert(0, Block())
+        spec = importlib.util.spec_from_file_location("example", {str(EXAMPLE)!r})
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 # ---- faults under load (each reproduced on 127.0.0.1 with small limits, each bounded in time) ----

@@ -5,12 +5,14 @@ bundle, the environment); 2 a usage error (an option's value or a combination of
 used; nothing was run), as typer itself answers a malformed option. 130 interrupted."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
+from typing import List, NoReturn, Optional
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 
@@ -29,6 +31,40 @@ Precision = Enum("Precision", {name: name for name in ("fp32", "fp16", "int8", "
 def choice(value):
     """The string of a Backend/Precision option (None stays None)."""
     return value.value if isinstance(value, Enum) else value
+
+
+def vocab_flag(default: str = "the bundle's"):
+    """The --vocab option of the commands that decode guided (read it with `parse_vocab`)."""
+    return typer.Option(None, "--vocab", metavar="FILE|NOUNS",
+                        help="Nouns for guided decoding: a text file with one noun per line, or nouns separated by "
+                             f"commas ('cat,dog'); repeated, the nouns of all are used (default: {default}).")
+
+
+def parse_vocab(values: Optional[List[str]], guided: bool):
+    """--vocab values -> what Classifier takes: None (the bundle's nouns), one file's path, or the
+    nouns of all values in order (files, and comma-separated nouns). A usage error (exit 2) names
+    the value that cannot be used."""
+    if not values:
+        return None
+    if not guided:
+        fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
+    if len(values) == 1 and os.path.exists(values[0]):
+        return values[0]   # the classifier names the file in its messages and caches it by mtime
+    from novic.runtime.classifier import ClassifierError, read_vocab_file
+
+    nouns = []
+    for value in values:
+        if os.path.exists(value):
+            try:
+                nouns += read_vocab_file(value)
+            except ClassifierError as exc:
+                fail(f"--vocab {exc}", code=2)
+        elif "," in value:
+            nouns += [noun.strip() for noun in value.split(",") if noun.strip()]
+        else:
+            fail(f"--vocab {value}: no such file; give a text file with one noun per line, or nouns "
+                 f"separated by commas (--vocab 'cat,dog')", code=2)
+    return nouns
 
 
 def error_line(message: str) -> None:

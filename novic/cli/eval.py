@@ -10,16 +10,21 @@ worst classes and the throughput; writes eval.json, eval.md and (with matplotlib
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from novic.cli._common import Backend, Precision, choice, err, fail, one_line_errors, run_app
+from novic.cli._common import (Backend, Precision, choice, err, fail, one_line_errors, parse_vocab, run_app,
+                               vocab_flag)
+from novic.errors import cli_voice
+
+TOP_K = 5   # top-1 and top-5 are reported
 
 app = typer.Typer(help="Measure a bundle on a labelled image set.", add_completion=False, no_args_is_help=True)
 
 
 @app.command()
+@cli_voice
 def main_command(
     data: Path = typer.Argument(..., help="Folder of class folders (ImageFolder) or a CSV of path,label."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", envvar="NOVIC_BUNDLE",
@@ -31,7 +36,7 @@ def main_command(
     roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels to score at "
                                            "(instead of --granularity)."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line (default: the bundle's)."),
+    vocab: Optional[List[str]] = vocab_flag(),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (top-5 needs at least 5)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for image loading and onnxruntime."),
@@ -44,8 +49,7 @@ def main_command(
         fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)
     if roll_up is not None and granularity != "fine":
         fail("--roll-up replaces --granularity; pass one of them", code=2)
-    if vocab is not None and not guided:
-        fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
+    vocab = parse_vocab(vocab, guided)
     level = roll_up if roll_up is not None else granularity
     with one_line_errors():   # bad DATA, bundle or --out: one line, also when the app is called directly
         _run(data, bundle, choice(backend), choice(precision), level, guided, vocab, beam_width, batch_size, threads, out, model)
@@ -64,14 +68,18 @@ def _run(data, bundle, backend, precision, level, guided, vocab, beam_width, bat
     import logging
 
     from novic.evaluation import evaluate, write_report
-    from novic.runtime.classifier import Classifier
+    from novic.runtime.classifier import Classifier, ClassifierError
 
     logging.getLogger("novic").addHandler(logging.NullHandler())
     with Classifier.load(bundle, backend=backend, precision=precision, threads=threads, verify="cached") as clf:
+        try:   # options the bundle cannot use are a usage error, refused before any image is read
+            clf.check_options(topk=min(TOP_K, beam_width), guided=guided, vocab=vocab, beam_width=beam_width)
+        except ClassifierError as exc:
+            fail(str(exc), code=2)
         err.print(f"novic-eval: {len(samples)} image(s) in {len(set(s.label for s in samples))} class(es); "
                   f"{clf.describe()}", highlight=False, soft_wrap=True)
         report = evaluate(clf, samples, granularity=level, guided=guided, vocab=vocab, beam_width=beam_width,
-                          batch_size=batch_size)
+                          batch_size=batch_size, k=TOP_K)
     paths, skipped = write_report(report, out, str(data))
     _print_summary(report)
     if skipped:

@@ -17,7 +17,8 @@ import typer
 
 from enum import Enum
 
-from novic.cli._common import Backend, Precision, choice, err, error_line, fail, run_app
+from novic.cli._common import Backend, Precision, choice, err, error_line, fail, parse_vocab, run_app, vocab_flag
+from novic.errors import cli_voice
 
 OutputFormat = Enum("OutputFormat", {"jsonl": "jsonl", "parquet": "parquet"}, type=str)
 
@@ -26,6 +27,7 @@ app = typer.Typer(help="Label an image collection on Ray Data (resumable).", add
 
 
 @app.command()
+@cli_voice
 def main_command(
     inputs: List[str] = typer.Argument(..., help="Directories (whole tree), glob patterns, list files "
                                        "(*.txt/*.lst, one path or URI per line)."),
@@ -41,19 +43,23 @@ def main_command(
                                                   help="Graph precision for ORT backends."),
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="Labels per image."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line."),
+    vocab: Optional[List[str]] = vocab_flag(),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto': the one `ray start` made "
                                           "here); default: start a local one."),
 ):
     """Label every image under INPUT... into OUT (path, labels, probs, logprobs, error per row)."""
-    from novic.serve.ray_label import label, summary_line
+    from novic.serve.ray_label import OptionsError, label, summary_line
 
-    summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency, gpus_per_worker=gpus_per_worker,
-                    cpus_per_worker=cpus_per_worker, batch_size=batch_size, backend=choice(backend), precision=choice(precision),
-                    topk=topk, guided=guided, vocab=vocab, beam_width=beam_width, fast_decode=fast_decode,
-                    address=address)
+    vocab = parse_vocab(vocab, guided)
+    try:
+        summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency,
+                        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                        backend=choice(backend), precision=choice(precision), topk=topk, guided=guided, vocab=vocab,
+                        beam_width=beam_width, fast_decode=fast_decode, address=address)
+    except OptionsError as exc:
+        fail(str(exc), code=2)
     for line in summary.problems:
         error_line(line)
     if summary.inputs == 0:

@@ -18,8 +18,6 @@ import time
 
 _T0 = time.perf_counter()  # startup = from here (module import) to a loaded classifier
 
-import glob
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,94 +26,14 @@ import typer
 
 from rich.markup import escape
 
-from novic.cli._common import Backend, Precision, choice, err, error_line, fail, printable, run_app
+from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, parse_vocab, printable, run_app,
+                               vocab_flag)
 from novic.errors import cli_voice
+from novic.inputs import expand_inputs
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-                  ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".heic", ".heif", ".jp2"}
-GLOB_CHARS = set("*?[")
 DEFAULT_TOPK = 5
 
 app = typer.Typer(help="Classify images with a bundle.", add_completion=False, no_args_is_help=False)
-
-
-def expand_inputs(args: List[str], recursive: bool = False) -> tuple[list, list[str]]:
-    """Files, directories and globs -> (inputs in order, one error line per argument that matched
-    nothing). Missing files are kept as inputs: they fail per file with a clear line."""
-    inputs, problems, seen = [], [], set()
-
-    def add(item):
-        key = os.path.abspath(item) if isinstance(item, str) else id(item)
-        if key not in seen:
-            seen.add(key)
-            inputs.append(item)
-
-    def add_dir(d: Path):
-        walker = d.rglob("*") if recursive else d.iterdir()
-        found = sorted(str(p) for p in walker if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            subdirs = not recursive and any(p.is_dir() for p in d.iterdir())
-            problems.append(f"{d}: directory has no image files" + (" (use --recursive for its subdirectories)"
-                                                                     if subdirs else ""))
-        for f in found:
-            add(f)
-
-    stdin = None
-    for arg in args:
-        if arg == "-":   # standard input holds one image: a second '-' would read nothing
-            if stdin is None:
-                stdin = _Stdin()
-                add(stdin)
-            continue
-        p = Path(arg)
-        if p.is_dir():
-            add_dir(p)
-        elif p.exists() or not (GLOB_CHARS & set(arg)):
-            add(arg)
-        else:
-            matches = sorted(glob.glob(arg, recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            for m in matches:
-                if os.path.isdir(m):
-                    add_dir(Path(m))
-            if not matches:
-                problems.append(f"{arg}: no files match this pattern")
-            for f in files:
-                add(f)
-    return inputs, problems
-
-
-def vocab_option(values: Optional[List[str]]):
-    """--vocab values -> what Classifier takes: None (the bundle's nouns), one file's path, or the
-    nouns of all values in order (files, and comma-separated nouns)."""
-    if not values:
-        return None
-    if len(values) == 1 and os.path.exists(values[0]):
-        return values[0]   # the classifier names the file in its messages and caches it by mtime
-    from novic.runtime.classifier import ClassifierError, read_vocab_file
-
-    nouns = []
-    for value in values:
-        if os.path.exists(value):
-            try:
-                nouns += read_vocab_file(value)
-            except ClassifierError as exc:
-                fail(f"--vocab {exc}", code=2)
-        elif "," in value:
-            nouns += [noun.strip() for noun in value.split(",") if noun.strip()]
-        else:
-            fail(f"--vocab {value}: no such file; give a text file with one noun per line, or nouns "
-                 f"separated by commas (--vocab 'cat,dog')", code=2)
-    return nouns
-
-
-class _Stdin:
-    """'-': the image bytes on standard input (read when the batch is loaded)."""
-
-    name = "<stdin>"
-
-    def read(self, *args):
-        return sys.stdin.buffer.read(*args)
 
 
 @app.command()
@@ -131,10 +49,7 @@ def main_command(
     topk: Optional[int] = typer.Option(None, "--topk", "-k", min=1, show_default=False,
                                        help=f"Labels per image (default {DEFAULT_TOPK}, or --beam-width if smaller)."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
-    vocab: Optional[List[str]] = typer.Option(None, "--vocab", metavar="FILE|NOUNS",
-                                              help="Nouns for guided decoding: a text file with one noun per line, or "
-                                                   "nouns separated by commas ('cat,dog'); repeated, the nouns of all "
-                                                   "are used (default: the bundle's)."),
+    vocab: Optional[List[str]] = vocab_flag(),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder/decoder batch."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature."),
@@ -175,9 +90,7 @@ def main_command(
     elif topk > beam_width:
         fail(f"--topk {topk} exceeds --beam-width {beam_width}: beam search keeps --beam-width hypotheses; "
              f"raise --beam-width to at least {topk}", code=2)
-    if vocab and not guided:
-        fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
-    vocab = vocab_option(vocab)
+    vocab = parse_vocab(vocab, guided)
 
     if granularity not in ("fine", "basic", "coarse"):
         fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)

@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse
 from novic.errors import first_line
 from novic.runtime.classifier import Classifier, ClassifierError, Result
 from novic.runtime.images import describe
-from novic.serve.ray_serve import RequestError, ServeConfig, json_request, request_options
+from novic.serve.http_options import RequestError, content_length, json_request, request_options, too_large
+from novic.serve.ray_serve import ServeConfig
 
 USAGE = "use POST /classify (image bytes, options in the query) or GET /healthz"
 
@@ -87,22 +88,19 @@ class NovicHTTP:
         if request.method != "POST":
             return _error(405, USAGE)
         try:   # the client's mistakes, before the body is read: 400, then 413
-            declared = request.headers.get("content-length")
-            size = int(declared) if declared is not None and declared.strip().isdigit() else None
-            if declared is not None and size is None:
-                raise RequestError(f"Content-Length {declared!r} is not a byte count")
+            size = content_length(request.headers.get("content-length"))
             is_json = request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
             query = parse_qs(request.url.query, keep_blank_values=True)
             options = {} if is_json else request_options(query, self.config.vocabularies, from_query=True)
         except RequestError as exc:
             return _error(400, str(exc))
         if size is not None and size > self.config.max_bytes:
-            return _error(413, f"body of {size} bytes exceeds {self.config.max_bytes}")
+            return _error(413, too_large(self.config.max_bytes, size))
         body = bytearray()
         async for chunk in request.stream():   # a chunked body has no Content-Length to check first
             body += chunk
             if len(body) > self.config.max_bytes:
-                return _error(413, f"body exceeds {self.config.max_bytes} bytes")
+                return _error(413, too_large(self.config.max_bytes))
         image = bytes(body)
         if is_json:
             if query:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from novic.errors import NovicError, printable
+from novic.inputs import expand_inputs
 
 FORMATS = ("jsonl", "parquet")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -37,6 +38,10 @@ PART_SECONDS = 30.0     # ... or this much time, whichever comes first
 
 class LabelError(NovicError):
     """A bad input list, output directory or option; one line with the fix."""
+
+
+class OptionsError(LabelError):
+    """Search options the bundle cannot use (for novic-label, a usage error: exit code 2)."""
 
 
 @dataclass
@@ -61,8 +66,6 @@ def _is_uri(text: str) -> bool:
 def expand(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """INPUT arguments -> (distinct image paths/URIs in order, one line per argument that named
     nothing). Local paths are made absolute, so that a rerun from another directory resumes."""
-    from novic.cli.run import expand_inputs
-
     paths, problems, seen = [], [], set()
 
     def add(item: str):
@@ -271,7 +274,7 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     """Label every image named by `inputs` into OUT (see the module docstring); resumable.
     `part_rows`: rows per output part (what a killed driver can lose); `on_row` sees each row
     as it is written."""
-    from novic.runtime.classifier import Classifier
+    from novic.runtime.classifier import Classifier, ClassifierError
     from novic.serve._ray import connect, require
 
     t0 = time.perf_counter()
@@ -286,7 +289,10 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
         options["vocab"] = os.path.abspath(os.fspath(vocab))   # the actors may not share our cwd
     # Bad options (and a bad bundle) fail here, once, with one line, not in every actor.
     with Classifier.load(bundle, backend="ort-cpu", threads=1) as probe:
-        probe.check_options(**options)
+        try:
+            probe.check_options(**options)
+        except ClassifierError as exc:
+            raise OptionsError(str(exc)) from None
         preprocess = probe.bundle.preprocess_config
     paths, problems = expand(inputs)
     out_dir, done = open_output(out, fmt)

@@ -14,36 +14,26 @@ requests batched with Serve's `@serve.batch`. The split is what keeps the promis
 flight on a replica that dies is answered 503": Serve's own proxy would answer 500 for it, the
 ingress sees the replica's death as an exception and answers 503 itself.
 
-Options, as query parameters or JSON fields (`{"image": base64, ...}` with Content-Type
-application/json): topk, beam_width, guided, temperature, alpha, vocab. `vocab` is the name of a
-server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`)
-or inline nouns (a JSON list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query
-value must name a server-side vocabulary or hold a comma, else 400). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
-"labels", "error"}); 400 a bad option (checked before any image work; the message names it), 413 a
-body over `max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`),
-each with {"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
+Options (parsed by novic.serve.http_options, as examples/serve.py parses them), as query parameters
+or JSON fields (`{"image": base64, ...}` with Content-Type application/json): topk, beam_width,
+guided, temperature, alpha, vocab. `vocab` is the name of a server-side vocabulary
+(`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`) or inline nouns (a JSON
+list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query value must name a
+server-side vocabulary or hold a comma, else 400). Answers: 200 and 422 carry the record
+`novic-run --json` writes ({"source", "labels", "error"}); 400 a bad option (checked before any
+image work; the message names it), 413 a body over `max_bytes`, 503 no replica could answer (dead, starting, or over
+`request_timeout_s`), each with {"error": "one line"}. GET /healthz: 200 while a replica answers,
+else 503.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 from novic.runtime.classifier import ClassifierError
-
-MAX_BYTES = 64 << 20   # 64 MiB, as examples/serve.py: larger bodies are refused before they are read
-
-# The search options a request may set, and how a query string's text becomes each.
-_INT, _FLOAT, _BOOL = "an integer", "a number", "true or false"
-OPTIONS = {"topk": _INT, "beam_width": _INT, "guided": _BOOL, "temperature": _FLOAT, "alpha": _FLOAT}
-
-
-class RequestError(ClassifierError):
-    """The client's mistake in a request (400), one line naming the option."""
-
+from novic.serve.http_options import MAX_BYTES
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -65,92 +55,6 @@ class ServeConfig:
         object.__setattr__(self, "bundle", os.path.abspath(os.fspath(self.bundle)))
         object.__setattr__(self, "vocabularies", {name: os.path.abspath(os.fspath(path))
                                                   for name, path in self.vocabularies.items()})
-
-
-def _parse(name: str, kind: str, value: Any) -> Any:
-    """A query's text (or a JSON value) as the option's type; Classifier.check_options checks the rest."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        try:
-            if kind == _INT:
-                return int(text)
-            if kind == _FLOAT:
-                return float(text)
-        except ValueError:
-            raise RequestError(f"{name}: {value!r} is not {kind}") from None
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no"):
-            return False
-        raise RequestError(f"{name}: {value!r} is not {kind}")
-    ok = {_INT: isinstance(value, int) and not isinstance(value, bool),
-          _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
-          _BOOL: isinstance(value, bool)}[kind]
-    if not ok:
-        raise RequestError(f"{name}: {value!r} is not {kind}")
-    return value
-
-
-def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool) -> dict:
-    """Query parameters (name -> list of texts) or JSON fields -> keyword arguments of
-    `Classifier.classify`, with a server-side vocabulary name replaced by its file."""
-    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab"})
-    if unknown:
-        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab'])}")
-    options = {}
-    for name, kind in OPTIONS.items():
-        if name in fields:
-            value = fields[name]
-            if from_query:
-                if len(value) != 1:
-                    raise RequestError(f"{name}: give it once, got {len(value)} values")
-                value = value[0]
-            options[name] = _parse(name, kind, value)
-    if "vocab" in fields:
-        options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
-    return options
-
-
-def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
-    if from_query and len(value) == 1:
-        # one query value is a vocabulary name or a comma list ("dog,cat", as novic-run --vocab):
-        # a lone unknown word is far more likely a mistyped name than a one-noun vocabulary
-        value = value[0]
-        if "," in value and value not in vocabularies:
-            nouns = [noun.strip() for noun in value.split(",") if noun.strip()]
-            if not nouns:
-                raise RequestError(f"vocab: {value!r} holds no nouns; give NAME or 'dog,cat'")
-            return nouns
-    elif from_query or (isinstance(value, list) and value):
-        if not all(isinstance(v, str) for v in value):
-            raise RequestError("vocab: a list of nouns must hold strings")
-        return list(value)
-    if isinstance(value, str):
-        if value in vocabularies:
-            return vocabularies[value]
-        known = ", ".join(sorted(vocabularies)) or "none; start novic-serve with --vocab NAME=FILE"
-        raise RequestError(f"vocab: no server-side vocabulary named {value!r} (known: {known}); "
-                           f"or pass the nouns as a list")
-    raise RequestError(f"vocab: give a vocabulary name or a non-empty list of nouns, got {value!r}")
-
-
-def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, dict]:
-    """A JSON request {"image": base64, options...} -> (image bytes, options)."""
-    import json
-
-    try:
-        fields = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RequestError(f"body: not valid JSON ({exc}); send the image bytes, or JSON with \"image\" "
-                           f"holding them in base64") from None
-    if not isinstance(fields, dict) or not isinstance(fields.get("image"), str):
-        raise RequestError('image: a JSON request needs "image": the image file in base64')
-    fields = dict(fields)
-    try:
-        image = base64.b64decode(fields.pop("image"), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"image: not valid base64 ({exc})") from None
-    return image, request_options(fields, vocabularies, from_query=False)
 
 
 def check_config(config: ServeConfig) -> ServeConfig:
