@@ -15,10 +15,13 @@ flight on a replica that dies is answered 503": Serve's own proxy would answer 5
 ingress sees the replica's death as an exception and answers 503 itself.
 
 Options, as query parameters or JSON fields (`{"image": base64, ...}` with Content-Type
-application/json): topk, beam_width, guided, temperature, alpha, vocab. `vocab` is the name of a
+application/json): topk, beam_width, guided, temperature, alpha, vocab, granularity. `vocab` is the name of a
 server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`)
 or inline nouns (a JSON list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query
-value must name a server-side vocabulary or hold a comma, else 400). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
+value must name a server-side vocabulary or hold a comma, else 400). `granularity` is fine
+(default), basic, coarse, or the name of a server-side roll-up list (`rollups={"name":
+"targets.txt"}`, `novic-serve --roll-up name=targets.txt`); with one other than fine each label also
+carries "fine" and "path", as in novic-run --json (docs/labels.md). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
 "labels", "error"}); 400 a bad option (checked before any image work; the message names it), 413 a
 body over `max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`),
 each with {"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from novic.runtime.classifier import ClassifierError
+from novic.runtime.hierarchy import GRANULARITIES
 
 MAX_BYTES = 64 << 20   # 64 MiB, as examples/serve.py: larger bodies are refused before they are read
 
@@ -59,12 +63,14 @@ class ServeConfig:
     max_bytes: int = MAX_BYTES
     request_timeout_s: float = 60.0
     vocabularies: Mapping[str, str] = field(default_factory=dict)   # name -> noun file on every node
+    rollups: Mapping[str, str] = field(default_factory=dict)        # name -> roll-up list on every node
 
     def __post_init__(self):
         # replicas may run in another working directory: paths are made absolute on the driver
         object.__setattr__(self, "bundle", os.path.abspath(os.fspath(self.bundle)))
-        object.__setattr__(self, "vocabularies", {name: os.path.abspath(os.fspath(path))
-                                                  for name, path in self.vocabularies.items()})
+        for named in ("vocabularies", "rollups"):
+            object.__setattr__(self, named, {name: os.path.abspath(os.fspath(path))
+                                             for name, path in getattr(self, named).items()})
 
 
 def _parse(name: str, kind: str, value: Any) -> Any:
@@ -91,12 +97,13 @@ def _parse(name: str, kind: str, value: Any) -> Any:
     return value
 
 
-def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool) -> dict:
+def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool,
+                    rollups: Mapping[str, str] | None = None) -> dict:
     """Query parameters (name -> list of texts) or JSON fields -> keyword arguments of
-    `Classifier.classify`, with a server-side vocabulary name replaced by its file."""
-    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab"})
+    `Classifier.classify`, with a server-side vocabulary or roll-up name replaced by its file."""
+    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab", "granularity"})
     if unknown:
-        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab'])}")
+        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab', 'granularity'])}")
     options = {}
     for name, kind in OPTIONS.items():
         if name in fields:
@@ -108,7 +115,26 @@ def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], 
             options[name] = _parse(name, kind, value)
     if "vocab" in fields:
         options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
+    if "granularity" in fields:
+        options["granularity"] = _granularity(fields["granularity"], rollups or {}, from_query)
     return options
+
+
+def _granularity(value: Any, rollups: Mapping[str, str], from_query: bool) -> str:
+    """A level (fine, basic, coarse) as is, a server-side roll-up name as its file. Clients never
+    name files themselves: the server reads only the lists it was started with."""
+    if from_query:
+        if len(value) != 1:
+            raise RequestError(f"granularity: give it once, got {len(value)} values")
+        value = value[0]
+    if isinstance(value, str):
+        if value in GRANULARITIES:
+            return value
+        if value in rollups:
+            return rollups[value]
+    named = f", or a server-side roll-up ({', '.join(sorted(rollups))})" if rollups else \
+        " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
+    raise RequestError(f"granularity: {value!r} is not one of {', '.join(GRANULARITIES)}{named}")
 
 
 def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
@@ -134,7 +160,8 @@ def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
     raise RequestError(f"vocab: give a vocabulary name or a non-empty list of nouns, got {value!r}")
 
 
-def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, dict]:
+def json_request(body: bytes, vocabularies: Mapping[str, str],
+                 rollups: Mapping[str, str] | None = None) -> tuple[bytes, dict]:
     """A JSON request {"image": base64, options...} -> (image bytes, options)."""
     import json
 
@@ -150,18 +177,27 @@ def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, d
         image = base64.b64decode(fields.pop("image"), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"image: not valid base64 ({exc})") from None
-    return image, request_options(fields, vocabularies, from_query=False)
+    return image, request_options(fields, vocabularies, from_query=False, rollups=rollups)
 
 
 def check_config(config: ServeConfig) -> ServeConfig:
     """Fail early, on the driver, with one line: a bundle that is not there, a vocabulary file
-    that is not there, limits that make no sense."""
+    that is not there, a roll-up list this bundle cannot use, limits that make no sense."""
     from novic.runtime.bundle import Bundle
+    from novic.runtime.hierarchy import rollup_for
 
-    Bundle.open(config.bundle, verify=False)
+    bundle = Bundle.open(config.bundle, verify=False)
     for name, path in config.vocabularies.items():
         if not name or not os.path.isfile(path):
             raise ClassifierError(f"--vocab {name}={path}: no such file; give NAME=FILE with one noun per line")
+    for name, path in config.rollups.items():
+        if not name or name in GRANULARITIES:
+            raise ClassifierError(f"--roll-up {name}={path}: name the list (NAME=FILE) with a name other than "
+                                  f"{', '.join(GRANULARITIES)}")
+        if not os.path.isfile(path):
+            raise ClassifierError(f"--roll-up {name}={path}: no such file; give NAME=FILE with one target "
+                                  f"label per line")
+        rollup_for(bundle, path)   # read and placed once here: a bad list or bundle is one line now
     if config.max_batch < 1 or not (math.isfinite(config.batch_wait_s) and config.batch_wait_s >= 0):
         raise ClassifierError("max_batch must be >= 1 and batch_wait_s a number >= 0")
     if config.max_bytes < 1 or not config.request_timeout_s > 0:
