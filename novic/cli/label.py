@@ -17,7 +17,8 @@ import typer
 
 from enum import Enum
 
-from novic.cli._common import Backend, Precision, choice, err, error_line, fail, run_app
+from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
+                               granularity_option, roll_up_option, run_app)
 
 OutputFormat = Enum("OutputFormat", {"jsonl": "jsonl", "parquet": "parquet"}, type=str)
 
@@ -43,6 +44,8 @@ def main_command(
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Nouns for guided decoding, one per line."),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
+    granularity: str = granularity_option(),
+    roll_up: Optional[Path] = roll_up_option(),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto': the one `ray start` made "
                                           "here); default: start a local one."),
@@ -50,10 +53,11 @@ def main_command(
     """Label every image under INPUT... into OUT (path, labels, probs, logprobs, error per row)."""
     from novic.serve.ray_label import label, summary_line
 
+    level = granularity_level(granularity, roll_up)
     summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency, gpus_per_worker=gpus_per_worker,
                     cpus_per_worker=cpus_per_worker, batch_size=batch_size, backend=choice(backend), precision=choice(precision),
                     topk=topk, guided=guided, vocab=vocab, beam_width=beam_width, fast_decode=fast_decode,
-                    address=address)
+                    granularity=level, address=address)
     for line in summary.problems:
         error_line(line)
     if summary.inputs == 0:

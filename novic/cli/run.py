@@ -28,7 +28,8 @@ import typer
 
 from rich.markup import escape
 
-from novic.cli._common import Backend, Precision, choice, err, error_line, fail, printable, run_app
+from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
+                               granularity_option, printable, roll_up_option, run_app)
 from novic.errors import cli_voice
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -151,11 +152,8 @@ def main_command(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale (libjpeg DCT "
                                      "scaling, >= 2x the model's input size): several times faster for camera "
                                      "photos; pixels differ slightly from open_clip's."),
-    granularity: str = typer.Option("fine", "--granularity", "-g",
-                                    help="Label level: fine (as decoded), basic (dog, tree, car) or coarse (animal, "
-                                         "plant, vehicle); needs the bundle's noun hierarchy (docs/labels.md)."),
-    roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels, one per line: each label "
-                                           "rolls up to its nearest listed ancestor (instead of --granularity)."),
+    granularity: str = granularity_option(),
+    roll_up: Optional[Path] = roll_up_option(),
     json_lines: bool = typer.Option(False, "--json", help="Write JSON lines to stdout instead of a table."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bar (default: on for more than one batch on a terminal)."),
@@ -179,11 +177,7 @@ def main_command(
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
     vocab = vocab_option(vocab)
 
-    if granularity not in ("fine", "basic", "coarse"):
-        fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)
-    if roll_up is not None and granularity != "fine":
-        fail("--roll-up replaces --granularity; pass one of them", code=2)
-    level = roll_up if roll_up is not None else granularity
+    level = granularity_level(granularity, roll_up)
 
     modes = {"full": True, "cached": "cached", "size": False}
     if verify not in modes:
