@@ -5,7 +5,8 @@
     curl http://127.0.0.1:8080/healthz           # /health too
 
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
-(`Result.to_dict()`); `?topk=N` sets how many. Each request is served in its own thread and the
+(`Result.to_dict()`); `?topk=N` sets how many, `?granularity=basic` (or coarse; default fine) rolls
+them up the bundle's noun hierarchy (docs/labels.md). Each request is served in its own thread and the
 requests are classified in batches (`novic.Batcher`), which is what makes a GPU worth it.
 Statuses: 200 labels; 400 a bad query or Content-Length; 408 a request that did not arrive in
 time; 413 a body over MAX_BYTES; 422 an image that cannot be read; 503 the service cannot classify
@@ -36,7 +37,8 @@ from urllib.parse import parse_qs, urlparse
 
 from novic import Batcher, Classifier
 from novic.errors import NovicError
-from novic.runtime.classifier import ClassifierError
+from novic.runtime.hierarchy import GRANULARITIES
+from novic.runtime.request_options import check_request
 
 MAX_BYTES = 64 << 20          # 64 MiB: larger bodies are refused before they are read
 READ_TIMEOUT = 10.0           # seconds one read of the socket may wait (headers, body, idle)
@@ -158,7 +160,7 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             if url.path != "/classify":
                 return self._reply(404, {"error": "use POST /classify or GET /healthz"})
             try:
-                topk, body = self._read_request(url)
+                topk, granularity, body = self._read_request(url)
             except _Refused as refused:
                 self.close_connection = True   # the body stays unread
                 status, reason = refused.args
@@ -168,13 +170,13 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
                 return
             try:
                 with budget.hold(image_pixels(body)):
-                    result = batcher.classify_one(body, topk=topk)
+                    result = batcher.classify_one(body, topk=topk, granularity=granularity)
             except Exception as exc:  # noqa: BLE001 - closed, or a backend failure: not the client's
                 return self._reply(503, {"error": " ".join(str(exc).split()) or type(exc).__name__})
             self._reply(200 if result.ok else 422, result.to_dict())
 
-        def _read_request(self, url) -> tuple[int, bytes]:
-            """-> (topk, body), or _Refused(status, reason) for the client's mistakes."""
+        def _read_request(self, url) -> tuple[int, str, bytes]:
+            """-> (topk, granularity, body), or _Refused(status, reason) for the client's mistakes."""
             length = self.headers.get("Content-Length") or "0"
             try:
                 size = int(length)
@@ -183,14 +185,18 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             except ValueError:
                 raise _Refused(400, f"Content-Length must be a number of bytes, got {length!r}") from None
             try:
-                topk = _query_int(parse_qs(url.query), "topk", 5)
+                query = parse_qs(url.query)
+                topk = _query_int(query, "topk", 5)
+                granularity = query.get("granularity", ["fine"])[0]
+                if granularity not in GRANULARITIES:   # levels only: a client never names a file here
+                    raise ValueError(f"granularity must be {', '.join(GRANULARITIES)}, got {granularity!r}")
                 if not batcher.classifier.closed:   # closed is the service's fault (503, below)
-                    batcher.classifier.check_options(topk=topk)
-            except (ValueError, ClassifierError) as exc:
+                    check_request(batcher.classifier, topk=topk, granularity=granularity)
+            except (ValueError, NovicError) as exc:   # a bundle without a hierarchy too
                 raise _Refused(400, str(exc)) from None
             if size > MAX_BYTES:
                 raise _Refused(413, f"body of {size} bytes exceeds the limit of {MAX_BYTES} bytes")
-            return topk, self._read_body(size)
+            return topk, granularity, self._read_body(size)
 
         def _read_body(self, size: int) -> bytes:
             chunks, got, deadline = [], 0, time.monotonic() + BODY_SECONDS
