@@ -122,6 +122,27 @@ def test_classify_pixels_granularity_equals_classify(classifier):  # noqa: F811
             same_rolled_labels(result, want)
 
 
+def test_granularity_on_a_bundle_without_hierarchy_is_one_line(runtime_bundle, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from novic.errors import NovicError
+    from novic.runtime.classifier import Classifier
+
+    old = tmp_path / "old"   # a bundle exported before the hierarchy (or without WordNet)
+    shutil.copytree(runtime_bundle.bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.pop("hierarchy", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "hierarchy.json").unlink(missing_ok=True)
+    pic = images()[0]
+    with Classifier.load(old, backend="ort-cpu", threads=1) as clf, Batcher(clf, max_wait_ms=0) as batcher:
+        with pytest.raises(NovicError, match="no noun hierarchy.*re-export") as info:
+            batcher.classify_one(pic, granularity="basic")
+        assert "\n" not in str(info.value) and batcher.batches == 0
+        assert batcher.classify_one(pic, topk=2).ok                  # fine labels as before
+
+
 def test_close_answers_the_requests_already_waiting(classifier):  # noqa: F811
     pics = images()[:3]
     batcher = Batcher(classifier, max_batch=8, max_wait_ms=WAIT_MS)

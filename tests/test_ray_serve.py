@@ -108,8 +108,8 @@ def test_statuses_and_answers(service, classifier):  # noqa: F811
 
 def test_granularity(service, classifier, runtime_bundle, tmp_path):  # noqa: F811
     """granularity=basic|coarse|a server-side list answers what Classifier.classify does (the record
-    of novic-run --json, with fine and path), mixed levels share the replicas' batches, a bad value
-    is 400 with one line."""
+    of novic-run --json, with fine and path), also when requests at different levels arrive together
+    (the replicas batch them), a bad value is 400 with one line."""
     if not classifier.bundle.has_hierarchy:
         pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
     (tmp_path / "kingdoms.txt").write_text(KINGDOMS)

@@ -15,16 +15,18 @@ flight on a replica that dies is answered 503": Serve's own proxy would answer 5
 ingress sees the replica's death as an exception and answers 503 itself.
 
 Options, as query parameters or JSON fields (`{"image": base64, ...}` with Content-Type
-application/json): topk, beam_width, guided, temperature, alpha, vocab, granularity. `vocab` is the name of a
-server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`)
-or inline nouns (a JSON list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query
-value must name a server-side vocabulary or hold a comma, else 400). `granularity` is fine
-(default), basic, coarse, or the name of a server-side roll-up list (`rollups={"name":
-"targets.txt"}`, `novic-serve --roll-up name=targets.txt`); with one other than fine each label also
-carries "fine" and "path", as in novic-run --json (docs/labels.md). Answers: 200 and 422 carry the record `novic-run --json` writes ({"source",
-"labels", "error"}); 400 a bad option (checked before any image work; the message names it), 413 a
-body over `max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`),
-each with {"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
+application/json): topk, beam_width, guided, temperature, alpha, vocab, granularity. `vocab` is the
+name of a server-side vocabulary (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab
+name=nouns.txt`) or inline nouns (a JSON list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`;
+a single query value must name a server-side vocabulary or hold a comma, else 400). `granularity`
+is fine (default), basic, coarse, or the name of a server-side roll-up list (`rollups={"name":
+"targets.txt"}`, `novic-serve --roll-up name=targets.txt`); with one other than fine each label
+also carries "fine" and "path", as in novic-run --json (docs/labels.md).
+
+Answers: 200 and 422 carry the record `novic-run --json` writes ({"source", "labels", "error"});
+400 a bad option (checked before any image work; the message names it), 413 a body over
+`max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`), each with
+{"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
 """
 from __future__ import annotations
 
