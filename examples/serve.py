@@ -6,7 +6,8 @@
 
 POST /classify takes the image file's bytes as the body and answers with the labels as JSON
 (`Result.to_dict()`). Query options, as novic-serve takes them (novic.serve.http_options): topk
-(labels per image), beam_width, guided, temperature, alpha, vocab ('dog,cat'); any other is a 400
+(labels per image), beam_width, guided, temperature, alpha, vocab ('dog,cat'), granularity (fine,
+basic or coarse: labels rolled up the bundle's noun hierarchy, docs/labels.md); any other is a 400
 that names the known ones. Each request is served in its own thread and the
 requests are classified in batches (`novic.Batcher`), which is what makes a GPU worth it.
 Statuses: 200 labels; 400 a bad query or Content-Length; 408 a request that did not arrive in
@@ -38,7 +39,7 @@ from urllib.parse import parse_qs, urlparse
 
 from novic import Batcher, Classifier
 from novic.errors import NovicError
-from novic.runtime.classifier import ClassifierError
+from novic.runtime.request_options import check_request
 from novic.serve.http_options import MAX_BYTES, content_length, request_options, too_large
 
 READ_TIMEOUT = 10.0           # seconds one read of the socket may wait (headers, body, idle)
@@ -172,10 +173,11 @@ def make_server(batcher: Batcher, host: str = "127.0.0.1", port: int = 8080) -> 
             client's mistakes."""
             try:
                 size = content_length(self.headers.get("Content-Length")) or 0
+                # no server-side roll-up lists here: granularity is a level (a client never names a file)
                 options = request_options(parse_qs(url.query, keep_blank_values=True), {}, from_query=True)
                 if not batcher.classifier.closed:   # closed is the service's fault (503, below)
-                    batcher.classifier.check_options(**options)
-            except ClassifierError as exc:   # RequestError included
+                    check_request(batcher.classifier, **options)
+            except NovicError as exc:   # RequestError, and a bundle without a hierarchy too
                 raise _Refused(400, str(exc)) from None
             if size > MAX_BYTES:
                 raise _Refused(413, too_large(MAX_BYTES, size))

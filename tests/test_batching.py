@@ -73,11 +73,74 @@ def test_requests_with_other_options_are_not_mixed(classifier):  # noqa: F811
                dict(topk=1, guided=False)] * 2
     with Batcher(classifier, max_batch=len(pics), max_wait_ms=WAIT_MS) as batcher:
         got = in_threads(lambda i: batcher.classify_one(pics[i], **options[i]), list(range(8)))
-        assert batcher.batches == 4 and batcher.images == 8       # one classify call per kind
+        # one classify call per vocabulary/decoding: topk=2 and topk=4 share the decoder call
+        assert batcher.batches == 3 and batcher.images == 8
     for i, (result, opts) in enumerate(zip(got, options)):
         same_labels([result], [classifier.classify_one(pics[i], **opts)])
         assert len(result.labels) == opts["topk"]
     assert all(label.text in options[2]["vocab"] for label in got[2].labels)
+
+
+def same_rolled_labels(got, want):
+    assert [(l.text, l.fine, l.path) for l in got.labels] == [(l.text, l.fine, l.path) for l in want.labels]
+    np.testing.assert_allclose([l.prob for l in got.labels], [l.prob for l in want.labels], rtol=1e-4)
+
+
+def test_mixed_granularities_share_one_batch(classifier):  # noqa: F811
+    if not classifier.bundle.has_hierarchy:
+        pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
+    pics = images()
+    options = [dict(topk=3), dict(topk=3, granularity="basic"), dict(topk=2, granularity="coarse"),
+               dict(topk=5, granularity=["animal", "plant", "artifact"]), dict(topk=10, granularity="coarse"),
+               dict(topk=1, granularity="fine"), dict(topk=4, granularity="basic"), dict(topk=3, granularity="coarse")]
+    with Batcher(classifier, max_batch=len(pics), max_wait_ms=WAIT_MS) as batcher:
+        got = in_threads(lambda i: batcher.classify_one(pics[i], **options[i]), list(range(8)))
+        assert (batcher.batches, batcher.images) == (1, 8)           # one decoder call for every level
+    for pic, result, opts in zip(pics, got, options):
+        want = classifier.classify([pic], **opts)[0]                 # what Classifier.classify answers
+        same_rolled_labels(result, want)
+        assert result.to_json().keys() == want.to_json().keys()
+        rolled = opts.get("granularity", "fine") != "fine"
+        assert all((l.fine is not None) == rolled for l in result.labels)
+    assert any(l.text != l.fine for r in got for l in r.labels if l.fine)   # something did roll up
+    batcher2 = Batcher(classifier, max_batch=2, max_wait_ms=WAIT_MS)
+    with pytest.raises(ValueError, match="neither fine, basic, coarse nor a file"):   # in the caller's thread
+        batcher2.classify_one(pics[0], granularity="medium")
+    assert batcher2.batches == 0
+    batcher2.close()
+
+
+def test_classify_pixels_granularity_equals_classify(classifier):  # noqa: F811
+    if not classifier.bundle.has_hierarchy:
+        pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
+    pics = images()[:3]
+    pixels, errors = classifier.preprocessor.load_batch(pics)
+    assert errors == [None] * 3
+    for level in ("basic", "coarse"):
+        got = classifier.classify_pixels(pixels, ["a", "b", "c"], topk=4, granularity=level)
+        for result, want in zip(got, classifier.classify(pics, topk=4, granularity=level)):
+            same_rolled_labels(result, want)
+
+
+def test_granularity_on_a_bundle_without_hierarchy_is_one_line(runtime_bundle, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from novic.errors import NovicError
+    from novic.runtime.classifier import Classifier
+
+    old = tmp_path / "old"   # a bundle exported before the hierarchy (or without WordNet)
+    shutil.copytree(runtime_bundle.bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.pop("hierarchy", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "hierarchy.json").unlink(missing_ok=True)
+    pic = images()[0]
+    with Classifier.load(old, backend="ort-cpu", threads=1) as clf, Batcher(clf, max_wait_ms=0) as batcher:
+        with pytest.raises(NovicError, match="no noun hierarchy.*re-export") as info:
+            batcher.classify_one(pic, granularity="basic")
+        assert "\n" not in str(info.value) and batcher.batches == 0
+        assert batcher.classify_one(pic, topk=2).ok                  # fine labels as before
 
 
 def test_close_answers_the_requests_already_waiting(classifier):  # noqa: F811

@@ -135,6 +135,7 @@ def test_cli_parquet_and_one_line_errors(ray_cluster, runtime_bundle, classifier
     assert code == 0 and "8 labelled (3 error rows)" in said, said
     rows = read_output(out)
     assert [p.suffix for p in out.iterdir()] == [".parquet"]
+    assert all(r["granularity"] == "fine" and r["fine"] is None and r["paths"] is None for r in rows)
     assert sorted(r["path"] for r in rows) == sorted([str(p) for p in some] + [str(images / b) for b in BAD])
     serial = classifier.classify([str(p) for p in some], topk=3)
     assert {r["path"]: r["labels"] for r in rows if not r["error"]} == {r.source: [l.text for l in r.labels]
@@ -151,6 +152,43 @@ def test_cli_parquet_and_one_line_errors(ray_cluster, runtime_bundle, classifier
     assert code == 2 and "'csv'" in said and "Traceback" not in said, said
 
 
+def test_cli_granularity(ray_cluster, runtime_bundle, classifier, images, tmp_path, capsys,  # noqa: F811
+                         monkeypatch):
+    """--granularity / --roll-up: rows equal Classifier.classify at that level (with each label's fine
+    label and path); one OUT holds one level; a bad value is a usage error in one line."""
+    if not classifier.bundle.has_hierarchy:
+        pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
+    some = sorted((images / "d4").glob("*.png"))[:6]
+    targets = tmp_path / "kingdoms.txt"
+    targets.write_text("animal\nplant\nperson\nartifact\n")
+    for fmt, args, level in [("parquet", ["--granularity", "coarse"], "coarse"),
+                             ("jsonl", ["--roll-up", targets], str(targets))]:
+        out = tmp_path / fmt
+        code, said = run_cli([*some, "--out", out, "--bundle", runtime_bundle.bundle, "--format", fmt, "--topk", "3",
+                              *args], capsys, monkeypatch)
+        assert code == 0 and "6 labelled (0 error rows)" in said, said
+        rows = {r["path"]: r for r in read_output(out)}
+        serial = classifier.classify([str(p) for p in some], topk=3, granularity=level)
+        assert len(rows) == len(serial) == 6
+        for want in serial:
+            row = rows[want.source]
+            assert row["granularity"] == level and row["error"] is None
+            assert row["labels"] == [l.text for l in want.labels]
+            assert row["fine"] == [l.fine for l in want.labels] and row["paths"] == [list(l.path) for l in want.labels]
+            np.testing.assert_allclose(row["probs"], [l.prob for l in want.labels], rtol=1e-5)
+        assert any(t != f for r in rows.values() for t, f in zip(r["labels"], r["fine"]))   # something rolled up
+    # one OUT, one level: a rerun asking for another is refused before any work
+    code, said = run_cli([*some, "--out", tmp_path / "parquet", "--bundle", runtime_bundle.bundle, "--format",
+                          "parquet", "--granularity", "basic"], capsys, monkeypatch)
+    assert code == 1 and "holds labels at granularity 'coarse'" in said and len(said.strip().splitlines()) == 1, said
+    for args, message in [(["--granularity", "medium"], "--granularity 'medium': use fine, basic or coarse"),
+                          (["--granularity", "basic", "--roll-up", targets], "--roll-up replaces --granularity")]:
+        code, said = run_cli([*some, "--out", tmp_path / "x", "--bundle", runtime_bundle.bundle, *args],
+                             capsys, monkeypatch)
+        assert code == 2 and message in said and len(said.strip().splitlines()) == 1, said
+    assert not (tmp_path / "x").exists()   # refused before anything was written
+
+
 def test_inputs_and_output_directory(images, tmp_path):
     listed = tmp_path / "list.lst"
     listed.write_text(f"{images / 'd1' / 'deep' / '0001.png'}\ns3://bucket/x.jpg\n\nd1/gone.png\n")
@@ -164,7 +202,9 @@ def test_inputs_and_output_directory(images, tmp_path):
     out.mkdir()
     (out / "part-a-000000.jsonl").write_text(json.dumps({"path": "/x.png"}) + "\n")
     (out / ".part-a-000001.jsonl.1234.tmp").write_text('{"path": "/half')   # a killed driver's leftover
-    assert open_output(out, "jsonl") == (out, {"/x.png"})
+    assert open_output(out, "jsonl") == (out, {"/x.png"})   # a part from before the granularity column: fine
+    with pytest.raises(LabelError, match="holds labels at granularity 'fine'"):
+        open_output(out, "jsonl", "basic")
     assert not list(out.glob(".part-*"))
     with pytest.raises(LabelError, match="holds jsonl parts"):
         open_output(out, "parquet")

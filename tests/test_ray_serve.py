@@ -26,6 +26,7 @@ pytest.importorskip("ray.serve")
 from novic.serve.http_options import RequestError, request_options  # noqa: E402
 
 REQUESTS, CLIENTS = 300, 16
+KINGDOMS = "animal\nplant\nperson\nartifact\n"   # the server-side roll-up list "kingdoms"
 MAX_BYTES = 1 << 20
 
 
@@ -43,9 +44,12 @@ def service(ray_cluster, runtime_bundle, tmp_path_factory):  # noqa: F811
 
     pets = tmp_path_factory.mktemp("vocab") / "pets.txt"
     pets.write_text("dog\ncat\nkitten\n")
+    kingdoms = pets.parent / "kingdoms.txt"
+    kingdoms.write_text(KINGDOMS)
     port = free_port()
     serve(runtime_bundle.bundle, port=port, replicas=2, cpus_per_replica=0.5, blocking=False, threads=1,
-          max_batch=8, max_bytes=MAX_BYTES, request_timeout_s=30, vocabularies={"pets": str(pets)})
+          max_batch=8, max_bytes=MAX_BYTES, request_timeout_s=30, vocabularies={"pets": str(pets)},
+          rollups={"kingdoms": str(kingdoms)})
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -100,6 +104,45 @@ def test_statuses_and_answers(service, classifier):  # noqa: F811
     status, body = call(f"{service}/healthz")
     assert status == 200 and "ort-cpu" in body["classifier"]
     assert call(f"{service}/other")[0] == 404
+
+
+def test_granularity(service, classifier, runtime_bundle, tmp_path):  # noqa: F811
+    """granularity=basic|coarse|a server-side list answers what Classifier.classify does (the record
+    of novic-run --json, with fine and path), also when requests at different levels arrive together
+    (the replicas batch them), a bad value is 400 with one line."""
+    if not classifier.bundle.has_hierarchy:
+        pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
+    (tmp_path / "kingdoms.txt").write_text(KINGDOMS)
+    levels = [("basic", "basic"), ("coarse", "coarse"), ("kingdoms", str(tmp_path / "kingdoms.txt")),
+              ("fine", "fine")] * 3
+    images = [png(40 + i) for i in range(len(levels))]
+    want = [classifier.classify_one(image, topk=3, granularity=level).to_json()
+            for image, (_, level) in zip(images, levels)]
+    with ThreadPoolExecutor(len(levels)) as pool:   # together: the replicas batch mixed levels
+        got = list(pool.map(lambda i: call(f"{service}/classify?topk=3&granularity={levels[i][0]}", images[i]),
+                            range(len(levels))))
+    for (status, body), expected, (name, _) in zip(got, want, levels):
+        assert status == 200, body
+        assert [(l["text"], l.get("fine"), l.get("path")) for l in body["labels"]] == \
+            [(l["text"], l.get("fine"), l.get("path")) for l in expected["labels"]], name
+        assert [l["prob"] for l in body["labels"]] == pytest.approx([l["prob"] for l in expected["labels"]], rel=1e-4)
+        assert body.keys() == expected.keys()
+        assert all(("fine" in l) == (name != "fine") for l in body["labels"])
+    assert any(l["text"] != l["fine"] for status, body in got for l in body["labels"] if "fine" in l)
+    inline = {"image": base64.b64encode(images[0]).decode(), "topk": 3, "granularity": "coarse"}
+    status, body = call(f"{service}/classify", json.dumps(inline).encode(), {"Content-Type": "application/json"})
+    coarse = classifier.classify_one(images[0], topk=3, granularity="coarse")
+    assert status == 200 and [(l["text"], l["fine"]) for l in body["labels"]] == \
+        [(l.text, l.fine) for l in coarse.labels]
+    for query, message in [("granularity=medium", "granularity: 'medium' is not one of fine, basic, coarse, "
+                                                  "or a server-side roll-up (kingdoms)"),
+                           ("granularity=/etc/passwd", "granularity: '/etc/passwd' is not one of"),
+                           ("granularity=basic&granularity=coarse", "granularity: give it once")]:
+        status, body = call(f"{service}/classify?{query}", images[0])
+        assert status == 400 and message in body["error"] and "\n" not in body["error"], (query, body)
+    status, body = call(f"{service}/classify", json.dumps({**inline, "granularity": ["dog"]}).encode(),
+                        {"Content-Type": "application/json"})
+    assert status == 400 and "granularity: ['dog'] is not one of" in body["error"]
 
 
 def test_load_from_16_clients_with_a_replica_killed(service, classifier):  # noqa: F811
@@ -174,9 +217,16 @@ def test_request_options_parsing():
                                         ({"vocab": ["pet"]}, True, "no server-side vocabulary named 'pet'"),
                                         ({"vocab": [" , "]}, True, "holds no nouns"),
                                         ({"vocab": [1]}, False, "must hold strings"),
-                                        ({"image": ["x"]}, True, "unknown option 'image'")]:
+                                        ({"image": ["x"]}, True, "unknown option 'image'"),
+                                        ({"granularity": ["Basic"]}, True, "'Basic' is not one of fine, basic"),
+                                        ({"granularity": "/srv/mine.txt"}, False, "is not one of"),
+                                        ({"granularity": ["mine"]}, True, "start novic-serve with --roll-up")]:
         with pytest.raises(RequestError, match=message):
             request_options(fields, vocabularies, from_query=from_query)
+    rollups = {"kingdoms": "/srv/kingdoms.txt"}
+    assert request_options({"granularity": ["coarse"]}, vocabularies, from_query=True) == {"granularity": "coarse"}
+    assert request_options({"granularity": "kingdoms"}, vocabularies, from_query=False, rollups=rollups) == \
+        {"granularity": "/srv/kingdoms.txt"}
 
 
 def test_serve_config_paths_are_absolute(monkeypatch, tmp_path):
@@ -184,8 +234,27 @@ def test_serve_config_paths_are_absolute(monkeypatch, tmp_path):
     from novic.serve.ray_serve import ServeConfig
 
     monkeypatch.chdir(tmp_path)
-    config = ServeConfig("bundle", vocabularies={"pets": "pets.txt"})
+    config = ServeConfig("bundle", vocabularies={"pets": "pets.txt"}, rollups={"mine": "mine.txt"})
     assert config.bundle == str(tmp_path / "bundle") and config.vocabularies == {"pets": str(tmp_path / "pets.txt")}
+    assert config.rollups == {"mine": str(tmp_path / "mine.txt")}
+
+
+def test_server_side_roll_ups_are_checked_at_start(runtime_bundle, tmp_path):  # noqa: F811
+    from novic.errors import NovicError
+    from novic.runtime.bundle import Bundle
+    from novic.serve.ray_serve import ServeConfig, check_config
+
+    if not Bundle.open(runtime_bundle.bundle, verify=False).has_hierarchy:
+        pytest.skip("the test bundle has no noun hierarchy (wordnet-base not installed)")
+    (tmp_path / "good.txt").write_text("animal\nplant\n")
+    (tmp_path / "none.txt").write_text("zzqq\n")
+    check_config(ServeConfig(runtime_bundle.bundle, rollups={"good": str(tmp_path / "good.txt")}))
+    for rollups, message in [({"basic": str(tmp_path / "good.txt")}, "with a name other than fine, basic, coarse"),
+                             ({"gone": str(tmp_path / "gone.txt")}, "--roll-up gone=.*: no such file"),
+                             ({"none": str(tmp_path / "none.txt")}, "none of the labels .* is in this bundle")]:
+        with pytest.raises(NovicError, match=message) as info:
+            check_config(ServeConfig(runtime_bundle.bundle, rollups=rollups))
+        assert "\n" not in str(info.value)
 
 
 def test_cli_engines(monkeypatch, capsys, tmp_path):
@@ -225,8 +294,14 @@ def test_cli_engines(monkeypatch, capsys, tmp_path):
     bundle, options = seen["ray"]
     assert bundle == tmp_path and options["replicas"] == 3 and options["batch_wait_s"] == 0.005
     assert options["autoscaling"] == {"max_replicas": 4} and options["vocabularies"] == {"pets": str(pets)}
+    monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), "--roll-up", f"mine={pets}"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0 and seen["ray"][1]["rollups"] == {"mine": str(pets)}
     for bad, message in [(["--autoscaling", "{max"], "--autoscaling: not JSON"),
-                         (["--vocab", "pets"], "--vocab 'pets': give NAME=FILE")]:
+                         (["--vocab", "pets"], "--vocab 'pets': give NAME=FILE"),
+                         (["--roll-up", "mine"], "--roll-up 'mine': give NAME=FILE (a text file with one target"),
+                         (["--engine", "triton", "--roll-up", f"mine={pets}"], "--roll-up is a Ray Serve option")]:
         monkeypatch.setattr(sys, "argv", ["novic-serve", str(tmp_path), *bad])
         with pytest.raises(SystemExit) as exit_:
             main()

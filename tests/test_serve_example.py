@@ -57,6 +57,13 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
             status, body = call(f"{base}/classify?topk=3", jpeg)
             assert status == 200 and body["error"] is None
             assert [l["text"] for l in body["labels"]] == [l.text for l in classifier.classify_one(jpeg, topk=3).labels]
+            if classifier.bundle.has_hierarchy:
+                status, body = call(f"{base}/classify?topk=3&granularity=coarse", jpeg)
+                want = classifier.classify_one(jpeg, topk=3, granularity="coarse")
+                assert status == 200 and [(l["text"], l["fine"], l["path"]) for l in body["labels"]] == \
+                    [(l.text, l.fine, list(l.path)) for l in want.labels]
+            status, body = call(f"{base}/classify?granularity=/etc/passwd", jpeg)
+            assert (status, body) == (400, {"error": "granularity must be fine, basic, coarse, got '/etc/passwd'"})
             status, body = call(f"{base}/classify", b"not an image")
             assert status == 422 and "not an image file" in body["error"]
             status, body = call(f"{base}/classify?topk=zero", jpeg)

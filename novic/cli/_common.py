@@ -67,6 +67,35 @@ def parse_vocab(values: Optional[List[str]], guided: bool):
     return nouns
 
 
+# --granularity / --roll-up, in every command that labels images (novic.runtime.hierarchy).
+GRANULARITY_HELP = ("Label level: fine (as decoded), basic (dog, tree, car) or coarse (animal, plant, vehicle); "
+                    "needs the bundle's noun hierarchy (docs/labels.md).")
+ROLL_UP_HELP = ("File of target labels, one per line: each label rolls up to its nearest listed ancestor "
+                "(instead of --granularity).")
+
+
+def granularity_option(help: str = GRANULARITY_HELP):
+    return typer.Option("fine", "--granularity", "-g", help=help)
+
+
+def roll_up_option(help: str = ROLL_UP_HELP):
+    return typer.Option(None, "--roll-up", help=help)
+
+
+def granularity_level(granularity: str, roll_up: Path | None):
+    """--granularity and --roll-up -> the `granularity` the Classifier takes (a level or the file);
+    a bad level, or both options, is a usage error (exit 2). The level is checked here, not by typer,
+    so that the error is one line."""
+    from novic.runtime.hierarchy import GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        fail(f"--granularity {granularity!r}: use {', '.join(GRANULARITIES[:-1])} or {GRANULARITIES[-1]} "
+             f"(or --roll-up FILE)", code=2)
+    if roll_up is not None and granularity != "fine":
+        fail("--roll-up replaces --granularity; pass one of them", code=2)
+    return roll_up if roll_up is not None else granularity
+
+
 def error_line(message: str) -> None:
     """One error line on stderr, `message` shown as is (no rich markup: names may hold [brackets])."""
     err.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from novic.cli._common import (Backend, Precision, choice, err, fail, one_line_errors, parse_vocab, run_app,
-                               vocab_flag)
+from novic.cli._common import (Backend, Precision, choice, err, fail, granularity_level, granularity_option,
+                               one_line_errors, parse_vocab, roll_up_option, run_app, vocab_flag)
 from novic.errors import cli_voice
 
 TOP_K = 5   # top-1 and top-5 are reported
@@ -32,9 +32,8 @@ def main_command(
     backend: Backend = typer.Option("auto", help="auto, ort-cpu, ort-cuda or trt."),
     precision: Optional[Precision] = typer.Option(None, case_sensitive=False,
                                                   help="Graph precision for ORT backends: fp32, fp16, int8, fp8."),
-    granularity: str = typer.Option("fine", "--granularity", "-g", help="Score at this level: fine, basic or coarse."),
-    roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels to score at "
-                                           "(instead of --granularity)."),
+    granularity: str = granularity_option("Score at this level: fine, basic or coarse."),
+    roll_up: Optional[Path] = roll_up_option("File of target labels to score at (instead of --granularity)."),
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
     vocab: Optional[List[str]] = vocab_flag(),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (top-5 needs at least 5)."),
@@ -45,12 +44,8 @@ def main_command(
                                         help="Released model to use without --bundle (see novic-import models)."),
 ):
     """Top-1/top-5, hierarchy-aware scores, per-class table, confusions and throughput on DATA."""
-    if granularity not in ("fine", "basic", "coarse"):
-        fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)
-    if roll_up is not None and granularity != "fine":
-        fail("--roll-up replaces --granularity; pass one of them", code=2)
+    level = granularity_level(granularity, roll_up)
     vocab = parse_vocab(vocab, guided)
-    level = roll_up if roll_up is not None else granularity
     with one_line_errors():   # bad DATA, bundle or --out: one line, also when the app is called directly
         _run(data, bundle, choice(backend), choice(precision), level, guided, vocab, beam_width, batch_size, threads, out, model)
 

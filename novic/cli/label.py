@@ -17,7 +17,8 @@ import typer
 
 from enum import Enum
 
-from novic.cli._common import Backend, Precision, choice, err, error_line, fail, parse_vocab, run_app, vocab_flag
+from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
+                               granularity_option, parse_vocab, roll_up_option, run_app, vocab_flag)
 from novic.errors import cli_voice
 
 OutputFormat = Enum("OutputFormat", {"jsonl": "jsonl", "parquet": "parquet"}, type=str)
@@ -45,6 +46,8 @@ def main_command(
     guided: bool = typer.Option(True, "--guided/--free", help="Restrict labels to a noun vocabulary, or decode freely."),
     vocab: Optional[List[str]] = vocab_flag(),
     beam_width: int = typer.Option(10, "--beam-width", min=1, help="Beam width (1 = greedy)."),
+    granularity: str = granularity_option(),
+    roll_up: Optional[Path] = roll_up_option(),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto': the one `ray start` made "
                                           "here); default: start a local one."),
@@ -52,12 +55,13 @@ def main_command(
     """Label every image under INPUT... into OUT (path, labels, probs, logprobs, error per row)."""
     from novic.serve.ray_label import OptionsError, label, summary_line
 
+    level = granularity_level(granularity, roll_up)
     vocab = parse_vocab(vocab, guided)
     try:
         summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency,
                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                         backend=choice(backend), precision=choice(precision), topk=topk, guided=guided, vocab=vocab,
-                        beam_width=beam_width, fast_decode=fast_decode, address=address)
+                        beam_width=beam_width, fast_decode=fast_decode, granularity=level, address=address)
     except OptionsError as exc:
         fail(str(exc), code=2)
     for line in summary.problems:

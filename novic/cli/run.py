@@ -26,8 +26,8 @@ import typer
 
 from rich.markup import escape
 
-from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, parse_vocab, printable, run_app,
-                               vocab_flag)
+from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
+                               granularity_option, parse_vocab, printable, roll_up_option, run_app, vocab_flag)
 from novic.errors import cli_voice
 from novic.inputs import expand_inputs
 
@@ -66,11 +66,8 @@ def main_command(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale (libjpeg DCT "
                                      "scaling, >= 2x the model's input size): several times faster for camera "
                                      "photos; pixels differ slightly from open_clip's."),
-    granularity: str = typer.Option("fine", "--granularity", "-g",
-                                    help="Label level: fine (as decoded), basic (dog, tree, car) or coarse (animal, "
-                                         "plant, vehicle); needs the bundle's noun hierarchy (docs/labels.md)."),
-    roll_up: Optional[Path] = typer.Option(None, "--roll-up", help="File of target labels, one per line: each label "
-                                           "rolls up to its nearest listed ancestor (instead of --granularity)."),
+    granularity: str = granularity_option(),
+    roll_up: Optional[Path] = roll_up_option(),
     json_lines: bool = typer.Option(False, "--json", help="Write JSON lines to stdout instead of a table."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bar (default: on for more than one batch on a terminal)."),
@@ -92,11 +89,7 @@ def main_command(
              f"raise --beam-width to at least {topk}", code=2)
     vocab = parse_vocab(vocab, guided)
 
-    if granularity not in ("fine", "basic", "coarse"):
-        fail(f"--granularity {granularity!r}: use fine, basic or coarse (or --roll-up FILE)", code=2)
-    if roll_up is not None and granularity != "fine":
-        fail("--roll-up replaces --granularity; pass one of them", code=2)
-    level = roll_up if roll_up is not None else granularity
+    level = granularity_level(granularity, roll_up)
 
     modes = {"full": True, "cached": "cached", "size": False}
     if verify not in modes:

@@ -29,12 +29,13 @@ app = typer.Typer(help="Serve a bundle over HTTP (Ray Serve or Triton).", add_co
 Engine = Enum("Engine", {"ray": "ray", "triton": "triton"}, type=str)
 
 
-def _vocabularies(pairs: List[str]) -> dict:
+def _named_files(flag: str, pairs: List[str], what: str) -> dict:
+    """NAME=FILE values of a repeatable option -> {name: absolute path}."""
     named = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            fail(f"--vocab {pair!r}: give NAME=FILE (a text file with one noun per line)", code=2)
+            fail(f"{flag} {pair!r}: give NAME=FILE (a text file with one {what} per line)", code=2)
         named[name] = str(Path(path).resolve())
     return named
 
@@ -63,6 +64,9 @@ def main_command(
                                           "made here); default: start a local one."),
     vocab: List[str] = typer.Option([], "--vocab", help="[ray] NAME=FILE: a server-side vocabulary that "
                                     "requests pick with vocab=NAME (repeatable)."),
+    roll_up: List[str] = typer.Option([], "--roll-up", help="[ray] NAME=FILE: a server-side roll-up list (one "
+                                      "target label per line) that requests pick with granularity=NAME "
+                                      "(repeatable; fine, basic and coarse need none)."),
     threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime threads per replica (Triton: per server)."),
     fast_decode: Optional[bool] = typer.Option(None, "--fast-decode", help="[ray] Decode JPEGs at a reduced scale.",
                                                show_default=False),
@@ -86,8 +90,8 @@ def main_command(
     backend, precision = choice(backend), choice(precision)
     ray_only = {"--replicas": replicas, "--gpus-per-replica": gpus_per_replica,
                 "--cpus-per-replica": cpus_per_replica, "--autoscaling": autoscaling, "--address": address,
-                "--vocab": vocab or None, "--fast-decode": fast_decode, "--max-bytes": max_bytes,
-                "--request-timeout": request_timeout}
+                "--vocab": vocab or None, "--roll-up": roll_up or None, "--fast-decode": fast_decode,
+                "--max-bytes": max_bytes, "--request-timeout": request_timeout}
     triton_only = {"--grpc-port": grpc_port, "--metrics-port": metrics_port, "--topk": topk, "--stub-env": stub_env}
     engine = choice(engine)
     other, kind, foreign = ("triton", "a Triton", triton_only) if engine == "ray" else \
@@ -119,7 +123,8 @@ def main_command(
         if value is not None}
     serve(bundle, address=address, host=host, port=port, autoscaling=scaling, backend=backend,
           precision=precision, threads=threads, max_batch=max_batch, batch_wait_s=max_wait_ms / 1e3,
-          vocabularies=_vocabularies(vocab), **given)
+          vocabularies=_named_files("--vocab", vocab, "noun"),
+          rollups=_named_files("--roll-up", roll_up, "target label"), **given)
 
 
 def main():

@@ -10,11 +10,16 @@ still waiting (up to `max_batch`). On a CPU batching buys little: the cost is pe
     clf = Classifier.load("bundle", backend="ort-cuda")
     with Batcher(clf, max_batch=32, max_wait_ms=2) as batcher:   # close it before the classifier
         result = batcher.classify_one(image_bytes, topk=5)       # from any number of threads
+        coarse = batcher.classify_one(image_bytes, granularity="coarse")   # in the same batch
 
 Each caller loads and preprocesses its own image in its own thread (decoding JPEGs in parallel,
-while the worker runs the previous batch); the worker thread only encodes and decodes. Requests
-share a batch only with requests that use the same options. Arguments are checked in the
-caller's thread, so a bad one raises there; a bad image gives its own `Result.error` at once.
+while the worker runs the previous batch); the worker thread only encodes and decodes. Arguments
+are checked in the caller's thread, so a bad one raises there; a bad image gives its own
+`Result.error` at once.
+
+Requests share a batch when they decode alike (vocabulary, beam width, temperature, alpha): `topk`
+and `granularity` are each request's own, applied to its beam list after the shared decoder call
+(novic.runtime.request_options), so a service can mix levels (fine, basic, coarse) in one batch.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import numpy as np
 from novic.errors import first_line
 from novic.runtime.classifier import Classifier, ClassifierError, Result, _positive_int
 from novic.runtime.images import describe
+from novic.runtime.request_options import RequestOptions, check_request, classify_together, decode_groups
 
 MAX_WAIT_MS = 60_000
 _STOP = object()
@@ -38,16 +44,11 @@ _STOP = object()
 
 @dataclass
 class _Request:
-    options: dict          # checked search options; "vocab" is the Vocabulary object itself
+    options: RequestOptions
     pixels: np.ndarray     # preprocessed [3, H, W]
     name: str
     queued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
-
-    @property
-    def key(self) -> tuple:
-        # Waiting requests hold their Vocabulary, so its id cannot be reused by another meanwhile.
-        return tuple((k, id(v) if k == "vocab" else v) for k, v in sorted(self.options.items()))
 
 
 class Batcher:
@@ -70,14 +71,13 @@ class Batcher:
         self._worker.start()
 
     def classify_one(self, image: Any, *, topk: int = 5, guided: bool = True, vocab: Any = None,
-                     beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0) -> Result:
-        """Like `Classifier.classify_one`; blocks until the batch holding this image is done."""
+                     beam_width: int = 10, temperature: float = 1.0, alpha: float = 0.0,
+                     granularity: Any = None) -> Result:
+        """Like `Classifier.classify_one` (`granularity` included); blocks until the batch holding
+        this image is done."""
         clf = self.classifier
         # The classifier's own checks, here: their errors (and the vocabulary's) belong to this caller.
-        topk, beam_width, temperature, alpha, vocabulary = clf.check_options(topk, guided, vocab, beam_width,
-                                                                             temperature, alpha)
-        options = dict(topk=topk, guided=vocabulary is not None, vocab=vocabulary, beam_width=beam_width,
-                       temperature=temperature, alpha=alpha)
+        options = check_request(clf, topk, guided, vocab, beam_width, temperature, alpha, granularity)
         pixels, (error,) = clf._load_batch([image])   # in this thread, by Pillow: decoding in parallel
         if error is not None:
             return Result(describe(image), [], str(error))
@@ -139,21 +139,16 @@ class Batcher:
                 more = False
                 break
             held.append(item)
-        groups: dict[tuple, list[_Request]] = {}
-        for request in held:
-            groups.setdefault(request.key, []).append(request)
-        for group in groups.values():
-            self._run(group)
+        for rows in decode_groups([request.options for request in held]):
+            self._run([held[i] for i in rows])
         return more
 
     def _run(self, group: list[_Request]) -> None:
         self.batches, self.images = self.batches + 1, self.images + len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         try:
-            results = self.classifier.classify_pixels(np.stack([r.pixels for r in group]),
-                                                      [r.name for r in group], **group[0].options)
-            if len(results) != len(group):
-                raise ClassifierError(f"{len(results)} results for {len(group)} images")
+            results = classify_together(self.classifier, np.stack([r.pixels for r in group]),
+                                        [r.name for r in group], [r.options for r in group])
         except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
             for request in group:
                 request.future.set_exception(exc)

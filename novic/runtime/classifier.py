@@ -447,19 +447,23 @@ class Classifier:
 
     def classify_pixels(self, pixels: np.ndarray, names: Sequence[str], topk: int = 5, guided: bool = True,
                         vocab: Any = None, beam_width: int = 10, temperature: float = 1.0,
-                        alpha: float = 0.0) -> list[Result]:
+                        alpha: float = 0.0, granularity: Any = None) -> list[Result]:
         """Images already preprocessed: uint8 [N, H, W, 3] (resized and cropped) or, for a float
         encoder, float32 [N, 3, H, W] (`self.preprocessor` makes the one this encoder takes), one name per
         row -> one `Result` per row (for callers that load images themselves, e.g. `Batcher`).
-        With N = 0 it only checks the arguments."""
+        `granularity` as in `classify`. With N = 0 it only checks the arguments."""
+        from novic.runtime.hierarchy import roll_up_results, rollup_for
+
         if len(names) != len(pixels):
             raise ClassifierError("names must have one entry per row of pixels")
+        rollup = rollup_for(self.bundle, granularity)
         topk, beam_width, temperature, alpha, vocabulary = self.check_options(topk, guided, vocab, beam_width,
                                                                               temperature, alpha)
         if not len(pixels):
             return []
-        return self._run_batch(self._encoder_pixels(pixels), [None] * len(pixels), [str(n) for n in names],
-                               vocabulary, topk, beam_width, temperature, alpha)
+        results = self._run_batch(self._encoder_pixels(pixels), [None] * len(pixels), [str(n) for n in names],
+                                  vocabulary, beam_width if rollup else topk, beam_width, temperature, alpha)
+        return results if rollup is None else list(roll_up_results(results, rollup, topk))
 
     def check_options(self, topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
                       temperature: float = 1.0, alpha: float = 0.0):

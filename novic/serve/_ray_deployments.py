@@ -2,7 +2,8 @@
 
 NovicHTTP (ingress): HTTP in, status codes out; never touches an image.
 NovicClassifier (replicas): one Classifier each; checks the options, decodes the image in a thread,
-then waits for its `@serve.batch` batch, which classifies requests with equal options together.
+then waits for its `@serve.batch` batch, which decodes requests with equal decoding options together
+and gives each its own top k and granularity (novic.runtime.request_options).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from novic.errors import first_line
-from novic.runtime.classifier import Classifier, ClassifierError, Result
+from novic.errors import NovicError, first_line
+from novic.runtime.classifier import Classifier, Result
 from novic.runtime.images import describe
+from novic.runtime.request_options import check_request, classify_together, decode_groups
 from novic.serve.http_options import RequestError, content_length, json_request, request_options, too_large
 from novic.serve.ray_serve import ServeConfig
 
@@ -25,11 +27,6 @@ USAGE = "use POST /classify (image bytes, options in the query) or GET /healthz"
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status_code=status)
-
-
-def _options_key(options: dict) -> tuple:
-    # Requests in one batch hold their Vocabulary, so its id cannot be reused meanwhile.
-    return tuple((k, id(v) if k == "vocab" else v) for k, v in sorted(options.items()))
 
 
 @serve.deployment
@@ -46,12 +43,10 @@ class NovicClassifier:
     async def classify(self, image: bytes, options: dict) -> tuple[int, dict]:
         """-> (HTTP status, body): 400 a bad option (before the image is looked at), 422 an image
         that cannot be read, 200 the labels. A failure of the classifier itself raises."""
-        try:
-            topk, beam_width, temperature, alpha, vocabulary = self.clf.check_options(**options)
-        except ClassifierError as exc:
+        try:   # a search option, the vocabulary, or a granularity this bundle has no hierarchy for
+            checked = check_request(self.clf, **options)
+        except NovicError as exc:
             return 400, {"error": first_line(exc)}
-        checked = dict(topk=topk, guided=vocabulary is not None, vocab=vocabulary, beam_width=beam_width,
-                       temperature=temperature, alpha=alpha)
         pixels, (error,) = await asyncio.to_thread(self.clf.preprocessor.load_batch, [image])
         if error is not None:
             return 422, Result(describe(image), [], str(error)).to_json()
@@ -60,14 +55,11 @@ class NovicClassifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _classify_batch(self, requests: list[tuple]) -> list[Result]:
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, _, options) in enumerate(requests):
-            groups.setdefault(_options_key(options), []).append(i)
         results: list = [None] * len(requests)
-        for rows in groups.values():
+        for rows in decode_groups([options for _, _, options in requests]):
             pixels = np.stack([requests[i][0] for i in rows])
             names = [requests[i][1] for i in rows]
-            got = await asyncio.to_thread(self.clf.classify_pixels, pixels, names, **requests[rows[0]][2])
+            got = await asyncio.to_thread(classify_together, self.clf, pixels, names, [requests[i][2] for i in rows])
             for i, result in zip(rows, got):
                 results[i] = result
         return results
@@ -91,7 +83,8 @@ class NovicHTTP:
             size = content_length(request.headers.get("content-length"))
             is_json = request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
             query = parse_qs(request.url.query, keep_blank_values=True)
-            options = {} if is_json else request_options(query, self.config.vocabularies, from_query=True)
+            options = {} if is_json else request_options(query, self.config.vocabularies, from_query=True,
+                                                         rollups=self.config.rollups)
         except RequestError as exc:
             return _error(400, str(exc))
         if size is not None and size > self.config.max_bytes:
@@ -106,7 +99,7 @@ class NovicHTTP:
             if query:
                 return _error(400, "options go in the JSON body of a JSON request, not in the query")
             try:
-                image, options = json_request(image, self.config.vocabularies)
+                image, options = json_request(image, self.config.vocabularies, self.config.rollups)
             except RequestError as exc:
                 return _error(400, str(exc))
         try:

@@ -13,6 +13,7 @@ import binascii
 from typing import Any, Mapping
 
 from novic.runtime.classifier import ClassifierError
+from novic.runtime.hierarchy import GRANULARITIES
 
 MAX_BYTES = 64 << 20   # 64 MiB: larger bodies are refused before they are read
 
@@ -64,12 +65,13 @@ def _parse(name: str, kind: str, value: Any) -> Any:
     return value
 
 
-def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool) -> dict:
+def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], *, from_query: bool,
+                    rollups: Mapping[str, str] | None = None) -> dict:
     """Query parameters (name -> list of texts) or JSON fields -> keyword arguments of
-    `Classifier.classify`, with a server-side vocabulary name replaced by its file."""
-    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab"})
+    `Classifier.classify`, with a server-side vocabulary or roll-up name replaced by its file."""
+    unknown = sorted(set(fields) - set(OPTIONS) - {"vocab", "granularity"})
     if unknown:
-        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab'])}")
+        raise RequestError(f"unknown option {unknown[0]!r}; use {', '.join([*OPTIONS, 'vocab', 'granularity'])}")
     options = {}
     for name, kind in OPTIONS.items():
         if name in fields:
@@ -81,7 +83,26 @@ def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], 
             options[name] = _parse(name, kind, value)
     if "vocab" in fields:
         options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
+    if "granularity" in fields:
+        options["granularity"] = _granularity(fields["granularity"], rollups or {}, from_query)
     return options
+
+
+def _granularity(value: Any, rollups: Mapping[str, str], from_query: bool) -> str:
+    """A level (fine, basic, coarse) as is, a server-side roll-up name as its file. Clients never
+    name files themselves: the server reads only the lists it was started with."""
+    if from_query:
+        if len(value) != 1:
+            raise RequestError(f"granularity: give it once, got {len(value)} values")
+        value = value[0]
+    if isinstance(value, str):
+        if value in GRANULARITIES:
+            return value
+        if value in rollups:
+            return rollups[value]
+    named = f", or a server-side roll-up ({', '.join(sorted(rollups))})" if rollups else \
+        " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
+    raise RequestError(f"granularity: {value!r} is not one of {', '.join(GRANULARITIES)}{named}")
 
 
 def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
@@ -107,7 +128,8 @@ def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
     raise RequestError(f"vocab: give a vocabulary name or a non-empty list of nouns, got {value!r}")
 
 
-def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, dict]:
+def json_request(body: bytes, vocabularies: Mapping[str, str],
+                 rollups: Mapping[str, str] | None = None) -> tuple[bytes, dict]:
     """A JSON request {"image": base64, options...} -> (image bytes, options)."""
     import json
 
@@ -123,4 +145,4 @@ def json_request(body: bytes, vocabularies: Mapping[str, str]) -> tuple[bytes, d
         image = base64.b64decode(fields.pop("image"), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"image: not valid base64 ({exc})") from None
-    return image, request_options(fields, vocabularies, from_query=False)
+    return image, request_options(fields, vocabularies, from_query=False, rollups=rollups)

@@ -12,9 +12,11 @@ Ray Data itself reads.
 
 OUT is a directory of parts, `part-RUN-NNNNNN.jsonl` or `.parquet`, each written atomically (temp
 file + rename), with one row per image: path, labels (best first), probs, logprobs, error (null, or
-one line: an unreadable image is an error row, never a failed job). A rerun with the same OUT skips
-the paths already in it, so a job killed at any point (a worker, the driver) is resumed by running
-it again: complete output, no duplicates. Rows are in completion order, not input order.
+one line: an unreadable image is an error row, never a failed job), granularity, and, at a
+granularity other than fine, fine and paths (per label, as "fine" and "path" of novic-run --json;
+null at fine). A rerun with the same OUT skips the paths already in it, so a job killed at any point
+(a worker, the driver) is resumed by running it again: complete output, no duplicates; it must ask
+for the granularity OUT holds (one OUT, one level). Rows are in completion order, not input order.
 """
 from __future__ import annotations
 
@@ -106,9 +108,10 @@ def _parts(out: Path, fmt: str) -> list[Path]:
     return sorted(out.glob(f"part-*.{fmt}"))
 
 
-def open_output(out: str | os.PathLike, fmt: str) -> tuple[Path, set[str]]:
+def open_output(out: str | os.PathLike, fmt: str, granularity: str = "fine") -> tuple[Path, set[str]]:
     """Create OUT or take it up again: -> (OUT, the paths its parts already hold). Temp files of a
-    killed run are removed; parts of the other format are refused (one OUT, one format)."""
+    killed run are removed; parts of the other format, or rows of another granularity, are refused
+    (one OUT, one format, one level)."""
     if fmt not in FORMATS:
         raise LabelError(f"format {fmt!r}: use {' or '.join(FORMATS)}")
     out = Path(out)
@@ -123,17 +126,27 @@ def open_output(out: str | os.PathLike, fmt: str) -> tuple[Path, set[str]]:
         stale.unlink(missing_ok=True)
     done: set[str] = set()
     for part in _parts(out, fmt):
-        done.update(_read_part_paths(part, fmt))
+        paths, levels = _read_part_paths(part, fmt)
+        other = next((level for level in levels if level != granularity), None)
+        if other is not None:
+            raise LabelError(f"{out}: holds labels at granularity {other!r} from an earlier run; ask for that "
+                             f"granularity again (--granularity, or --roll-up FILE) or use another --out")
+        done.update(paths)
     return out, done
 
 
-def _read_part_paths(part: Path, fmt: str) -> list[str]:
+def _read_part_paths(part: Path, fmt: str) -> tuple[list[str], set[str]]:
+    """A part's paths and the granularities of its rows (parts older than the column: fine)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(part, columns=["path"]).column("path").to_pylist()
+        columns = [c for c in ("path", "granularity") if c in pq.read_schema(part).names]
+        table = pq.read_table(part, columns=columns)
+        levels = set(table.column("granularity").to_pylist()) if "granularity" in columns else {"fine"}
+        return table.column("path").to_pylist(), levels
     with open(part, encoding="utf-8") as f:
-        return [json.loads(line)["path"] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["path"] for r in rows], {r.get("granularity", "fine") for r in rows}
 
 
 def read_output(out: str | os.PathLike) -> list[dict]:
@@ -194,7 +207,8 @@ def row_schema():
 
     return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
                       ("probs", pa.list_(pa.float64())), ("logprobs", pa.list_(pa.float64())),
-                      ("error", pa.string())])
+                      ("error", pa.string()), ("granularity", pa.string()), ("fine", pa.list_(pa.string())),
+                      ("paths", pa.list_(pa.list_(pa.string())))])
 
 
 # ---- the Ray Data stages -----------------------------------------------------------------
@@ -238,11 +252,12 @@ def decode_batch(batch: dict, preprocess_config: Any, fast_decode: bool) -> dict
 class Classify:
     """Actor: one Classifier; a decoded batch -> output rows (an Arrow table)."""
 
-    def __init__(self, bundle: str, load: dict, options: dict):
+    def __init__(self, bundle: str, load: dict, options: dict, granularity_name: str):
         from novic.runtime.classifier import Classifier
 
         self.clf = Classifier.load(bundle, verify="cached", **load)
         self.options = options
+        self.granularity = granularity_name     # what the rows say
 
     def __call__(self, batch: dict):
         import numpy as np
@@ -254,12 +269,14 @@ class Classify:
         results = self.clf.classify_pixels(np.asarray(batch["pixels"])[good], [paths[i] for i in good],
                                            **self.options)
         by_row = dict(zip(good, results))
-        rows = []
+        rows, rolled = [], self.granularity != "fine"
         for i, path in enumerate(paths):
             labels = by_row[i].to_json()["labels"] if i in by_row else []
             rows.append({"path": path, "labels": [l["text"] for l in labels],
                          "probs": [l["prob"] for l in labels], "logprobs": [l["logprob"] for l in labels],
-                         "error": printable(errors[i]) if errors[i] else None})
+                         "error": printable(errors[i]) if errors[i] else None, "granularity": self.granularity,
+                         "fine": [l["fine"] for l in labels] if rolled else None,
+                         "paths": [l["path"] for l in labels] if rolled else None})
         return pa.Table.from_pylist(rows, schema=row_schema())
 
 
@@ -268,13 +285,16 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
           concurrency: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1, batch_size: int = 32,
           backend: str = "auto", precision: str | None = None, fast_decode: bool = False,
           topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
-          temperature: float = 1.0, alpha: float = 0.0, address: str | None = None,
+          temperature: float = 1.0, alpha: float = 0.0, granularity: Any = None, address: str | None = None,
           num_cpus: int | None = None, part_rows: int = PART_ROWS,
           on_row: Callable[[dict], None] | None = None) -> LabelSummary:
     """Label every image named by `inputs` into OUT (see the module docstring); resumable.
+    `granularity`: fine (None), basic, coarse, or a file of target labels (as `Classifier.classify`).
     `part_rows`: rows per output part (what a killed driver can lose); `on_row` sees each row
     as it is written."""
     from novic.runtime.classifier import Classifier, ClassifierError
+    from novic.runtime.hierarchy import HierarchyError
+    from novic.runtime.request_options import check_request
     from novic.serve._ray import connect, require
 
     t0 = time.perf_counter()
@@ -283,19 +303,20 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
         raise LabelError("--concurrency and --batch-size must be >= 1, --gpus-per-worker >= 0, "
                          "--cpus-per-worker > 0")
     bundle = os.path.abspath(os.fspath(bundle))
+    granularity, level = _granularity(granularity)
     options = dict(topk=topk, guided=guided, vocab=vocab, beam_width=beam_width, temperature=temperature,
-                   alpha=alpha)
+                   alpha=alpha, granularity=granularity)
     if isinstance(vocab, (str, os.PathLike)):
         options["vocab"] = os.path.abspath(os.fspath(vocab))   # the actors may not share our cwd
     # Bad options (and a bad bundle) fail here, once, with one line, not in every actor.
     with Classifier.load(bundle, backend="ort-cpu", threads=1) as probe:
         try:
-            probe.check_options(**options)
-        except ClassifierError as exc:
+            check_request(probe, **options)
+        except (ClassifierError, HierarchyError) as exc:
             raise OptionsError(str(exc)) from None
         preprocess = probe.bundle.preprocess_config
     paths, problems = expand(inputs)
-    out_dir, done = open_output(out, fmt)
+    out_dir, done = open_output(out, fmt, level)
     todo = [p for p in paths if p not in done]
     summary = LabelSummary(len(paths), len(paths) - len(todo), 0, 0, 0.0, problems)
     if not todo:
@@ -314,7 +335,7 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     ds = ds.map_batches(decode_batch, fn_args=(preprocess, fast_decode), batch_size=batch_size,
                         batch_format="numpy", num_cpus=1)
     load = dict(backend=backend, precision=precision, threads=threads, fast_decode=fast_decode)
-    ds = ds.map_batches(Classify, fn_constructor_args=(bundle, load, options), batch_size=batch_size,
+    ds = ds.map_batches(Classify, fn_constructor_args=(bundle, load, options, level), batch_size=batch_size,
                         batch_format="numpy", compute=rdata.ActorPoolStrategy(size=concurrency),
                         num_cpus=cpus_per_worker,
                         num_gpus=gpus_per_worker)
@@ -334,6 +355,21 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
         writer.flush()   # what was labelled before an error or Ctrl-C is kept
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _granularity(granularity: Any) -> tuple[Any, str]:
+    """-> (what the actors hand the Classifier, what the rows say): a level as is; a file of target
+    labels made absolute (the actors may not share our cwd), named by that path; a list as is."""
+    from novic.runtime.hierarchy import GRANULARITIES
+
+    if granularity is None or granularity in GRANULARITIES:
+        return granularity, granularity or "fine"
+    if isinstance(granularity, (list, tuple)):
+        return list(granularity), "list: " + ", ".join(map(str, granularity))
+    if isinstance(granularity, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(granularity))
+        return path, path
+    return granularity, str(granularity)   # the Classifier's check says what is wrong with it
 
 
 def summary_line(summary: LabelSummary, out: str) -> str:

@@ -16,24 +16,29 @@ ingress sees the replica's death as an exception and answers 503 itself.
 
 Options (parsed by novic.serve.http_options, as examples/serve.py parses them), as query parameters
 or JSON fields (`{"image": base64, ...}` with Content-Type application/json): topk, beam_width,
-guided, temperature, alpha, vocab. `vocab` is the name of a server-side vocabulary
+guided, temperature, alpha, vocab, granularity. `vocab` is the name of a server-side vocabulary
 (`vocabularies={"name": "nouns.txt"}`, `novic-serve --vocab name=nouns.txt`) or inline nouns (a JSON
 list; in a query, `vocab=dog,cat` or `vocab=dog&vocab=cat`; a single query value must name a
-server-side vocabulary or hold a comma, else 400). Answers: 200 and 422 carry the record
-`novic-run --json` writes ({"source", "labels", "error"}); 400 a bad option (checked before any
-image work; the message names it), 413 a body over `max_bytes`, 503 no replica could answer (dead, starting, or over
-`request_timeout_s`), each with {"error": "one line"}. GET /healthz: 200 while a replica answers,
-else 503.
+server-side vocabulary or hold a comma, else 400). `granularity` is fine (default), basic, coarse,
+or the name of a server-side roll-up list (`rollups={"name": "targets.txt"}`, `novic-serve
+--roll-up name=targets.txt`); with one other than fine each label also carries "fine" and "path",
+as in novic-run --json (docs/labels.md).
+
+Answers: 200 and 422 carry the record `novic-run --json` writes ({"source", "labels", "error"});
+400 a bad option (checked before any image work; the message names it), 413 a body over
+`max_bytes`, 503 no replica could answer (dead, starting, or over `request_timeout_s`), each with
+{"error": "one line"}. GET /healthz: 200 while a replica answers, else 503.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from novic.runtime.classifier import ClassifierError
 from novic.serve.http_options import MAX_BYTES
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -49,23 +54,34 @@ class ServeConfig:
     max_bytes: int = MAX_BYTES
     request_timeout_s: float = 60.0
     vocabularies: Mapping[str, str] = field(default_factory=dict)   # name -> noun file on every node
+    rollups: Mapping[str, str] = field(default_factory=dict)        # name -> roll-up list on every node
 
     def __post_init__(self):
         # replicas may run in another working directory: paths are made absolute on the driver
         object.__setattr__(self, "bundle", os.path.abspath(os.fspath(self.bundle)))
-        object.__setattr__(self, "vocabularies", {name: os.path.abspath(os.fspath(path))
-                                                  for name, path in self.vocabularies.items()})
+        for named in ("vocabularies", "rollups"):
+            object.__setattr__(self, named, {name: os.path.abspath(os.fspath(path))
+                                             for name, path in getattr(self, named).items()})
 
 
 def check_config(config: ServeConfig) -> ServeConfig:
     """Fail early, on the driver, with one line: a bundle that is not there, a vocabulary file
-    that is not there, limits that make no sense."""
+    that is not there, a roll-up list this bundle cannot use, limits that make no sense."""
     from novic.runtime.bundle import Bundle
+    from novic.runtime.hierarchy import GRANULARITIES, rollup_for
 
-    Bundle.open(config.bundle, verify=False)
+    bundle = Bundle.open(config.bundle, verify=False)
     for name, path in config.vocabularies.items():
         if not name or not os.path.isfile(path):
             raise ClassifierError(f"--vocab {name}={path}: no such file; give NAME=FILE with one noun per line")
+    for name, path in config.rollups.items():
+        if not name or name in GRANULARITIES:
+            raise ClassifierError(f"--roll-up {name}={path}: name the list (NAME=FILE) with a name other than "
+                                  f"{', '.join(GRANULARITIES)}")
+        if not os.path.isfile(path):
+            raise ClassifierError(f"--roll-up {name}={path}: no such file; give NAME=FILE with one target "
+                                  f"label per line")
+        rollup_for(bundle, path)   # read and placed once here: a bad list or bundle is one line now
     if config.max_batch < 1 or not (math.isfinite(config.batch_wait_s) and config.batch_wait_s >= 0):
         raise ClassifierError("max_batch must be >= 1 and batch_wait_s a number >= 0")
     if config.max_bytes < 1 or not config.request_timeout_s > 0:
