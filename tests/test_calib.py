@@ -78,6 +78,14 @@ def test_folder_source_sorted_seeded_and_skips_bad_files(runtime_bundle, tmp_pat
     assert set(s.calib_names + s.heldout_names) == {str(f) for f in listed[:-1]}
     with pytest.raises(CalibDataError, match="not found"):
         calibration_set(pre, tmp_path / "nope", console=QUIET)
+    # a folder is read as novic-run reads it: the same suffixes (.JFIF too); none is one line
+    (tmp_path / "jfif").mkdir()
+    shutil.copy(files[1], tmp_path / "jfif" / "photo.JFIF")
+    assert [f.name for f in folder_images(tmp_path / "jfif")] == ["photo.JFIF"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(CalibDataError, match=r"notes: no image files .*leave --images out"):
+        folder_images(tmp_path / "notes")
 
 
 # ---- gates --------------------------------------------------------------------------------------

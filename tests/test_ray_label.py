@@ -217,6 +217,18 @@ def test_an_unreadable_uri_is_an_error_row():
     assert source.name == "file:///no/such/image.jpg" and "cannot read" in source.read_error
 
 
+def test_max_pixels_is_the_decode_tasks_bomb_limit(images, runtime_bundle):  # noqa: F811
+    from novic.runtime.bundle import Bundle
+
+    config = Bundle.open(runtime_bundle.bundle).preprocess_config
+    batch = {"path": np.array([str(images / "d0" / "0000.png"), str(images / "d1" / "deep" / "0001.png")])}
+    default = Image.MAX_IMAGE_PIXELS
+    assert list(ray_label.decode_batch(batch, config, False)["error"]) == ["", ""]
+    tight = ray_label.decode_batch(batch, config, False, max_pixels=10)   # 10x12 pixels > twice 10: refused
+    assert all(e.startswith(p) and "image too large" in e for e, p in zip(tight["error"], batch["path"]))
+    assert Image.MAX_IMAGE_PIXELS == default   # set for the batch only: the worker runs other tasks
+
+
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
     from novic.serve._ray import RayMissing
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from novic.errors import NovicError
+from novic.inputs import IMAGE_SUFFIXES   # the suffixes novic-run reads in a folder
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # scikit-image sample images shipped inside the wheel (no download); grey ones are made RGB.
 SKIMAGE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "coins", "moon", "page",
                  "text", "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
@@ -67,7 +67,7 @@ def folder_images(folder) -> list[Path]:
     files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise CalibDataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder; "
+        raise CalibDataError(f"{root}: no image files (.jpg, .png, .webp, ... as novic-run reads) in the folder; "
                              f"add images of your domain or leave --images out for the built-in set")
     return files
 

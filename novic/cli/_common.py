@@ -74,6 +74,12 @@ ROLL_UP_HELP = ("File of target labels, one per line: each label rolls up to its
                 "(instead of --granularity).")
 
 
+def max_pixels_option():
+    """--max-pixels, in the commands that read image files (novic-run, novic-label)."""
+    return typer.Option(None, "--max-pixels", min=1, help="Pillow's decompression-bomb limit "
+                        "(PIL.Image.MAX_IMAGE_PIXELS, default ~89 M): images over twice it are refused.")
+
+
 def granularity_option(help: str = GRANULARITY_HELP):
     return typer.Option("fine", "--granularity", "-g", help=help)
 

@@ -18,7 +18,8 @@ import typer
 from enum import Enum
 
 from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
-                               granularity_option, parse_vocab, roll_up_option, run_app, vocab_flag)
+                               granularity_option, max_pixels_option, parse_vocab, roll_up_option, run_app,
+                               vocab_flag)
 from novic.errors import cli_voice
 
 OutputFormat = Enum("OutputFormat", {"jsonl": "jsonl", "parquet": "parquet"}, type=str)
@@ -49,6 +50,7 @@ def main_command(
     granularity: str = granularity_option(),
     roll_up: Optional[Path] = roll_up_option(),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale."),
+    max_pixels: Optional[int] = max_pixels_option(),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join ('auto': the one `ray start` made "
                                           "here); default: start a local one."),
 ):
@@ -61,7 +63,8 @@ def main_command(
         summary = label(inputs, out, bundle=bundle, fmt=choice(fmt), concurrency=concurrency,
                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
                         backend=choice(backend), precision=choice(precision), topk=topk, guided=guided, vocab=vocab,
-                        beam_width=beam_width, fast_decode=fast_decode, granularity=level, address=address)
+                        beam_width=beam_width, fast_decode=fast_decode, max_pixels=max_pixels, granularity=level,
+                        address=address)
     except OptionsError as exc:
         fail(str(exc), code=2)
     for line in summary.problems:

@@ -27,7 +27,7 @@ import typer
 from rich.markup import escape
 
 from novic.cli._common import (Backend, Precision, choice, err, error_line, fail, granularity_level,
-                               granularity_option, parse_vocab, printable, roll_up_option, run_app, vocab_flag)
+                               granularity_option, max_pixels_option, parse_vocab, printable, roll_up_option, run_app, vocab_flag)
 from novic.errors import cli_voice
 from novic.inputs import expand_inputs
 
@@ -60,9 +60,7 @@ def main_command(
                                "(sha256 once, then remembered while size, mtime, ctime and inode stay: not proof "
                                "against disk bit rot, use full for that), size (sizes only)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subdirectories."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
-                                             help="Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, "
-                                                  "default ~89 M): images over twice it are refused."),
+    max_pixels: Optional[int] = max_pixels_option(),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at a reduced scale (libjpeg DCT "
                                      "scaling, >= 2x the model's input size): several times faster for camera "
                                      "photos; pixels differ slightly from open_clip's."),

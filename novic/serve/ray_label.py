@@ -230,18 +230,26 @@ def _open_source(path: str) -> Any:
     return data
 
 
-def decode_batch(batch: dict, preprocess_config: Any, fast_decode: bool) -> dict:
+def decode_batch(batch: dict, preprocess_config: Any, fast_decode: bool, max_pixels: int | None = None) -> dict:
     """CPU task: a batch of paths -> resized, cropped uint8 pixels (a quarter of the bytes through
     Ray's object store; Classifier.classify_pixels normalises them for a float encoder) + one error
-    text per row ('' = fine)."""
+    text per row ('' = fine). `max_pixels`: Pillow's decompression-bomb limit for this batch (None:
+    Pillow's own)."""
     import numpy as np
+    from PIL import Image
 
     from novic.runtime.preprocess import Preprocessor
 
     paths = [str(p) for p in batch["path"]]
     sources = [_open_source(p) for p in paths]
-    pixels, errors = Preprocessor(preprocess_config, threads=1, fast_decode=fast_decode,
-                                   uint8=True).load_batch(sources)
+    default_limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:   # a module global: set for this batch only (a worker runs other tasks)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        pixels, errors = Preprocessor(preprocess_config, threads=1, fast_decode=fast_decode,
+                                       uint8=True).load_batch(sources)
+    finally:
+        Image.MAX_IMAGE_PIXELS = default_limit
     texts = []
     for source, error in zip(sources, errors):
         why = getattr(source, "read_error", None)
@@ -284,12 +292,13 @@ class Classify:
 def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.PathLike, fmt: str = "jsonl",
           concurrency: int = 1, gpus_per_worker: float = 0, cpus_per_worker: float = 1, batch_size: int = 32,
           backend: str = "auto", precision: str | None = None, fast_decode: bool = False,
-          topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
+          max_pixels: int | None = None, topk: int = 5, guided: bool = True, vocab: Any = None, beam_width: int = 10,
           temperature: float = 1.0, alpha: float = 0.0, granularity: Any = None, address: str | None = None,
           num_cpus: int | None = None, part_rows: int = PART_ROWS,
           on_row: Callable[[dict], None] | None = None) -> LabelSummary:
     """Label every image named by `inputs` into OUT (see the module docstring); resumable.
     `granularity`: fine (None), basic, coarse, or a file of target labels (as `Classifier.classify`).
+    `max_pixels`: Pillow's decompression-bomb limit in the decode tasks (novic-run --max-pixels).
     `part_rows`: rows per output part (what a killed driver can lose); `on_row` sees each row
     as it is written."""
     from novic.runtime.classifier import Classifier, ClassifierError
@@ -332,7 +341,7 @@ def label(inputs: Sequence[str], out: str | os.PathLike, *, bundle: str | os.Pat
     ds = rdata.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
     # Decoding runs in CPU tasks. Where the actors need no more than a task (a CPU-only pool), Ray
     # Data fuses the two stages into the actors, which saves copying the pixels between processes.
-    ds = ds.map_batches(decode_batch, fn_args=(preprocess, fast_decode), batch_size=batch_size,
+    ds = ds.map_batches(decode_batch, fn_args=(preprocess, fast_decode, max_pixels), batch_size=batch_size,
                         batch_format="numpy", num_cpus=1)
     load = dict(backend=backend, precision=precision, threads=threads, fast_decode=fast_decode)
     ds = ds.map_batches(Classify, fn_constructor_args=(bundle, load, options, level), batch_size=batch_size,
