@@ -222,7 +222,7 @@ def test_request_options_parsing():
                                         ({"granularity": "/srv/mine.txt"}, False, "is not one of"),
                                         ({"granularity": ["mine"]}, True, "start novic-serve with --roll-up")]:
         with pytest.raises(RequestError, match=message):
-            request_options(fields, vocabularies, from_query=from_query)
+            request_options(fields, vocabularies, from_query=from_query, rollups={})   # novic-serve, none named
     rollups = {"kingdoms": "/srv/kingdoms.txt"}
     assert request_options({"granularity": ["coarse"]}, vocabularies, from_query=True) == {"granularity": "coarse"}
     assert request_options({"granularity": "kingdoms"}, vocabularies, from_query=False, rollups=rollups) == \

@@ -63,14 +63,14 @@ def test_http_service_classifies_and_says_what_is_wrong(classifier, monkeypatch)
                 assert status == 200 and [(l["text"], l["fine"], l["path"]) for l in body["labels"]] == \
                     [(l.text, l.fine, list(l.path)) for l in want.labels]
             status, body = call(f"{base}/classify?granularity=/etc/passwd", jpeg)
-            assert (status, body) == (400, {"error": "granularity must be fine, basic, coarse, got '/etc/passwd'"})
+            assert (status, body) == (400, {"error": "granularity: '/etc/passwd' is not one of fine, basic, coarse"})
             status, body = call(f"{base}/classify", b"not an image")
             assert status == 422 and "not an image file" in body["error"]
             status, body = call(f"{base}/classify?topk=zero", jpeg)
             assert (status, body) == (400, {"error": "topk: 'zero' is not an integer"})
             status, body = call(f"{base}/classify?tokp=3", jpeg)   # a typo is refused, not ignored
             assert (status, body) == (400, {"error": "unknown option 'tokp'; use topk, beam_width, guided, "
-                                                     "temperature, alpha, vocab"})
+                                                     "temperature, alpha, vocab, granularity"})
             status, body = call(f"{base}/classify?vocab=rocket,sky&beam_width=4&topk=2", jpeg)   # as novic-serve
             assert status == 200 and sorted(l["text"] for l in body["labels"]) == ["rocket", "sky"], body
             status, body = call(f"{base}/classify?topk=0", jpeg)

@@ -84,13 +84,14 @@ def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], 
     if "vocab" in fields:
         options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
     if "granularity" in fields:
-        options["granularity"] = _granularity(fields["granularity"], rollups or {}, from_query)
+        options["granularity"] = _granularity(fields["granularity"], rollups, from_query)
     return options
 
 
-def _granularity(value: Any, rollups: Mapping[str, str], from_query: bool) -> str:
-    """A level (fine, basic, coarse) as is, a server-side roll-up name as its file. Clients never
-    name files themselves: the server reads only the lists it was started with."""
+def _granularity(value: Any, rollups: Mapping[str, str] | None, from_query: bool) -> str:
+    """A level (fine, basic, coarse) as is, a server-side roll-up name as its file (`rollups`:
+    None for a service that takes levels only). Clients never name files themselves: the server
+    reads only the lists it was started with."""
     if from_query:
         if len(value) != 1:
             raise RequestError(f"granularity: give it once, got {len(value)} values")
@@ -98,10 +99,10 @@ def _granularity(value: Any, rollups: Mapping[str, str], from_query: bool) -> st
     if isinstance(value, str):
         if value in GRANULARITIES:
             return value
-        if value in rollups:
+        if rollups and value in rollups:
             return rollups[value]
-    named = f", or a server-side roll-up ({', '.join(sorted(rollups))})" if rollups else \
-        " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
+    named = "" if rollups is None else f", or a server-side roll-up ({', '.join(sorted(rollups))})" if rollups \
+        else " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
     raise RequestError(f"granularity: {value!r} is not one of {', '.join(GRANULARITIES)}{named}")
 
 
