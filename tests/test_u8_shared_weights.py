@@ -60,8 +60,16 @@ def test_the_twin_reads_the_float_graphs_weights(bundle):
     assert external_files(root / twin.file) == external_files(root / flt.file) == [root / WEIGHTS]
     plain = bundle.artifact("image_encoder", "fp32")
     assert plain.external_data == () and external_files(root / plain.file) == []
-    sizes = sorted(f.name for f in bundle.path.iterdir() if f.name.startswith("image_encoder"))
-    assert sizes == ["image_encoder.fused.onnx", WEIGHTS, "image_encoder.fused.u8.onnx", "image_encoder.onnx"]
+    names = sorted(f.name for f in bundle.path.iterdir() if f.name.startswith("image_encoder"))
+    assert names == ["image_encoder.fused.onnx", WEIGHTS, "image_encoder.fused.u8.onnx", "image_encoder.onnx"]
+    # readable like the graphs (onnx writes weight files 0o600: a service user could not load them)
+    assert {(root / n).stat().st_mode & 0o777 for n in names} == {0o666 & ~_umask()}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_both_graphs_load_and_agree(bundle):

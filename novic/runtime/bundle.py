@@ -373,13 +373,14 @@ class Bundle:
 
     def verify(self, roles=None) -> list[str]:
         """Hash every artifact, engine and tokenizer file now (or only those of `roles`);
-        returns the files checked. Raises BundleError on the first mismatch."""
+        returns the files checked, each once. Raises BundleError on the first mismatch."""
         checked = []
         for a in self.artifacts:
             if roles is None or a.role in roles:
                 for ref in a.files():
                     self._verify_ref(ref)
-                    checked.append(ref.file)
+                    if ref.file not in checked:   # a float encoder's weights, listed by its u8 twin too
+                        checked.append(ref.file)
         for e in self.engines:
             if roles is None or e.role in roles:
                 self._verify_ref(FileRef(e.file, e.sha256, e.size))
