@@ -165,6 +165,25 @@ def test_a_failed_gate_keeps_the_shared_weights(bundle, tmp_path, monkeypatch):
                                   OrtImageEncoder(bundle.artifact_path("image_encoder", "fp32", "fused"))(pixels))
 
 
+def test_the_twin_names_its_files_as_the_bundle_does(bundle, tmp_path):
+    """Written through a symlinked directory, the twin's file list stays under the path given,
+    so that the manifest entry names the shared weights relative to the bundle."""
+    from novic.export.bundle import artifact_entry
+    from novic.export.u8 import export_u8
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    root = tmp_path / "link"
+    onnx.save(onnx.load(bundle.artifact_path("image_encoder", "fp32", "fused")), root / "image_encoder.fused.onnx")
+    flt = bundle.artifact("image_encoder", "fp32", "fused")
+    export = {"path": str(root / "image_encoder.fused.onnx"), "io": flt.signature()}
+    ((made, _, _),), _ = export_u8([(export, "fp32", "fused")], bundle.preprocess_config, say=lambda _: None)
+    assert made["files"] == [str(root / WEIGHTS), str(root / "image_encoder.fused.u8.onnx")]
+    for e in (export, made):
+        entry = artifact_entry(root, e, "image_encoder", "fp32", "fused")
+        assert [f["file"] for f in entry["external_data"]] == [WEIGHTS]
+
+
 def test_a_self_contained_twin_still_loads(copy):
     """Bundles written before (format 3, a twin with its own copy of the weights) open and run."""
     from novic.export.bundle import artifact_entry

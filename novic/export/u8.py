@@ -17,11 +17,12 @@ Written at export (``novic-export onnx``) for the encoder graphs ort-cuda loads,
 against the float graph it wraps on real photos (min cosine >= 0.99999) before it is kept.
 
 The twin holds no weights of its own: its initializers are ONNX external data pointing into the
-float graph's weight file (same location, offset and length), so the twin is a few KB and the
-bundle keeps one copy of the encoder's weights (ViT-B/16: 370 MB fp32 + 185 MB fp16 saved). A
-fused float graph, onnxruntime's alone, first has its weights moved out into ``<graph>.data``;
-a plain graph (TensorRT's source) stays as exported, so its twin shares its weights only where
-they are in a side file already (towers over 1 GiB), and is a full copy otherwise.
+float graph's weight file (same location, offset and length), so the twin is the graph alone
+(tens of KB) and the bundle keeps one copy of the encoder's weights (ViT-B/16: 370 MB fp32 +
+185 MB fp16 saved). A fused float graph, onnxruntime's alone, first has its weights moved out
+into ``<graph>.data``; a plain graph (TensorRT's source) stays as exported, so its twin shares
+its weights only where they are in a side file already (towers over 1 GiB), and is a full copy
+otherwise.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def u8_file(src, mean, std) -> dict:
     start = time.perf_counter()
     src = Path(src)
     dst = src.parent / u8_name(src)
-    shared = [str(f) for f in external_files(src)]
+    # named through src's directory as given (not resolved): the manifest names files relative to it
+    shared = [str(src.parent / f.relative_to(src.parent.resolve())) for f in external_files(src)]
     if shared:   # the initializers keep their external_data entries: the bytes stay in src's files
         model = add_u8_prologue(onnx.load(src, load_external_data=False), mean, std)
         for node in model.graph.node:   # torch.onnx's per-node debug notes, most of what is left
