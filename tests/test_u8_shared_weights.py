@@ -184,6 +184,26 @@ def test_the_twin_names_its_files_as_the_bundle_does(bundle, tmp_path):
         assert [f["file"] for f in entry["external_data"]] == [WEIGHTS]
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_a_plain_graph_stays_as_exported(bundle, tmp_path, external):
+    """TensorRT's plain graphs are not rewritten: a self-contained one gets a self-contained twin;
+    one with its weights in a side file already (a tower over 1 GiB) gets a twin that shares it."""
+    from novic.calib.weights import external_files
+    from novic.export.u8 import export_u8
+
+    graph = tmp_path / "image_encoder.onnx"
+    onnx.save(onnx.load(bundle.artifact_path("image_encoder", "fp32")), graph, save_as_external_data=external,
+              location="image_encoder.onnx.data", size_threshold=1024)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    ((made, _, _),), _ = export_u8([({"path": str(graph)}, "fp32", "plain")], bundle.preprocess_config,
+                                   say=lambda _: None)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name in before} == before
+    twin = Path(made["path"])
+    assert external_files(twin) == ([(tmp_path / "image_encoder.onnx.data").resolve()] if external else [])
+    assert (twin.stat().st_size * 10 < sum(len(b) for b in before.values())) == external   # vs graph + weights
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([*before, twin.name])
+
+
 def test_a_self_contained_twin_still_loads(copy):
     """Bundles written before (format 3, a twin with its own copy of the weights) open and run."""
     from novic.export.bundle import artifact_entry
