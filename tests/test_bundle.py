@@ -94,6 +94,8 @@ def test_round_trip(exported):
     wordnet = b.has_hierarchy
     assert len(checked) == 17 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
     assert {"image_encoder.fused.onnx.data", "image_encoder.fused.fp16.onnx.data"} <= set(checked)
+    listed = [name for name, _ in result["artifacts"]]   # what novic-export onnx prints: each file once
+    assert sorted(listed) == sorted(set(checked) - {"tokenizer/bpe_simple_vocab_16e6.txt.gz", "hierarchy.json"})
     # the uint8-input twins of the encoders ort-cuda loads (the fused ones), fp32 and fp16
     assert {(a.precision, a.variant) for a in b.artifacts if a.pixels == rb.U8_PIXELS} == {("fp32", "fused"),
                                                                                           ("fp16", "fused")}
