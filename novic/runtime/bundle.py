@@ -55,6 +55,8 @@ FORMAT_NAME = "novic-bundle"
 # version-1 bundles read unchanged, and a novic that reads only 1 says "upgrade" on a 2.
 # 3: image encoder artifacts may carry "pixels": "uint8-nhwc" (novic.export.u8), optional; a
 # novic that reads only 2 would see two encoders for one precision, so it is told to upgrade.
+# Still 3 since the u8 twins list their float graph's weight file as their own "external_data"
+# (instead of holding a copy): readers of 3 already hash and load such entries unchanged.
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 VERIFY_CACHE = ".novic-verified.json"
