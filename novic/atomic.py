@@ -222,3 +222,17 @@ def move_file_atomic(src, dst) -> None:
         src.unlink()
         return
     fsync_dir(dst.parent)
+
+
+def move_written_files(scratch, directory, last: str) -> list[str]:
+    """Move the files a writer made in `scratch` (a folder on the same file system) into
+    `directory`, `last` after the others (an ONNX graph after its weight files, so that the
+    graph never names weights that are not there yet), each given a normal new file's mode:
+    onnx writes external weight files 0o600, which a service user could not read. Returns
+    the new paths, in that order."""
+    mode = new_file_mode(directory)
+    files = sorted(Path(scratch).iterdir(), key=lambda p: p.name == last)
+    for f in files:
+        os.chmod(f, mode)
+        os.replace(f, Path(directory) / f.name)
+    return [str(Path(directory) / f.name) for f in files]

@@ -88,10 +88,14 @@ def test_round_trip(exported):
     assert step.input("kv_cache").shape[2] == "M" and step.input("tokens").shape == ("N",)
     assert b.artifact("image_encoder").input("pixels").shape == ("B", 3, 64, 64)
     # every artifact hashed, plus the tokenizer (CLIP BPE merges copied from open_clip) and, where
-    # WordNet is installed, the noun hierarchy
+    # WordNet is installed, the noun hierarchy; the fused encoders' weight files (which their u8
+    # twins read too) once each
     checked = b.verify()
     wordnet = b.has_hierarchy
-    assert len(checked) == 15 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert len(checked) == 17 + wordnet and "tokenizer/bpe_simple_vocab_16e6.txt.gz" in checked
+    assert {"image_encoder.fused.onnx.data", "image_encoder.fused.fp16.onnx.data"} <= set(checked)
+    listed = [name for name, _ in result["artifacts"]]   # what novic-export onnx prints: each file once
+    assert sorted(listed) == sorted(set(checked) - {"tokenizer/bpe_simple_vocab_16e6.txt.gz", "hierarchy.json"})
     # the uint8-input twins of the encoders ort-cuda loads (the fused ones), fp32 and fp16
     assert {(a.precision, a.variant) for a in b.artifacts if a.pixels == rb.U8_PIXELS} == {("fp32", "fused"),
                                                                                           ("fp16", "fused")}
@@ -266,7 +270,8 @@ def test_overwrite_needs_the_flag(exported, tmp_path):
             pass
     with StagedBundle(target, overwrite=True) as stage:
         for a in manifest["artifacts"]:
-            shutil.copy(exported[1] / a["file"], stage.tmp / a["file"])
+            for f in [a, *a.get("external_data", [])]:   # the graph and its weight files
+                shutil.copy(exported[1] / f["file"], stage.tmp / f["file"])
         manifest["created"] = "replaced"
         manifest["tokenizer"] = manifest["hierarchy"] = None
         stage.commit(manifest)

@@ -56,7 +56,7 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
 
     Inputs/outputs are copied from the fp32 artifact of the same role (a quantised graph keeps
     the fp32 I/O contract). Returns the manifest entry."""
-    from novic.atomic import move_file_atomic
+    from novic.atomic import move_file_atomic, new_file_mode
     from novic.export.bundle import file_entry, write_manifest
     from novic.runtime.bundle import MANIFEST, read_manifest
 
@@ -68,14 +68,20 @@ def add_artifact(bundle_dir, src, *, role: str, precision: str, name: str, info:
     if base is None:
         raise CalibError(f"{root / MANIFEST}: no fp32 {role} to derive an {precision} variant from; re-export")
     old = [a for a in arts if a.get("role") == role and a.get("precision") == precision]
+    dst = root / name
+    weight_names = [Path(w).name for w in weights]
+    kept = {f["file"] for a in arts if a not in old for f in [a, *a.get("external_data", [])]}
+    clash = sorted(kept & {name, *weight_names})
+    if clash:   # e.g. weights a u8 twin reads as well: replacing them would break that graph
+        raise CalibError(f"{root / MANIFEST}: {', '.join(clash)} belongs to another artifact; not overwriting it")
+    if any(w != f"{name}.data" for w in weight_names):
+        raise CalibError(f"{name}: its weight file must be {name}.data (got {', '.join(weight_names)})")
     if old:   # first drop the old entry, so that no manifest ever lists a file with a wrong hash
         manifest["artifacts"] = [a for a in arts if a not in old]
         write_manifest(root / MANIFEST, manifest)
-    dst = root / name
-    weight_names = [Path(w).name for w in weights]
-    if any(w != f"{name}.data" for w in weight_names):
-        raise CalibError(f"{name}: its weight file must be {name}.data (got {', '.join(weight_names)})")
+    mode = new_file_mode(root)   # onnx writes external weight files 0o600 (the quantisers save through it)
     for source, target in [*zip(weights, (root / w for w in weight_names)), (src, dst)]:   # weights first
+        os.chmod(source, mode)
         move_file_atomic(source, target)
     entry = {**file_entry(root, dst), "role": role, "precision": precision,
              "inputs": base.get("inputs", []), "outputs": base.get("outputs", [])}

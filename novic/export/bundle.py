@@ -298,7 +298,8 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
     passes its gate against the fp32 graphs.
     u8: also write uint8-input twins of the encoder graphs ort-cuda loads (novic.export.u8: the
     fused one of each precision, else the plain one), each kept only if it passes its gate.
-    Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [...], "manifest": {...}}.
+    Returns {"path", "seconds", "timings": {step: seconds}, "artifacts": [(file, size)] (graphs and
+    weight files, each once), "manifest": {...}}.
     `fail_after` (tests): raise after the named step to exercise the no-half-bundle guarantee.
     `wordnet_dir`: the WordNet database for the noun hierarchy (default /usr/share/wordnet)."""
     import onnx
@@ -433,8 +434,12 @@ def export_bundle(checkpoint_path, out_dir, *, clip: str | None = None, pretrain
         path = stage.commit(data)
         progress.update(task, description=f"bundle written to {path}")
     seconds = round(time.perf_counter() - start, 2)
-    return {"path": str(path), "seconds": seconds, "timings": timings,
-            "artifacts": [(a["file"], a["size"]) for a in data["artifacts"]], "manifest": data}
+    files = {}   # every graph and weight file once (a u8 twin reads its float graph's weights)
+    for a in data["artifacts"]:
+        for f in [a, *a.get("external_data", [])]:
+            files.setdefault(f["file"], f["size"])
+    return {"path": str(path), "seconds": seconds, "timings": timings, "artifacts": list(files.items()),
+            "manifest": data}
 
 
 # --- check: bundle graphs vs the PyTorch oracle -----------------------------------------------------

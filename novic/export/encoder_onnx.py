@@ -9,7 +9,6 @@ a side file (ONNX external data, ``<name>.data``), since a protobuf cannot excee
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from novic.atomic import move_written_files
 from novic.export.decoder_onnx import CONTROL_FLOW_OPS, OPSET, io_signature
 
 ENCODER_FILE = "image_encoder.onnx"
@@ -101,10 +101,7 @@ def export_encoder(model: nn.Module, out_dir, *, name: str = ENCODER_FILE,
         program.save(tmp, external_data=external_data)
         del program
         onnx.checker.check_model(str(tmp), full_check=not external_data)
-        files = sorted(Path(scratch).iterdir(), key=lambda p: p.name == name)  # graph last
-        for f in files:
-            os.replace(f, out_dir / f.name)
-        files = [str(out_dir / f.name) for f in files]
+        files = move_written_files(scratch, out_dir, last=name)
     path = out_dir / name
     io = io_signature(onnx.load(path, load_external_data=False))
     return {"path": str(path), "files": files, "io": io, "opset": OPSET,

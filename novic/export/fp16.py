@@ -23,7 +23,6 @@ elementwise, LayerNormalization, Softmax, a few data-movement ops), so the rules
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from novic.atomic import move_written_files
 from novic.export.decoder_onnx import io_signature
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -208,10 +208,8 @@ def convert_file(src, dst, *, fp16_io=(), fp32_nodes=(), external_data: bool | N
         onnx.save(fp16, tmp, save_as_external_data=external_data, all_tensors_to_one_file=True,
                   location=dst.name + ".data", size_threshold=1024)
         onnx.checker.check_model(str(tmp), full_check=not external_data)
-        files = sorted(Path(scratch).iterdir(), key=lambda p: p.name == dst.name)  # graph last
-        for f in files:
-            os.replace(f, dst.parent / f.name)
-    return {"path": str(dst), "files": [str(dst.parent / f.name) for f in files],
+        files = move_written_files(scratch, dst.parent, last=dst.name)
+    return {"path": str(dst), "files": files,
             "io": io_signature(fp16), "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from novic.atomic import move_written_files
 from novic.export.decoder_onnx import io_signature
 from novic.export.fp16 import DECODER_FP16_IO, FP16_OPS, convert_graph, logits_head
 
@@ -485,10 +485,7 @@ def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> list[str]:
         tmp = Path(scratch) / dst.name
         onnx.save(model, tmp, save_as_external_data=external_data, all_tensors_to_one_file=True,
                   location=dst.name + ".data", size_threshold=1024)
-        files = sorted(Path(scratch).iterdir(), key=lambda p: p.name == dst.name)  # graph last
-        for f in files:
-            os.replace(f, dst.parent / f.name)
-    return [str(dst.parent / f.name) for f in files]
+        return move_written_files(scratch, dst.parent, last=dst.name)
 
 
 def fuse_file(src, role: str, precision: str = "fp32") -> dict:

@@ -15,6 +15,14 @@ depend on each image's size.
 
 Written at export (``novic-export onnx``) for the encoder graphs ort-cuda loads, each gated
 against the float graph it wraps on real photos (min cosine >= 0.99999) before it is kept.
+
+The twin holds no weights of its own: its initializers are ONNX external data pointing into the
+float graph's weight file (same location, offset and length), so the twin is the graph alone
+(tens of KB) and the bundle keeps one copy of the encoder's weights (ViT-B/16: 370 MB fp32 +
+185 MB fp16 saved). A fused float graph, onnxruntime's alone, first has its weights moved out
+into ``<graph>.data``; a plain graph (TensorRT's source) stays as exported, so its twin shares
+its weights only where they are in a side file already (towers over 1 GiB), and is a full copy
+otherwise.
 """
 from __future__ import annotations
 
@@ -79,17 +87,46 @@ def add_u8_prologue(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
     return model
 
 
+def weights_outside(export: dict) -> dict:
+    """Move the weights of the graph at ``export["path"]`` into one side file ``<graph>.data``
+    (ONNX external data), unless they are in side files already; ``export["files"]`` is updated
+    in place (its manifest entry lists the file). Returns `export`."""
+    from novic.calib.weights import external_files
+    from novic.export.fused import _save
+
+    graph = Path(export["path"])
+    if not external_files(graph):
+        export["files"] = _save(onnx.load(graph), graph, external_data=True)
+    return export
+
+
 def u8_file(src, mean, std) -> dict:
-    """The u8 variant of the encoder graph at `src`, written beside it (``*.u8.onnx``). Returns
-    ``{"path", "files", "io", "seconds"}`` like the other exporters."""
+    """The u8 variant of the encoder graph at `src`, written beside it (``*.u8.onnx``). Where the
+    weights of `src` are external data, the variant points into the same files (it is written
+    without them); else it is a self-contained copy. Returns ``{"path", "files" (the variant's
+    graph and the weight files it reads), "shared" (those of the files that `src` owns),
+    "io", "seconds"}`` like the other exporters."""
+    from novic.atomic import write_bytes_atomic
+    from novic.calib.weights import external_files
     from novic.export.fused import _save
 
     start = time.perf_counter()
     src = Path(src)
-    model = add_u8_prologue(onnx.load(src), mean, std)
-    external = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30)
-    files = _save(model, src.parent / u8_name(src), external)
-    return {"path": files[-1], "files": files, "io": io_signature(model), "seconds": round(time.perf_counter() - start, 2)}
+    dst = src.parent / u8_name(src)
+    # named through src's directory as given (not resolved): the manifest names files relative to it
+    shared = [str(src.parent / f.relative_to(src.parent.resolve())) for f in external_files(src)]
+    if shared:   # the initializers keep their external_data entries: the bytes stay in src's files
+        model = add_u8_prologue(onnx.load(src, load_external_data=False), mean, std)
+        for node in model.graph.node:   # torch.onnx's per-node debug notes, most of what is left
+            del node.metadata_props[:]
+        write_bytes_atomic(dst, model.SerializeToString())
+        files = [*shared, str(dst)]
+    else:
+        model = add_u8_prologue(onnx.load(src), mean, std)
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30)
+        files = _save(model, dst, external)
+    return {"path": str(dst), "files": files, "shared": shared, "io": io_signature(model),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def gate_photos(size) -> list:
@@ -132,7 +169,9 @@ def export_u8(encoders, preprocess, say=print) -> tuple[list[tuple[dict, str, st
 
     Returns ([(export, precision, variant)] of the variants that passed, ``export["gate"]``
     holding their numbers; {"image encoder <precision> [fused] u8": "pass" | "fail: why" |
-    "error: why"} for the manifest). A variant that fails is deleted, with one line via `say`."""
+    "error: why"} for the manifest). A variant that fails is deleted, with one line via `say`.
+    A fused float graph's weights are moved into its side file first (``weights_outside``: its
+    export's "files" change, kept even where the twin is not), for the twin to share."""
     from novic.errors import first_line
     from novic.runtime.preprocess import PreprocessConfig
 
@@ -142,6 +181,8 @@ def export_u8(encoders, preprocess, say=print) -> tuple[list[tuple[dict, str, st
         key = f"image encoder {precision}{' fused' if variant == 'fused' else ''} u8"
         made = None
         try:
+            if variant != "plain":   # onnxruntime's graph: its weights move out, for the twin to share
+                weights_outside(export)
             made = u8_file(export["path"], cfg.mean, cfg.std)
             gate = gate_u8(export["path"], made["path"], cfg)
         except Exception as exc:  # noqa: BLE001 - an input the prologue does not fit: no u8 variant
@@ -159,5 +200,8 @@ def export_u8(encoders, preprocess, say=print) -> tuple[list[tuple[dict, str, st
 
 
 def _remove(made: dict | None) -> None:
-    for f in (made or {}).get("files", []):
-        Path(f).unlink(missing_ok=True)
+    """Delete a variant that is not kept: its own files, never the weights it shares."""
+    made = made or {}
+    for f in made.get("files", []):
+        if f not in made.get("shared", []):
+            Path(f).unlink(missing_ok=True)

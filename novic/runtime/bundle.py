@@ -10,7 +10,10 @@ A bundle is a directory written by ``novic.export.bundle`` (``novic-export onnx`
                                      (``"variant": "fused"`` in the manifest; optional, gated)
     image_encoder[.fused][.fp16].u8.onnx   the encoders ort-cuda loads, taking uint8 pixels
                                      u8[B,H,W,3] and normalising in the graph (novic.export.u8;
-                                     ``"pixels": "uint8-nhwc"`` in the manifest; optional, gated)
+                                     ``"pixels": "uint8-nhwc"`` in the manifest; optional, gated);
+                                     no weights of their own: they read the float graph's
+    *.onnx.data                      ONNX external data (weights) of a graph; a float encoder's
+                                     file is listed under its u8 twin's "external_data" as well
     image_encoder.int8.onnx, image_encoder.fp8.onnx   quantised encoders, added by ``novic-export calib``
     tokenizer/...                    CLIP BPE merges or the sentencepiece model (optional)
     hierarchy.json                   the nouns' WordNet hypernyms (optional; novic.runtime.hierarchy)
@@ -21,7 +24,9 @@ Verification (what we chose and why): every artifact's size is checked when the 
 opened (cheap; catches truncation and missing files at once). The sha256 of an artifact is
 checked lazily, the first time its path is asked for (``artifact_path`` / ``engine_path``), with a
 streaming hash (1 MiB blocks, constant memory). A service therefore hashes only what it loads: a
-TensorRT service never reads the fp32 ONNX files, a CPU service never reads the engines.
+TensorRT service never reads the fp32 ONNX files, a CPU service never reads the engines. A file
+that several artifacts list (a float encoder's weights, which its u8 twin reads too) is hashed
+once; the manifest must give it the same hash and size everywhere.
 ``verify="cached"`` additionally remembers good hashes in a sidecar ``.novic-verified.json``
 (keyed by file, size, mtime_ns, ctime_ns and inode) so that restarts skip re-hashing unchanged
 files. It trusts the file system's metadata: any write through the file system (even one that
@@ -50,6 +55,8 @@ FORMAT_NAME = "novic-bundle"
 # version-1 bundles read unchanged, and a novic that reads only 1 says "upgrade" on a 2.
 # 3: image encoder artifacts may carry "pixels": "uint8-nhwc" (novic.export.u8), optional; a
 # novic that reads only 2 would see two encoders for one precision, so it is told to upgrade.
+# Still 3 since the u8 twins list their float graph's weight file as their own "external_data"
+# (instead of holding a copy): readers of 3 already hash and load such entries unchanged.
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 VERIFY_CACHE = ".novic-verified.json"
@@ -219,6 +226,7 @@ def parse_manifest(data: dict, mpath: Path) -> tuple[list[Artifact], list[Engine
 
     artifacts = []
     seen = set()
+    listed: dict[str, FileRef] = {}   # a file several artifacts read (a u8 twin's shared weights)
     for i, a in enumerate(data["artifacts"]):
         where = f"artifacts[{i}]"
         ref = _file_ref(a, mpath, where)
@@ -239,6 +247,9 @@ def parse_manifest(data: dict, mpath: Path) -> tuple[list[Artifact], list[Engine
         except (KeyError, TypeError) as exc:
             raise _fail(mpath, f"invalid manifest: {where}: bad input/output entry ({exc})") from None
         ext = tuple(_file_ref(e, mpath, f"{where}.external_data") for e in a.get("external_data", []))
+        for f in (ref, *ext):   # hashes are checked once per file name: every listing must agree
+            _require(listed.setdefault(f.file, f) == f, mpath,
+                     f"{where}: {f.file} is listed twice with different sha256 or size")
         known = {"file", "sha256", "size", "role", "precision", "inputs", "outputs", "external_data", "variant",
                  "pixels"}
         artifacts.append(Artifact(ref.file, role, precision, ref.sha256, ref.size, inputs, outputs, ext,
@@ -364,13 +375,14 @@ class Bundle:
 
     def verify(self, roles=None) -> list[str]:
         """Hash every artifact, engine and tokenizer file now (or only those of `roles`);
-        returns the files checked. Raises BundleError on the first mismatch."""
+        returns the files checked, each once. Raises BundleError on the first mismatch."""
         checked = []
         for a in self.artifacts:
             if roles is None or a.role in roles:
                 for ref in a.files():
                     self._verify_ref(ref)
-                    checked.append(ref.file)
+                    if ref.file not in checked:   # a float encoder's weights, listed by its u8 twin too
+                        checked.append(ref.file)
         for e in self.engines:
             if roles is None or e.role in roles:
                 self._verify_ref(FileRef(e.file, e.sha256, e.size))
