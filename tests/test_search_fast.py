@@ -188,7 +188,7 @@ def test_narrow_rows_get_their_candidates():
     """The rows a forced step sends: exactly each node's candidate (EOS for a finished noun,
     token 0 for a finished beam), padded with 0 to the depth's width."""
     trie = TokenTrie([[1, 2, 3, 4], [1, 2], [5, 6, 7], [5, 8, 9, 10]])
-    guide = search._Guide(trie)
+    guide = search._Guide(trie, 2)
     guide.first(4)
     guide.depth = 1  # the rows below sit at depth 2
     node = {seq: trie.advance(trie.advance(0, seq[0]), seq[1]) for seq in [(1, 2), (5, 6), (5, 8)]}
