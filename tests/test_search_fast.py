@@ -201,7 +201,7 @@ def test_narrow_rows_get_their_candidates():
     at_7 = trie.advance(node[(5, 6)], 7)
     cand_ids = guide.next(np.array([at_7, trie.advance(node[(5, 8)], 9)]))
     assert guide.widest == 1 and cand_ids.tolist() == [[EOS], [10]]
-    token, nxt = guide.pick_narrow(np.array([1, 0, 0]), 0, np.array([False, False, True]))
+    token, nxt = guide.pick_narrow(np.array([1, 0, 0]), None, np.array([False, False, True]))
     assert token.tolist() == [10, EOS, EOS] and nxt[:2].tolist() == [trie.advance(trie.advance(
         node[(5, 8)], 9), 10), at_7]
 

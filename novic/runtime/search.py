@@ -118,7 +118,8 @@ _NAN_KEY = np.uint32(0xFFFFFFFF)
 _SMALL = 8192  # up to this many values (rows narrower than _WIDE) a stable argsort is fastest
 _WIDE = 256     # rows this wide: _best_columns's threshold partition; narrower: packed keys
 _FEW_WIDE = 2   # up to this many rows wider than the beam: _narrow_step, each row on its own
-_ROW_BY_ROW = 16  # up to this many rows, cand_ids are filled by a slice copy per row (fewer calls)
+_DENSE = 4096   # cand_ids of up to this many entries (rows x width): one dense gather
+_ROW_BY_ROW = 16  # else, up to this many rows: a slice copy per row (fewer calls than a scatter)
 
 
 def _desc_key(x: np.ndarray) -> np.ndarray:
@@ -254,11 +255,13 @@ class _Guide:
             buf = np.zeros((N, G), np.int64)
             buf[:, 0] = token
             return buf
-        entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
-        if N <= _ROW_BY_ROW:
-            entry[1] = self._fill_row_by_row(entry[0], start.tolist(), count.tolist(), entry[1])
-        else:
-            entry[1] = self._fill_flat(entry[0], start, count, entry[1])
+        if N * G <= _DENSE:
+            return self._dense(start, count, G)
+        entry = self.bufs.get((N, G))
+        if entry is None:
+            entry = self.bufs[N, G] = [np.zeros((N, G), np.int64), None]
+        fill = self._fill_row_by_row if N <= _ROW_BY_ROW else self._fill_flat
+        entry[1] = fill(entry[0], start, count, entry[1])
         return entry[0]
 
     def _rows(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -270,11 +273,17 @@ class _Guide:
         self.wide = np.flatnonzero(self.count > self.k) if self.widest > self.k else ()
         return self.start, self.count
 
-    def _fill_row_by_row(self, buf, start: list, count: list, written):
-        """Few rows: one slice copy per row (a memcpy each), and the stale tail of the row from
-        the last time zeroed. -> what to zero next time (each row's count)."""
-        tokens = self.trie.cand_tokens
-        for r, (s, c) in enumerate(zip(start, count)):
+    def _dense(self, start, count, G: int) -> np.ndarray:
+        """Few entries in all (narrow rows): every row's G columns gathered, padding masked."""
+        j = _arange(G)
+        token = self.trie.cand_tokens.take(start[:, None] + j, mode="clip")  # past the end: masked
+        return np.where(j < count[:, None], token, 0)
+
+    def _fill_row_by_row(self, buf, start, count, written):
+        """Few wide rows: one slice copy per row (a memcpy each), and the stale tail of the row
+        from the last time zeroed. -> what to zero next time (each row's count)."""
+        tokens, count = self.trie.cand_tokens, count.tolist()
+        for r, (s, c) in enumerate(zip(start.tolist(), count)):
             buf[r, :c] = tokens[s:s + c]
             if written is not None and written[r] > c:
                 buf[r, c:written[r]] = 0
@@ -299,10 +308,11 @@ class _Guide:
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
 
     def pick_narrow(self, row, col, done):
-        """pick for _narrow_step: candidate `col` of `row` where the beam is live (EOS where
-        done). Where the beam is dead (-inf), `col` may be no candidate of `row`, or `row` -1:
-        its token and node are then some other row's (clipped to the arrays), never used."""
-        at, t = self.start[row] + col, self.trie
+        """pick for _narrow_step: candidate `col` (None: the first) of `row` where the beam is
+        live (EOS where done). Where the beam is dead (-inf), `col` may be no candidate of `row`,
+        or `row` -1: its token and node are then some other row's (clipped to the arrays), never
+        used."""
+        at, t = self.start[row] if col is None else self.start[row] + col, self.trie
         token = np.where(done, EOS, t.cand_tokens.take(at, mode="clip"))
         return token, t.cand_next.take(at, mode="clip")
 
@@ -440,8 +450,12 @@ def _first_step(out, guide, K):
     cl = np.asarray(out.cand_logprobs, np.float32)
     B = len(cl)
     values = cl[:, :guide.widest]  # every row is the root's
-    col = _best_columns(values, K)
-    lp = values[0, col[0]][None] if B == 1 else np.take_along_axis(values, col, 1)
+    col = _best_of_row(values[0], K) if B == 1 else None
+    if col is None:
+        col = _best_columns(values, K)
+        lp = np.take_along_axis(values, col, 1)
+    else:
+        lp = values[0, col][None]
     score = np.float32(0.0) + lp  # as _select adds the score 0 (-0.0 becomes +0.0)
     # image b's beams all continue its single one (row b)
     src = np.zeros(K, np.int64) if B == 1 else np.repeat(np.arange(B), K)
@@ -489,9 +503,10 @@ def _narrow_step(out, guide, rows, score, done, K, scale):
     if Kp * W < K:  # fewer candidates than beams: pad with dead ones
         best = np.concatenate([best, np.repeat(best[:, :1], K - Kp * W, 1)], 1)
         new_score = np.concatenate([new_score, np.full((B, K - Kp * W), NEG_INF, np.float32)], 1)
-    src, col = np.divmod(best.reshape(-1), W)
+    best = best.reshape(-1)
+    src, col = (best, None) if W == 1 else np.divmod(best, W)  # (W 1: late in a noun, common)
     if columns is not None:
-        col = columns.reshape(-1)[best.reshape(-1)]
+        col = columns.reshape(-1)[best]
     row, was_done = row[src], done[src]
     token, nxt = guide.pick_narrow(row, col, was_done)
     return src, row, new_score, token, nxt
