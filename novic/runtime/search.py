@@ -168,12 +168,15 @@ def _best_of_row(values: np.ndarray, k: int) -> np.ndarray | None:
     """_best_columns of one row f32 [w], w > k: the entries >= the k-th largest (a partition)
     hold the k best and their ties, and a stable sort of those few in column order gives the
     same first k. None where fewer than k entries qualify (NaN: it compares false; left to the
-    packed keys)."""
-    kth = np.partition(values, len(values) - k)[len(values) - k]
-    at = np.flatnonzero(values >= kth)
+    packed keys). Array methods rather than the np.* wrappers: on rows this short, the calls'
+    overhead is most of the cost."""
+    at = len(values) - k
+    kth = values.copy()
+    kth.partition(at)
+    at = (values >= kth[at:at + 1]).nonzero()[0]
     if len(at) < k:
         return None
-    return at[np.argsort(-values[at], kind="stable")[:k]]
+    return at[(-values[at]).argsort(kind="stable")[:k]]
 
 
 def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +273,7 @@ class _Guide:
         t = self.trie
         self.start, self.count = t.row_start[nodes], t.row_count[nodes]
         self.widest = int(self.count.max())
-        self.wide = np.flatnonzero(self.count > self.k) if self.widest > self.k else ()
+        self.wide = (self.count > self.k).nonzero()[0] if self.widest > self.k else ()
         return self.start, self.count
 
     def _dense(self, start, count, G: int) -> np.ndarray:
@@ -405,12 +408,14 @@ class _Rows:
         row[self.ran] = np.arange(len(self.ran))
         return row
 
-    def next(self, done: np.ndarray) -> None:
-        """The next call runs the unfinished beams (or all)."""
+    def next(self, done: np.ndarray) -> bool:
+        """The next call runs the unfinished beams (or all). -> whether any beam is unfinished."""
         if self.drop:
-            self.ran = np.flatnonzero(~done)
-        elif len(self.ran) != len(done):
+            self.ran = (~done).nonzero()[0]
+            return len(self.ran) > 0
+        if len(self.ran) != len(done):
             self.ran = np.arange(len(done), dtype=np.int64)
+        return not done.all()
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """The entries of the beams the next call runs (values itself when that is all of them)."""
@@ -458,7 +463,7 @@ def _first_step(out, guide, K):
         lp = values[0, col][None]
     score = np.float32(0.0) + lp  # as _select adds the score 0 (-0.0 becomes +0.0)
     # image b's beams all continue its single one (row b)
-    src = np.zeros(K, np.int64) if B == 1 else np.repeat(np.arange(B), K)
+    src = np.zeros(K, np.int64) if B == 1 else np.arange(B).repeat(K)
     col = col.reshape(-1)
     return src, src, score, guide.trie.root_tokens[col], guide.trie.root_next[col]
 
@@ -480,20 +485,22 @@ def _narrow_step(out, guide, rows, score, done, K, scale):
     n, W = B * Kp, min(guide.widest, K)
     row = rows.row_of(n)  # -1 (not run): a finished beam, given its EOS below
     cl = np.asarray(out.cand_logprobs, np.float32)
-    lp = cl[row, :W]
+    every = len(rows.ran) == n  # then row is arange(n): no gathers
+    lp = cl[:, :W] if every else cl[row, :W]
     if W > 1:  # columns past a row's own candidates are padding
-        lp = np.where(_arange(W) < guide.count[row][:, None], lp, NEG_INF)
-    columns = _shortlist_wide(cl, guide, rows.ran, lp, K) if len(guide.wide) else None
-    if W > 1:
+        count = guide.count if every else guide.count[row]
+        lp = np.where(_arange(W) < count[:, None], lp, NEG_INF)
         lp[done] = _eos_row(W)
     else:  # (a live beam's node always has a candidate: a child, or EOS where a noun ends)
         lp = np.where(done[:, None], np.float32(0.0), lp)
+    # (a beam that ran is unfinished: writing a wide row's best over it loses no EOS row)
+    columns = _shortlist_wide(cl, guide, rows.ran, lp, K) if len(guide.wide) else None
     cand = (score.reshape(n, 1) + lp).reshape(B, Kp * W)  # a finished beam: EOS, log-prob 0
     key = cand if scale is None else (cand.reshape(n, W) * scale.reshape(n, 1)).reshape(B, Kp * W)
     if math.isnan(key.min()):  # (min is NaN where any entry is)
         return None
     if W == 1:
-        best = np.argsort(-key, axis=1, kind="stable")
+        best = (-key).argsort(axis=1, kind="stable")
     else:
         best = np.lexsort((-lp.reshape(B, Kp * W), _beam_of(B, Kp, W), -key), axis=1)
     best = best[:, :K]
@@ -548,9 +555,9 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     temperature = float(temperature)
     # Beam state, flat over B x Kp rows; before the first token every image has one empty,
     # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
+    # A beam's length is its count of non-EOS tokens (real tokens are >= 1): counted where needed.
     score = np.zeros((B, 1), np.float32)
     done = np.zeros(B, bool)
-    length = np.zeros(B, np.int64)
     tokens = np.zeros((B, T), np.int64)
 
     guide = _Guide(trie, K) if trie is not None else None
@@ -562,7 +569,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
-        scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
+        scale = None if scales is None else scales[(tokens != EOS).sum(1) + 1].reshape(B, Kp)
         picked = None
         if t == 1 and guide is not None and guide.widest > K:
             picked = _first_step(out, guide, K)
@@ -571,15 +578,12 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         if picked is None:
             picked = _step(out, guide, rows, score, done, K, scale)
         src, row, score, token, nxt = picked
-        grows = token != EOS  # a finished beam's token is EOS
-        length = length[src] + grows
         tokens = tokens[src]
-        tokens[:, t - 1] = token  # grows => the beam had t - 1 tokens; else this is EOS = 0
-        done = ~grows | (score.reshape(-1) == NEG_INF)  # dead beams count as finished
+        tokens[:, t - 1] = token  # a live beam had t - 1 tokens; a finished one gets EOS = 0
+        done = (token == EOS) | (score.reshape(-1) == NEG_INF)  # dead beams count as finished
 
-        if t == T or done.all():
+        if t == T or not rows.next(done):
             break
-        rows.next(done)
         if guide is not None:
             # node -1: a finished beam (which runs only where every row runs)
             cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
@@ -589,7 +593,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)
 
     Kf = score.shape[1]
-    return _results(score, length.reshape(B, Kf), tokens.reshape(B, Kf, T))
+    return _results(score, (tokens != EOS).sum(1).reshape(B, Kf), tokens.reshape(B, Kf, T))
 
 
 def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
