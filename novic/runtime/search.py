@@ -14,7 +14,12 @@ vectorised numpy calls over B x K rows; trie candidates are gathered from the tr
 rows and only the entries of the rows in use are touched (per-row top-K by a partition, never a
 [rows, widest row] sort). Late in a noun, where every row has at most K candidates (one, mostly:
 the next token is forced), a step skips the per-row top-K: one sort of all candidates' keys
-(`_narrow_step`); at batch 1 that is what keeps the host's work per step small.
+(`_narrow_step`); at batch 1 that is what keeps the host's work per step small. One or two rows
+wider than K (a beam at a wide node) join that sort with their own top-K, and the step after the
+prefill, where every image has one beam at the root, is the root's top-K alone (`_first_step`).
+At these sizes each numpy call's fixed cost (about 1 us) is most of the work, so the short paths
+count calls: array methods rather than np.* wrappers, cached aranges, no gathers where every row
+ran.
 
 Guided steps pad cand_ids to one width per search (`TokenTrie.depth_candidates[t]` at step t;
 the prefill uses the root's row), so a session that is given every row sees the same shapes for
