@@ -7,6 +7,12 @@ nouns that are prefixes of others) under heavy ties, finished beams at every ste
 length normalisation and NaN log-probs, and check the results against the PyTorch oracle
 (reference.beam_one), and bit for bit against the general path alone.
 
+A step's few wide rows (more candidates than the beam width: a beam at a wide node) take the
+same short path with their own top-k (`_shortlist_wide`), and the step right after the prefill,
+where every image has one beam at the root, is the root's top-k alone (`_first_step`); both are
+checked the same way. The cand_ids of each step are the same whichever way they are filled
+(one dense gather, a slice copy per row, one flat scatter).
+
 Wide rows (`_best_columns`, the root's candidates): the top-k by a partition threshold equals
 a stable argsort, ties, signed zeros, infinities and NaN included.
 """
@@ -94,13 +100,21 @@ def narrow_steps(monkeypatch):
     """The width (1: forced) of each step that took the short path, None where it fell back
     (a test that never takes it proves nothing)."""
     taken = []
-    inner = search._narrow_step
+    inner, first = search._narrow_step, search._first_step
 
     def counting(out, guide, *args):
+        wide = len(guide.wide)  # rows wider than the beam, each shortlisted on its own
         got = inner(out, guide, *args)
         taken.append(guide.widest if got is not None else None)
+        if got is not None and wide:
+            taken.append("wide")
         return got
+
+    def counting_first(*args):
+        taken.append("first")
+        return first(*args)
     monkeypatch.setattr(search, "_narrow_step", counting)
+    monkeypatch.setattr(search, "_first_step", counting_first)
     return taken
 
 
@@ -126,11 +140,15 @@ def test_narrow_steps_match_the_oracle(narrow_steps):
             got = search.beam_search(HashSession(cfg, table, drops), embeds, width, alpha=alpha,
                                      trie=trie)
             assert got == expected, (width, alpha, drops)  # tokens, order and fp32 scores
-    assert narrow_steps.count(1) > 100 and sum(w is not None and w > 1 for w in narrow_steps) > 50
+    widths = [w for w in narrow_steps if w not in ("wide", "first")]
+    assert widths.count(1) > 100 and sum(w is not None and w > 1 for w in widths) > 50
+    assert narrow_steps.count("wide") > 20 and narrow_steps.count("first") > 20
 
 
 def general_path_only(monkeypatch):
+    """Every step through _step (the first one included)."""
     monkeypatch.setattr(search, "_narrow_step", lambda *args: None)
+    monkeypatch.setattr(search, "_first_step", lambda *args: None)
 
 
 def run_both(monkeypatch, cfg, trie, embeds, table, width, alpha, drops):
@@ -179,8 +197,9 @@ def test_narrow_steps_match_the_general_path_bit_for_bit(monkeypatch, narrow_ste
                 live = np.ones(len(a[0]), bool) if drops else calls[i + 1].any(1)
                 for x, y in zip(a, b):
                     np.testing.assert_array_equal(x[live], y[live])
-    assert nan_cases and narrow_steps.count(1) > 100
-    assert sum(w is not None and w > 1 for w in narrow_steps) > 50
+    widths = [w for w in narrow_steps if w not in ("wide", "first")]
+    assert nan_cases and widths.count(1) > 100 and sum(w is not None and w > 1 for w in widths) > 50
+    assert narrow_steps.count("wide") > 20 and narrow_steps.count("first") > 20
     assert None in narrow_steps  # a NaN key sent some steps to the general path
 
 
@@ -188,7 +207,7 @@ def test_narrow_rows_get_their_candidates():
     """The rows a forced step sends: exactly each node's candidate (EOS for a finished noun,
     token 0 for a finished beam), padded with 0 to the depth's width."""
     trie = TokenTrie([[1, 2, 3, 4], [1, 2], [5, 6, 7], [5, 8, 9, 10]])
-    guide = search._Guide(trie)
+    guide = search._Guide(trie, 2)
     guide.first(4)
     guide.depth = 1  # the rows below sit at depth 2
     node = {seq: trie.advance(trie.advance(0, seq[0]), seq[1]) for seq in [(1, 2), (5, 6), (5, 8)]}
@@ -201,7 +220,7 @@ def test_narrow_rows_get_their_candidates():
     at_7 = trie.advance(node[(5, 6)], 7)
     cand_ids = guide.next(np.array([at_7, trie.advance(node[(5, 8)], 9)]))
     assert guide.widest == 1 and cand_ids.tolist() == [[EOS], [10]]
-    token, nxt = guide.pick_narrow(np.array([1, 0, 0]), 0, np.array([False, False, True]))
+    token, nxt = guide.pick_narrow(np.array([1, 0, 0]), None, np.array([False, False, True]))
     assert token.tolist() == [10, EOS, EOS] and nxt[:2].tolist() == [trie.advance(trie.advance(
         node[(5, 8)], 9), 10), at_7]
 
@@ -228,3 +247,42 @@ def test_top_k_of_wide_rows_is_a_stable_descending_sort(n):
         np.testing.assert_array_equal(search._best_columns(values, k), want)
         paths.add(bool(np.isnan(np.sort(-values, axis=1)[:, k - 1]).any()))
     assert paths == {False, True}
+
+
+@pytest.mark.parametrize("fill", ["dense", "row by row", "flat"])
+def test_cand_ids_are_the_same_however_filled(monkeypatch, fill):
+    """Each way of filling a step's cand_ids gives every row its node's candidates, padded with 0
+    to the depth's width; the buffers reused from step to step keep no stale entries."""
+    monkeypatch.setattr(search, "_DENSE", 10 ** 9 if fill == "dense" else 0)
+    monkeypatch.setattr(search, "_ROW_BY_ROW", 10 ** 9 if fill == "row by row" else 0)
+    rng = np.random.default_rng(7)
+    trie = TokenTrie(chained_nouns(rng, 40, 6, 60))
+    depth_of = {0: 0}
+    for node in range(trie.num_nodes):  # parents come before their children
+        for child in trie.children(node)[1]:
+            depth_of[int(child)] = depth_of[node] + 1
+    guide = search._Guide(trie, 3)
+    for _ in range(30):
+        depth = int(rng.integers(1, max(depth_of.values()) + 1))
+        at_depth = [n for n, d in depth_of.items() if d == depth]
+        nodes = rng.choice(at_depth + [-1], 6)  # the same row count every time: buffers reused
+        guide.depth = depth - 1
+        got = guide.next(nodes)
+        width = max(1, int(trie.depth_candidates[depth]) if depth < len(trie.depth_candidates) else 1)
+        want = trie.candidates(nodes, width)[0]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(guide.wide, np.flatnonzero(guide.count > 3))
+
+
+def test_top_k_of_one_wide_row_with_a_few_nan():
+    """Fewer NaN than k in a row: the partition threshold still applies (NaN compares false and
+    is left out, the k best non-NaN values are all above it)."""
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        w, k = int(rng.integers(search._WIDE, 2 * search._WIDE)), int(rng.integers(2, 12))
+        values = (rng.integers(-8, 2, w) / 8).astype(np.float32)
+        values[rng.choice(w, int(rng.integers(1, k)), replace=False)] = np.nan
+        col = search._best_of_row(values, k)
+        assert col is not None
+        np.testing.assert_array_equal(col, np.argsort(-values, kind="stable")[:k])
+        np.testing.assert_array_equal(search._best_columns(values[None], k)[0], col)

@@ -14,7 +14,12 @@ vectorised numpy calls over B x K rows; trie candidates are gathered from the tr
 rows and only the entries of the rows in use are touched (per-row top-K by a partition, never a
 [rows, widest row] sort). Late in a noun, where every row has at most K candidates (one, mostly:
 the next token is forced), a step skips the per-row top-K: one sort of all candidates' keys
-(`_narrow_step`); at batch 1 that is what keeps the host's work per step small.
+(`_narrow_step`); at batch 1 that is what keeps the host's work per step small. One or two rows
+wider than K (a beam at a wide node) join that sort with their own top-K, and the step after the
+prefill, where every image has one beam at the root, is the root's top-K alone (`_first_step`).
+At these sizes each numpy call's fixed cost (about 1 us) is most of the work, so the short paths
+count calls: array methods rather than np.* wrappers, cached aranges, no gathers where every row
+ran.
 
 Guided steps pad cand_ids to one width per search (`TokenTrie.depth_candidates[t]` at step t;
 the prefill uses the root's row), so a session that is given every row sees the same shapes for
@@ -117,6 +122,9 @@ _SHIFT = np.uint64(32)
 _NAN_KEY = np.uint32(0xFFFFFFFF)
 _SMALL = 8192  # up to this many values (rows narrower than _WIDE) a stable argsort is fastest
 _WIDE = 256     # rows this wide: _best_columns's threshold partition; narrower: packed keys
+_FEW_WIDE = 2   # up to this many rows wider than the beam: _narrow_step, each row on its own
+_DENSE = 4096   # cand_ids of up to this many entries (rows x width): one dense gather
+_ROW_BY_ROW = 16  # else, up to this many rows: a slice copy per row (fewer calls than a scatter)
 
 
 def _desc_key(x: np.ndarray) -> np.ndarray:
@@ -144,12 +152,13 @@ def _best_columns(values: np.ndarray, k: int) -> np.ndarray:
         col = np.argsort(-values, axis=1, kind="stable")
         return col[:, :k] if w > k else col
     if w >= _WIDE:
+        if n == 1:  # one row (the root's at batch 1, one wide node's): no row bookkeeping
+            col = _best_of_row(values[0], k)
+            if col is not None:
+                return col[None]
         neg = -values  # ascending order of neg = descending order of values; NaN stays last
         kth = np.partition(neg, k - 1, axis=1)[:, k - 1:k]
         if not np.isnan(kth).any():
-            if n == 1:  # one row (a batch of one at the prefill): no row bookkeeping
-                at = np.flatnonzero(neg[0] <= kth[0, 0])
-                return at[np.argsort(neg[0, at], kind="stable")[:k]][None]
             row, at = np.nonzero(neg <= kth)  # row by row, columns ascending
             order = np.lexsort((neg[row, at], row))  # stable: ties keep the lower column first
             per_row = np.bincount(row, minlength=n)  # >= k each
@@ -158,6 +167,21 @@ def _best_columns(values: np.ndarray, k: int) -> np.ndarray:
     keys = (_desc_key(values).astype(np.uint64) << _SHIFT) | np.arange(w, dtype=np.uint64)
     keys = np.sort(np.partition(keys, k - 1, axis=1)[:, :k], axis=1)
     return (keys & _U32).astype(np.int64)
+
+
+def _best_of_row(values: np.ndarray, k: int) -> np.ndarray | None:
+    """_best_columns of one row f32 [w], w > k: the entries >= the k-th largest (a partition)
+    hold the k best and their ties, and a stable sort of those few in column order gives the
+    same first k. None where fewer than k entries qualify (NaN: it compares false; left to the
+    packed keys). Array methods rather than the np.* wrappers: on rows this short, the calls'
+    overhead is most of the cost."""
+    at = len(values) - k
+    kth = values.copy()
+    kth.partition(at)
+    at = (values >= kth[at:at + 1]).nonzero()[0]
+    if len(at) < k:
+        return None
+    return at[(-values[at]).argsort(kind="stable")[:k]]
 
 
 def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,25 +233,29 @@ def _top_block(cl, count, rows, g, k, narrowest):
 class _Guide:
     """The trie candidates of the rows of one search: cand_ids for the session (the root's row at
     the prefill, then the trie's widest row at that depth, in buffers rewritten in place), the
-    per-row top-k of the log-probs that come back, and the token / next node of a pick."""
+    per-row top-k of the log-probs that come back, and the token / next node of a pick.
 
-    def __init__(self, trie: TokenTrie):
-        self.trie = trie
+    `k` is how many candidates a beam keeps (the beam width): rows with more are "wide"."""
+
+    def __init__(self, trie: TokenTrie, k: int):
+        self.trie, self.k = trie, k
         self.depth = 0        # tokens generated so far = trie depth of every live beam
-        self.bufs = {}        # (N, G) -> [cand_ids buffer, flat positions written last time]
+        self.bufs = {}        # (N, G) -> [cand_ids buffer, what was written last time]
 
     def first(self, rows: int) -> np.ndarray:
-        self.depth = -1
-        return self.next(np.zeros(rows, np.int64))  # every row at the root
+        """Every row at the root: its candidate row, repeated (no gather needed)."""
+        self.depth = 0
+        self._rows(np.zeros(rows, np.int64))
+        buf = np.empty((rows, len(self.trie.root_tokens)), np.int64)
+        buf[:] = self.trie.root_tokens
+        return buf
 
     def next(self, nodes: np.ndarray) -> np.ndarray:
         t = self.trie
-        start, count = t.row_start[nodes], t.row_count[nodes]  # node -1: no candidates
         self.depth += 1
         widths = t.depth_candidates
         N, G = len(nodes), max(1, int(widths[self.depth]) if self.depth < len(widths) else 1)
-        self.start, self.count = start, count
-        self.widest = int(count.max())  # <= the width: beam_search takes _narrow_step
+        start, count = self._rows(nodes)
         if self.widest <= 1:  # every row's candidate is forced: the cand_ids are one gather
             token = t.row_token[nodes]  # node -1: 0
             if G == 1:
@@ -235,28 +263,64 @@ class _Guide:
             buf = np.zeros((N, G), np.int64)
             buf[:, 0] = token
             return buf
-        entry = self.bufs.setdefault((N, G), [np.zeros((N, G), np.int64), None])
-        buf, written = entry
+        if N * G <= _DENSE:
+            return self._dense(start, count, G)
+        entry = self.bufs.get((N, G))
+        if entry is None:
+            entry = self.bufs[N, G] = [np.zeros((N, G), np.int64), None]
+        fill = self._fill_row_by_row if N <= _ROW_BY_ROW else self._fill_flat
+        entry[1] = fill(entry[0], start, count, entry[1])
+        return entry[0]
+
+    def _rows(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the candidates of each row's node are (node -1: none), the widest row, and the
+        rows wider than k. -> (start, count)."""
+        t = self.trie
+        self.start, self.count = t.row_start[nodes], t.row_count[nodes]
+        self.widest = int(self.count.max())
+        self.wide = (self.count > self.k).nonzero()[0] if self.widest > self.k else ()
+        return self.start, self.count
+
+    def _dense(self, start, count, G: int) -> np.ndarray:
+        """Few entries in all (narrow rows): every row's G columns gathered, padding masked."""
+        j = _arange(G)
+        token = self.trie.cand_tokens.take(start[:, None] + j, mode="clip")  # past the end: masked
+        return np.where(j < count[:, None], token, 0)
+
+    def _fill_row_by_row(self, buf, start, count, written):
+        """Few wide rows: one slice copy per row (a memcpy each), and the stale tail of the row
+        from the last time zeroed. -> what to zero next time (each row's count)."""
+        tokens, count = self.trie.cand_tokens, count.tolist()
+        for r, (s, c) in enumerate(zip(start.tolist(), count)):
+            buf[r, :c] = tokens[s:s + c]
+            if written is not None and written[r] > c:
+                buf[r, c:written[r]] = 0
+        return count
+
+    def _fill_flat(self, buf, start, count, written):
+        """Many rows: every row's entries in one scatter, and last time's zeroed first.
+        -> the flat positions written."""
         flat = buf.reshape(-1)
+        N, G = buf.shape
         if written is not None:
             flat[written] = 0
         total = int(count.sum())
         at = np.arange(total, dtype=np.int64)
         first = np.cumsum(count) - count  # where each row's entries begin in `at`
         pos = np.repeat(np.arange(0, N * G, G, dtype=np.int64) - first, count) + at
-        flat[pos] = t.cand_tokens[np.repeat(start - first, count) + at]
-        entry[1] = pos
-        return buf
+        flat[pos] = self.trie.cand_tokens[np.repeat(start - first, count) + at]
+        return pos
 
     def top(self, cand_logprobs, k: int):
         """-> (log-probs f32 [N,k], columns [N,k]) of each row's k best candidates."""
         return _top_rows(np.asarray(cand_logprobs, np.float32), self.count, k)
 
     def pick_narrow(self, row, col, done):
-        """pick for _narrow_step: candidate `col` of `row` where the beam is live (EOS where
-        done). Where the beam is dead (-inf), `col` may be no candidate of `row`, or `row` -1:
-        its token and node are then some other row's (clipped to the arrays), never used."""
-        at, t = self.start[row] + col, self.trie
+        """pick for _narrow_step: candidate `col` (None: the first) of `row` where the beam is
+        live (EOS where done). Where the beam is dead (-inf), `col` may be no candidate of `row`,
+        or `row` -1: its token and node are then some other row's (clipped to the arrays), never
+        used."""
+        at, t = self.start[row] if col is None else self.start[row] + col, self.trie
         token = np.where(done, EOS, t.cand_tokens.take(at, mode="clip"))
         return token, t.cand_next.take(at, mode="clip")
 
@@ -265,6 +329,22 @@ class _Guide:
         ok = (col < self.count[row]) & ~done
         at = np.where(ok, self.start[row] + col, 0)
         return np.where(ok, self.trie.cand_tokens[at], EOS), self.trie.cand_next[at]
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n), read-only and made once: per step, each numpy call counts."""
+    a = np.arange(n)
+    a.setflags(write=False)
+    return a
+
+
+@functools.lru_cache(maxsize=64)
+def _beam_of(B: int, Kp: int, W: int) -> np.ndarray:
+    """[B, Kp x W]: the beam (b x Kp + p) of each of W candidates per beam, image by image."""
+    beam = (np.arange(B * Kp * W) // W).reshape(B, Kp * W)
+    beam.setflags(write=False)
+    return beam
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,12 +413,14 @@ class _Rows:
         row[self.ran] = np.arange(len(self.ran))
         return row
 
-    def next(self, done: np.ndarray) -> None:
-        """The next call runs the unfinished beams (or all)."""
+    def next(self, done: np.ndarray) -> bool:
+        """The next call runs the unfinished beams (or all). -> whether any beam is unfinished."""
         if self.drop:
-            self.ran = np.flatnonzero(~done)
-        elif len(self.ran) != len(done):
+            self.ran = (~done).nonzero()[0]
+            return len(self.ran) > 0
+        if len(self.ran) != len(done):
             self.ran = np.arange(len(done), dtype=np.int64)
+        return not done.all()
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """The entries of the beams the next call runs (values itself when that is all of them)."""
@@ -370,35 +452,62 @@ def _step(out, guide, rows, score, done, K, scale):
     return src, row, score, token, nxt
 
 
-def _narrow_step(out, guide, rows, score, done, K, scale):
-    """_step where no row that ran has more than K candidates (guide.widest <= K): late in a noun,
-    where trie nodes have one child or a few. None where a key is NaN (left to _step).
+def _first_step(out, guide, K):
+    """_step right after the prefill, where the root has more than K candidates. Every image has
+    one beam, at the root, with score 0 and scale 1 (its first token), so _select would keep each
+    row's top-K as it comes (already in its order: key descending, ties to the lower column):
+    the top-K of the root's row is the selection, with no per-row grouping and no sort of keys."""
+    cl = np.asarray(out.cand_logprobs, np.float32)
+    B = len(cl)
+    values = cl[:, :guide.widest]  # every row is the root's
+    col = _best_of_row(values[0], K) if B == 1 else None
+    if col is None:
+        col = _best_columns(values, K)
+        lp = np.take_along_axis(values, col, 1)
+    else:
+        lp = values[0, col][None]
+    score = np.float32(0.0) + lp  # as _select adds the score 0 (-0.0 becomes +0.0)
+    # image b's beams all continue its single one (row b)
+    src = np.zeros(K, np.int64) if B == 1 else np.arange(B).repeat(K)
+    col = col.reshape(-1)
+    return src, src, score, guide.trie.root_tokens[col], guide.trie.root_next[col]
 
-    Every beam keeps all its candidates, so no per-row top-k is needed: one sort of the B x Kp x
-    widest keys in _select's order (key descending, ties to the lower beam, then the higher
-    log-prob, then the lower column; with one candidate per beam, a plain stable argsort). The
-    candidates with a finite score come first and in the same places as in _step; the rest are
-    dead (-inf) beams either way, never ranked and never run again (which beam they continue and
-    their token may differ). _step ranks NaN behind its -inf padding, hence the fallback.
+
+def _narrow_step(out, guide, rows, score, done, K, scale):
+    """_step where few rows that ran have more than K candidates (at most _FEW_WIDE: the root's at
+    batch 1, a beam at a wide node), and the rest at most K: late in a noun, where trie nodes
+    have one child or a few. None where a key is NaN (left to _step).
+
+    A narrow row keeps all its candidates, a wide row its K best (by a partition of its own row,
+    in top-k order): no per-row top-k over all rows. Then one sort of the B x Kp x W keys in
+    _select's order (key descending, ties to the lower beam, then the higher log-prob, then the
+    lower column; with one candidate per beam, a plain stable argsort). The candidates with a
+    finite score come first and in the same places as in _step; the rest are dead (-inf) beams
+    either way, never ranked and never run again (which beam they continue and their token may
+    differ). _step ranks NaN behind its -inf padding, hence the fallback.
     """
     B, Kp = score.shape
-    n, W = B * Kp, guide.widest
+    n, W = B * Kp, min(guide.widest, K)
     row = rows.row_of(n)  # -1 (not run): a finished beam, given its EOS below
-    lp = np.asarray(out.cand_logprobs, np.float32)[row, :W]
+    cl = np.asarray(out.cand_logprobs, np.float32)
+    every = len(rows.ran) == n  # then row is arange(n): no gathers
+    lp = cl[:, :W] if every else cl[row, :W]
     if W > 1:  # columns past a row's own candidates are padding
-        lp = np.where(np.arange(W) < guide.count[row][:, None], lp, NEG_INF)
+        count = guide.count if every else guide.count[row]
+        lp = np.where(_arange(W) < count[:, None], lp, NEG_INF)
         lp[done] = _eos_row(W)
     else:  # (a live beam's node always has a candidate: a child, or EOS where a noun ends)
         lp = np.where(done[:, None], np.float32(0.0), lp)
+    # (a beam that ran is unfinished: writing a wide row's best over it loses no EOS row)
+    columns = _shortlist_wide(cl, guide, rows.ran, lp, K) if len(guide.wide) else None
     cand = (score.reshape(n, 1) + lp).reshape(B, Kp * W)  # a finished beam: EOS, log-prob 0
     key = cand if scale is None else (cand.reshape(n, W) * scale.reshape(n, 1)).reshape(B, Kp * W)
-    if np.isnan(key).any():
+    if math.isnan(key.min()):  # (min is NaN where any entry is)
         return None
     if W == 1:
-        best = np.argsort(-key, axis=1, kind="stable")
-    else:  # beam: b x Kp + p, increasing with p within an image
-        beam = (np.arange(n * W) // W).reshape(B, Kp * W)
-        best = np.lexsort((-lp.reshape(B, Kp * W), beam, -key), axis=1)
+        best = (-key).argsort(axis=1, kind="stable")
+    else:
+        best = np.lexsort((-lp.reshape(B, Kp * W), _beam_of(B, Kp, W), -key), axis=1)
     best = best[:, :K]
     if B > 1:
         best += np.arange(0, n * W, Kp * W)[:, None]  # flat over the B images' candidates
@@ -406,10 +515,28 @@ def _narrow_step(out, guide, rows, score, done, K, scale):
     if Kp * W < K:  # fewer candidates than beams: pad with dead ones
         best = np.concatenate([best, np.repeat(best[:, :1], K - Kp * W, 1)], 1)
         new_score = np.concatenate([new_score, np.full((B, K - Kp * W), NEG_INF, np.float32)], 1)
-    src, col = np.divmod(best.reshape(-1), W)
+    best = best.reshape(-1)
+    src, col = (best, None) if W == 1 else np.divmod(best, W)  # (W 1: late in a noun, common)
+    if columns is not None:
+        col = columns.reshape(-1)[best]
     row, was_done = row[src], done[src]
     token, nxt = guide.pick_narrow(row, col, was_done)
     return src, row, new_score, token, nxt
+
+
+def _shortlist_wide(cl, guide, ran, lp, K):
+    """Each wide row's K best candidates (log-probs in top-k order) into its beam's row of lp
+    [n, K], in place. -> the candidate column of each entry of lp, i64 [n, K]."""
+    columns = _arange(K)[None].repeat(len(lp), 0)
+    count = guide.count
+    for r in guide.wide.tolist():
+        values = cl[r, :count[r]]
+        col = _best_of_row(values, K)
+        if col is None:  # NaN among its best: the general top-k (NaN last)
+            col = _best_columns(values[None], K)[0]
+        beam = ran[r]  # the beam that ran as row r
+        lp[beam], columns[beam] = values[col], col
+    return columns
 
 
 def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: float = 1.0,
@@ -433,12 +560,12 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
     temperature = float(temperature)
     # Beam state, flat over B x Kp rows; before the first token every image has one empty,
     # unfinished beam (Kp = 1). A live beam at step t has exactly t - 1 tokens.
+    # A beam's length is its count of non-EOS tokens (real tokens are >= 1): counted where needed.
     score = np.zeros((B, 1), np.float32)
     done = np.zeros(B, bool)
-    length = np.zeros(B, np.int64)
     tokens = np.zeros((B, T), np.int64)
 
-    guide = _Guide(trie) if trie is not None else None
+    guide = _Guide(trie, K) if trie is not None else None
     cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
     out = session.prefill(embeds, temperature, cand_ids)
     rows = _Rows(session, B)
@@ -447,22 +574,21 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
 
     for t in range(1, T + 1):  # out holds the scores for token t
         Kp = score.shape[1]
-        scale = scales[length + 1].reshape(B, Kp) if scales is not None else None
+        scale = None if scales is None else scales[(tokens != EOS).sum(1) + 1].reshape(B, Kp)
         picked = None
-        if guide is not None and guide.widest <= K:
+        if t == 1 and guide is not None and guide.widest > K:
+            picked = _first_step(out, guide, K)
+        elif guide is not None and len(guide.wide) <= _FEW_WIDE:
             picked = _narrow_step(out, guide, rows, score, done, K, scale)
         if picked is None:
             picked = _step(out, guide, rows, score, done, K, scale)
         src, row, score, token, nxt = picked
-        grows = token != EOS  # a finished beam's token is EOS
-        length = length[src] + grows
         tokens = tokens[src]
-        tokens[:, t - 1] = token  # grows => the beam had t - 1 tokens; else this is EOS = 0
-        done = ~grows | (score.reshape(-1) == NEG_INF)  # dead beams count as finished
+        tokens[:, t - 1] = token  # a live beam had t - 1 tokens; a finished one gets EOS = 0
+        done = (token == EOS) | (score.reshape(-1) == NEG_INF)  # dead beams count as finished
 
-        if t == T or done.all():
+        if t == T or not rows.next(done):
             break
-        rows.next(done)
         if guide is not None:
             # node -1: a finished beam (which runs only where every row runs)
             cand_ids = guide.next(rows.take(nxt) if rows.drop else np.where(done, -1, nxt))
@@ -472,7 +598,7 @@ def beam_search(session: DecoderSession, embeds, width: int = 10, temperature: f
         out = session.step(rows.take(token), P + t - 1, rows.take(row), temperature, cand_ids)
 
     Kf = score.shape[1]
-    return _results(score, length.reshape(B, Kf), tokens.reshape(B, Kf, T))
+    return _results(score, (tokens != EOS).sum(1).reshape(B, Kf), tokens.reshape(B, Kf, T))
 
 
 def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
@@ -490,7 +616,7 @@ def greedy(session: DecoderSession, embeds, temperature: float = 1.0,
     length = np.zeros(B, np.int64)
     tokens = np.zeros((B, T), np.int64)
 
-    guide = _Guide(trie) if trie is not None else None
+    guide = _Guide(trie, 1) if trie is not None else None
     cand_ids = guide.first(B) if guide is not None else np.zeros((B, 1), np.int64)
     out = session.prefill(embeds, temperature, cand_ids)
     rows = _Rows(session, B)   # as in beam_search: only unfinished images are stepped

@@ -93,6 +93,9 @@ class TokenTrie:
         for a in (self.cand_offsets, self.cand_tokens, self.cand_next, self.row_start,
                   self.row_count, self.row_token):
             a.setflags(write=False)
+        # The root's row (never EOS: no noun is empty), which every search starts from.
+        self.root_tokens = self.cand_tokens[:cand_counts[0]]
+        self.root_next = self.cand_next[:cand_counts[0]]
         # Widest candidate row of candidates(): children plus EOS where a noun ends.
         self.max_candidates = int(cand_counts.max())
         # Widest row among the nodes at each depth: every live beam at step t sits at depth t, so
