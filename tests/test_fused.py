@@ -254,15 +254,15 @@ def test_bundle_runtime_and_selection(runtime_bundle, tmp_path):   # noqa: F811
     gpu = Probe(gpu_name="NVIDIA H100", compute_capability="9.0", ort_version="1.23.0",
                 ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     cpu = Probe(ort_version="1.32.0", ort_providers=("CPUExecutionProvider",))
-    from novic.runtime.classifier import _ort_variants
+    from novic.runtime.opening import ort_variants
 
     choice = select_backend((), ("fp32", "fp16"), facts=gpu)
     assert (choice.backend, choice.precision) == ("ort-cuda", "fp16")
     # fused or plain is decided for the precision that is loaded, not for the backend's default
-    assert _ort_variants(b, "fp32", "ort-cuda", None) == ("fused", "fused")
-    assert _ort_variants(b, "fp16", "ort-cuda", None) == ("plain", "plain")      # no fused fp16
-    assert _ort_variants(b, "fp32", "ort-cpu", None) == ("plain", "plain")       # CPU: not faster (benchmarks.md)
-    assert _ort_variants(b, "fp32", "ort-cuda", False) == ("plain", "plain")
+    assert ort_variants(b, "fp32", "ort-cuda", None) == ("fused", "fused")
+    assert ort_variants(b, "fp16", "ort-cuda", None) == ("plain", "plain")      # no fused fp16
+    assert ort_variants(b, "fp32", "ort-cpu", None) == ("plain", "plain")       # CPU: not faster (benchmarks.md)
+    assert ort_variants(b, "fp32", "ort-cuda", False) == ("plain", "plain")
     assert select_for_bundle(b, "auto", facts=cpu).backend == "ort-cpu"
 
     images = [np.full((64, 64, 3), v, np.uint8) for v in (0, 90, 200)]

@@ -121,13 +121,14 @@ def test_selection_and_old_bundles(bundle, tmp_path, monkeypatch):
     (written before) loads and classifies on the float path; u8=True there is one clear error."""
     from novic.runtime.backends import select
     from novic.runtime.bundle import Bundle
-    from novic.runtime.classifier import Classifier, ClassifierError, _encoder_pixels
+    from novic.runtime.classifier import Classifier, ClassifierError
+    from novic.runtime.opening import encoder_input
 
     assert select.prefers_u8("ort-cuda") and not select.prefers_u8("ort-cpu") and not select.prefers_u8("trt")
-    assert _encoder_pixels(bundle, "fp32", "fused", "ort-cuda", None) == U8
-    assert _encoder_pixels(bundle, "fp32", "plain", "ort-cuda", None) == "float32-nchw"   # none for plain
-    assert _encoder_pixels(bundle, "fp32", "fused", "ort-cpu", None) == "float32-nchw"
-    assert _encoder_pixels(bundle, "fp32", "fused", "ort-cuda", False) == "float32-nchw"
+    assert encoder_input(bundle, "fp32", "fused", "ort-cuda", None) == U8
+    assert encoder_input(bundle, "fp32", "plain", "ort-cuda", None) == "float32-nchw"   # none for plain
+    assert encoder_input(bundle, "fp32", "fused", "ort-cpu", None) == "float32-nchw"
+    assert encoder_input(bundle, "fp32", "fused", "ort-cuda", False) == "float32-nchw"
     with pytest.raises(ClassifierError, match=r"no fp32 plain image encoder taking uint8.*load with fused=True"):
         Classifier.load(bundle, "ort-cpu", u8=True)
 
