@@ -188,6 +188,8 @@ def _best(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """_best_columns, and the values there: (columns i64 [n,k], values f32 [n,k])."""
     n, w = values.shape
     col = _best_columns(values, k)
+    if n == 1:  # one row (the root's at batch 1, a wide node's): per step, each numpy call counts
+        return col, values[0][col]
     return col, values.reshape(-1)[col + np.arange(0, n * w, w)[:, None]]  # take_along_axis
 
 
@@ -459,13 +461,7 @@ def _first_step(out, guide, K):
     the top-K of the root's row is the selection, with no per-row grouping and no sort of keys."""
     cl = np.asarray(out.cand_logprobs, np.float32)
     B = len(cl)
-    values = cl[:, :guide.widest]  # every row is the root's
-    col = _best_of_row(values[0], K) if B == 1 else None
-    if col is None:
-        col = _best_columns(values, K)
-        lp = np.take_along_axis(values, col, 1)
-    else:
-        lp = values[0, col][None]
+    col, lp = _best(cl[:, :guide.widest], K)  # every row is the root's
     score = np.float32(0.0) + lp  # as _select adds the score 0 (-0.0 becomes +0.0)
     # image b's beams all continue its single one (row b)
     src = np.zeros(K, np.int64) if B == 1 else np.arange(B).repeat(K)
@@ -530,12 +526,9 @@ def _shortlist_wide(cl, guide, ran, lp, K):
     columns = _arange(K)[None].repeat(len(lp), 0)
     count = guide.count
     for r in guide.wide.tolist():
-        values = cl[r, :count[r]]
-        col = _best_of_row(values, K)
-        if col is None:  # NaN among its best: the general top-k (NaN last)
-            col = _best_columns(values[None], K)[0]
+        col, values = _best(cl[r:r + 1, :count[r]], K)
         beam = ran[r]  # the beam that ran as row r
-        lp[beam], columns[beam] = values[col], col
+        lp[beam], columns[beam] = values[0], col[0]
     return columns
 
 
