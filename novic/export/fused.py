@@ -113,9 +113,10 @@ class _Graph:
         self.model.graph.value_info.append(helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, None))
         return outs
 
-    def only_consumer(self, name: str, op: str):
+    def only_consumer(self, name: str, op: str | None = None):
+        """The one node that reads `name` (of type `op`, when given), else None."""
         cons = self.consumers.get(name, [])
-        return cons[0] if len(cons) == 1 and cons[0].op_type == op else None
+        return cons[0] if len(cons) == 1 and op in (None, cons[0].op_type) else None
 
     def finish(self) -> None:
         """Drop dead nodes, add the new ones, drop what nothing reads any more (a head split
@@ -216,11 +217,6 @@ def _unmask(graph: _Graph, name: str):
     return where.input[2], (where.input[0], where.input[1])
 
 
-def _single(graph: _Graph, name: str):
-    cons = graph.consumers.get(name, [])
-    return cons[0] if len(cons) == 1 else None
-
-
 def _match_output(graph: _Graph, softmax, slots: int | None):
     """The softmax's consumers -> (v, v_new, output name) or None. Plain: ``weights @ v``. Step
     (`slots` cache slots scored before the token's own key): ``w[..., :slots] @ v_cache +
@@ -238,7 +234,7 @@ def _match_output(graph: _Graph, softmax, slots: int | None):
     parts = {}
     for sl in cons:
         starts, ends, axes = (_ints(graph, x) for x in sl.input[1:4])
-        user = _single(graph, sl.output[0])
+        user = graph.only_consumer(sl.output[0])
         if starts is None or axes not in ([-1], [3]) or user is None:
             return None
         if starts == [0] and ends in ([slots], [-1]) and user.op_type == "MatMul" and user.input[0] == sl.output[0]:
@@ -247,8 +243,8 @@ def _match_output(graph: _Graph, softmax, slots: int | None):
             parts["own"] = (sl, user, user.input[1] if user.input[0] == sl.output[0] else user.input[0])
     if set(parts) != {"cache", "own"}:
         return None
-    add = _single(graph, parts["cache"][1].output[0])
-    if add is None or add.op_type != "Add" or set(add.input) != {parts["cache"][1].output[0],
+    add = graph.only_consumer(parts["cache"][1].output[0], "Add")
+    if add is None or set(add.input) != {parts["cache"][1].output[0],
                                                                   parts["own"][1].output[0]}:
         return None
     graph.dead.update(id(n) for n in (*parts["cache"][:2], *parts["own"][:2], add))
