@@ -50,7 +50,7 @@ def parse_vocab(values: Optional[List[str]], guided: bool):
         fail("--vocab restricts guided decoding; drop --vocab or --free", code=2)
     if len(values) == 1 and os.path.exists(values[0]):
         return values[0]   # the classifier names the file in its messages and caches it by mtime
-    from novic.runtime.classifier import ClassifierError, read_vocab_file
+    from novic.runtime.classifier import ClassifierError, read_vocab_file, split_nouns
 
     nouns = []
     for value in values:
@@ -60,11 +60,17 @@ def parse_vocab(values: Optional[List[str]], guided: bool):
             except ClassifierError as exc:
                 fail(f"--vocab {exc}", code=2)
         elif "," in value:
-            nouns += [noun.strip() for noun in value.split(",") if noun.strip()]
+            nouns += split_nouns(value)
         else:
             fail(f"--vocab {value}: no such file; give a text file with one noun per line, or nouns "
                  f"separated by commas (--vocab 'cat,dog')", code=2)
     return nouns
+
+
+def max_pixels_option():
+    """--max-pixels, in the commands that read image files (novic-run, novic-label)."""
+    return typer.Option(None, "--max-pixels", min=1, help="Pillow's decompression-bomb limit "
+                        "(PIL.Image.MAX_IMAGE_PIXELS, default ~89 M): images over twice it are refused.")
 
 
 # --granularity / --roll-up, in every command that labels images (novic.runtime.hierarchy).
@@ -72,12 +78,6 @@ GRANULARITY_HELP = ("Label level: fine (as decoded), basic (dog, tree, car) or c
                     "needs the bundle's noun hierarchy (docs/labels.md).")
 ROLL_UP_HELP = ("File of target labels, one per line: each label rolls up to its nearest listed ancestor "
                 "(instead of --granularity).")
-
-
-def max_pixels_option():
-    """--max-pixels, in the commands that read image files (novic-run, novic-label)."""
-    return typer.Option(None, "--max-pixels", min=1, help="Pillow's decompression-bomb limit "
-                        "(PIL.Image.MAX_IMAGE_PIXELS, default ~89 M): images over twice it are refused.")
 
 
 def granularity_option(help: str = GRANULARITY_HELP):

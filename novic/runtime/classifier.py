@@ -142,6 +142,12 @@ def read_vocab_file(path: str | os.PathLike) -> list[str]:
     return nouns
 
 
+def split_nouns(text: str) -> list[str]:
+    """'cat, dog,' -> ['cat', 'dog']: nouns written inline, as novic-run --vocab and novic-serve's
+    vocab option take them."""
+    return [noun.strip() for noun in text.split(",") if noun.strip()]
+
+
 def _dedupe(items: Iterable[str]) -> list[str]:
     seen, out = set(), []
     for s in items:

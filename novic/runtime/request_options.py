@@ -75,8 +75,8 @@ def decode_groups(requests: Sequence[RequestOptions]) -> list[list[int]]:
 
 def classify_together(clf: Classifier, pixels: np.ndarray, names: Sequence[str],
                       requests: Sequence[RequestOptions]) -> list[Result]:
-    """Preprocessed pixels [N,3,H,W] of N requests of one decode group -> their answers, from one
-    encoder + decoder call."""
+    """Preprocessed pixels of N requests of one decode group (as `Classifier.classify_pixels` takes
+    them) -> their answers, from one encoder + decoder call."""
     results = clf.classify_pixels(pixels, names, **requests[0].decode_options())
     if len(results) != len(requests):
         raise ClassifierError(f"{len(results)} results for {len(requests)} images")

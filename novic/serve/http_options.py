@@ -12,7 +12,7 @@ import base64
 import binascii
 from typing import Any, Mapping
 
-from novic.runtime.classifier import ClassifierError
+from novic.runtime.classifier import ClassifierError, split_nouns
 from novic.runtime.hierarchy import GRANULARITIES
 
 MAX_BYTES = 64 << 20   # 64 MiB: larger bodies are refused before they are read
@@ -75,34 +75,38 @@ def request_options(fields: Mapping[str, Any], vocabularies: Mapping[str, str], 
     options = {}
     for name, kind in OPTIONS.items():
         if name in fields:
-            value = fields[name]
-            if from_query:
-                if len(value) != 1:
-                    raise RequestError(f"{name}: give it once, got {len(value)} values")
-                value = value[0]
-            options[name] = _parse(name, kind, value)
+            options[name] = _parse(name, kind, _once(name, fields[name], from_query))
     if "vocab" in fields:
         options["vocab"] = _vocab(fields["vocab"], vocabularies, from_query)
     if "granularity" in fields:
-        options["granularity"] = _granularity(fields["granularity"], rollups, from_query)
+        options["granularity"] = _granularity(_once("granularity", fields["granularity"], from_query), rollups)
     return options
 
 
-def _granularity(value: Any, rollups: Mapping[str, str] | None, from_query: bool) -> str:
+def _once(name: str, value: Any, from_query: bool) -> Any:
+    """A query parameter's one value (parse_qs gives a list); a JSON field as it is."""
+    if not from_query:
+        return value
+    if len(value) != 1:
+        raise RequestError(f"{name}: give it once, got {len(value)} values")
+    return value[0]
+
+
+def _granularity(value: Any, rollups: Mapping[str, str] | None) -> str:
     """A level (fine, basic, coarse) as is, a server-side roll-up name as its file (`rollups`:
     None for a service that takes levels only). Clients never name files themselves: the server
     reads only the lists it was started with."""
-    if from_query:
-        if len(value) != 1:
-            raise RequestError(f"granularity: give it once, got {len(value)} values")
-        value = value[0]
     if isinstance(value, str):
         if value in GRANULARITIES:
             return value
         if rollups and value in rollups:
             return rollups[value]
-    named = "" if rollups is None else f", or a server-side roll-up ({', '.join(sorted(rollups))})" if rollups \
-        else " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
+    if rollups is None:
+        named = ""
+    elif rollups:
+        named = f", or a server-side roll-up ({', '.join(sorted(rollups))})"
+    else:
+        named = " (a list of your own: start novic-serve with --roll-up NAME=FILE)"
     raise RequestError(f"granularity: {value!r} is not one of {', '.join(GRANULARITIES)}{named}")
 
 
@@ -112,7 +116,7 @@ def _vocab(value: Any, vocabularies: Mapping[str, str], from_query: bool):
         # a lone unknown word is far more likely a mistyped name than a one-noun vocabulary
         value = value[0]
         if "," in value and value not in vocabularies:
-            nouns = [noun.strip() for noun in value.split(",") if noun.strip()]
+            nouns = split_nouns(value)
             if not nouns:
                 raise RequestError(f"vocab: {value!r} holds no nouns; give NAME or 'dog,cat'")
             return nouns
