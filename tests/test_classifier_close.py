@@ -2,6 +2,8 @@
 Classifier was closed"), never the loading pool's "cannot schedule new futures after shutdown"."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -42,18 +44,22 @@ def test_close_while_the_next_batch_is_prefetched(runtime_bundle):
     clf = Classifier.load(runtime_bundle.bundle, backend="ort-cpu", threads=2)
     pre = clf.preprocessor
     take_pool = pre._executor
-    calls = []
+    calls, first_handed_out = [], threading.Event()
 
     def close_on_second_batch():
         calls.append(1)
         pool = take_pool()
         if len(calls) == 2:
+            # only once the first batch is out: closing while it is still being encoded or
+            # decoded (the prefetch runs beside it) would rightly fail that batch too
+            first_handed_out.wait(timeout=60)
             clf.close()
         return pool
 
     pre._executor = close_on_second_batch
     results = clf.iter_classify(images(4), batch_size=2)
     first = [next(results), next(results)]
+    first_handed_out.set()
     assert all(r.ok for r in first)
     with pytest.raises(ClassifierError, match="this Classifier was closed"):
         list(results)
