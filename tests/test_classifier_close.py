@@ -51,8 +51,9 @@ def test_close_while_the_next_batch_is_prefetched(runtime_bundle):
         pool = take_pool()
         if len(calls) == 2:
             # only once the first batch is out: closing while it is still being encoded or
-            # decoded (the prefetch runs beside it) would rightly fail that batch too
-            first_handed_out.wait(timeout=60)
+            # decoded (the prefetch runs beside it) would rightly fail that batch too; a timeout
+            # fails the test (the AssertionError reaches it through the prefetch's future)
+            assert first_handed_out.wait(timeout=60), "the first batch never came out"
             clf.close()
         return pool
 
